@@ -1,0 +1,122 @@
+"""The native API: `App` with routes by method and path.
+
+Routing runs on the conductor (one dict lookup) because the route carries what the
+conductor enforces: the deadline, the fallback and the service-time estimate used for
+admission. Handlers run on workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .request import Request
+from .response import Response
+
+Handler = Callable[[Request], Any]
+
+
+class Route:
+    """One routed endpoint: handler, deadline and fallback, and its measured service time."""
+
+    __slots__ = ("name", "handler", "deadline_ns", "fallback", "ewma_ns", "prefix")
+
+    def __init__(
+        self,
+        name: str,
+        handler: Handler,
+        deadline_ms: float | None = None,
+        fallback: Response | None = None,
+        prefix: bool = False,
+    ) -> None:
+        if deadline_ms is not None and deadline_ms <= 0:
+            raise ValueError("deadline_ms must be > 0")
+        if fallback is not None and not isinstance(fallback.body, bytes):
+            raise ValueError("a fallback must have a bytes body (it is sent by the conductor)")
+        self.name = name
+        self.handler = handler
+        self.deadline_ns = int(deadline_ms * 1_000_000) if deadline_ms else 0
+        self.fallback = fallback
+        self.ewma_ns = 0.0  # typical handler time, updated by workers
+        self.prefix = prefix
+
+    def observe(self, elapsed_ns: int) -> None:
+        """Fold one measured handler time into the EWMA (alpha 0.1)."""
+        e = self.ewma_ns
+        self.ewma_ns = elapsed_ns if e == 0.0 else e + 0.1 * (elapsed_ns - e)
+
+    def __repr__(self) -> str:
+        return f"<Route {self.name}>"
+
+
+class App:
+    """A native rtserve application.
+
+    ```
+    app = App()
+
+    @app.post("/score", deadline_ms=20, fallback=Response.json({"decision": "review"}))
+    def score(request): ...
+    ```
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[str, dict[str, Route]] = {}
+        self._exact: dict[tuple[str, str], Route] = {}
+
+    def route(
+        self,
+        path: str,
+        methods: tuple[str, ...] | list[str] = ("GET",),
+        *,
+        deadline_ms: float | None = None,
+        fallback: Response | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Register a handler for `path` and `methods` (GET also answers HEAD)."""
+        if not path.startswith("/"):
+            raise ValueError("route paths start with '/'")
+
+        def register(handler: Handler) -> Handler:
+            by_method = self._routes.setdefault(path, {})
+            route = Route(path, handler, deadline_ms, fallback)
+            for m in methods:
+                m = m.upper()
+                by_method[m] = route
+                self._exact[(m, path)] = route
+                if m == "GET" and "HEAD" not in by_method:
+                    by_method["HEAD"] = route
+                    self._exact[("HEAD", path)] = route
+            return handler
+
+        return register
+
+    def get(self, path: str, **kw: Any):
+        return self.route(path, ("GET",), **kw)
+
+    def post(self, path: str, **kw: Any):
+        return self.route(path, ("POST",), **kw)
+
+    def put(self, path: str, **kw: Any):
+        return self.route(path, ("PUT",), **kw)
+
+    def patch(self, path: str, **kw: Any):
+        return self.route(path, ("PATCH",), **kw)
+
+    def delete(self, path: str, **kw: Any):
+        return self.route(path, ("DELETE",), **kw)
+
+    # ---- conductor side -------------------------------------------------------------
+
+    def resolve(self, request: Request) -> Route | Response:
+        """The route for a request, or the 404/405 response to send without a worker."""
+        route = self._exact.get((request.method, request.path))
+        if route is not None:
+            return route
+        by_method = self._routes.get(request.path)
+        if by_method is None:
+            return Response.text("Not Found\n", 404)
+        allow = ", ".join(sorted(by_method))
+        return Response.text("Method Not Allowed\n", 405, [("Allow", allow)])
+
+    def routes(self) -> list[Route]:
+        return list({id(r): r for r in self._exact.values()}.values())

@@ -1,0 +1,165 @@
+"""Budgets, the CoDel queue and concurrency limits: admission decided on the conductor.
+
+Everything here is called by the conductor thread only and costs a few attribute reads
+per request; nothing blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from typing import Any
+
+from .errors import BadRequest
+
+BUDGET_HEADERS = frozenset(
+    {"x-request-deadline-ms", "grpc-timeout", "x-envoy-expected-rq-timeout-ms"}
+)
+_PRECEDENCE = ("x-request-deadline-ms", "grpc-timeout", "x-envoy-expected-rq-timeout-ms")
+_MS = re.compile(r"[0-9]{1,9}")
+_GRPC = re.compile(r"([0-9]{1,8})([HMSmun])")
+_GRPC_UNIT_NS = {
+    "H": 3600 * 10**9,
+    "M": 60 * 10**9,
+    "S": 10**9,
+    "m": 10**6,
+    "u": 10**3,
+    "n": 1,
+}
+
+
+def client_budget_ns(raw_headers: list[tuple[str, str]]) -> int | None:
+    """The budget a client asked for, in ns, or None; a malformed budget header is a 400.
+
+    Precedence: X-Request-Deadline-Ms, then grpc-timeout, then
+    x-envoy-expected-rq-timeout-ms (the first present wins).
+    """
+    found: dict[str, str] | None = None
+    for name, value in raw_headers:
+        if name in BUDGET_HEADERS:
+            if found is None:
+                found = {}
+            if name in found:
+                raise BadRequest(f"duplicate {name} header")
+            found[name] = value
+    if found is None:
+        return None
+    for name in _PRECEDENCE:
+        value = found.get(name)
+        if value is None:
+            continue
+        if name == "grpc-timeout":
+            m = _GRPC.fullmatch(value)
+            if m is None:
+                raise BadRequest("malformed grpc-timeout header")
+            return int(m.group(1)) * _GRPC_UNIT_NS[m.group(2)]
+        if _MS.fullmatch(value) is None:
+            raise BadRequest(f"malformed {name} header")
+        return int(value) * 1_000_000
+    return None
+
+
+class CoDelQueue:
+    """The request queue with Facebook's CoDel timeout and adaptive LIFO.
+
+    A request may wait at most `interval` while the queue keeps emptying, but only
+    `target` once it has not been empty for a whole interval (a standing queue); while a
+    standing queue exists the newest request is served first.
+    """
+
+    __slots__ = ("_items", "target_ns", "interval_ns", "last_empty_ns")
+
+    def __init__(self, target_ms: float, interval_ms: float) -> None:
+        self._items: deque = deque()
+        self.target_ns = int(target_ms * 1_000_000)
+        self.interval_ns = int(interval_ms * 1_000_000)
+        self.last_empty_ns = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def push(self, item: Any, now: int) -> None:
+        if not self._items:
+            self.last_empty_ns = now
+        self._items.append(item)
+
+    def standing(self, now: int) -> bool:
+        """True while the queue has not been empty for a whole interval."""
+        return bool(self._items) and now - self.last_empty_ns > self.interval_ns
+
+    def timeout_ns(self, now: int) -> int:
+        """How long a request may wait right now (0 = CoDel off: unbounded)."""
+        if not self.target_ns:
+            return 0
+        return self.target_ns if self.standing(now) else self.interval_ns
+
+    def pop(self, now: int) -> Any:
+        """The next item: LIFO under a standing queue, FIFO otherwise."""
+        items = self._items
+        item = items.pop() if self.target_ns and self.standing(now) else items.popleft()
+        if not items:
+            self.last_empty_ns = now
+        return item
+
+    def drain(self) -> list:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+class ConcurrencyLimit:
+    """A limit on queued + running requests: fixed, AIMD, or Netflix Gradient2."""
+
+    def __init__(self, mode: str, fixed: int, floor: int) -> None:
+        self.mode = mode
+        self.floor = max(1, floor)
+        self.ceiling = max(fixed, 1000) if fixed else 1000
+        self.limit = float(fixed) if mode == "off" else float(max(fixed or 20, self.floor))
+        self.enabled = mode != "off" or fixed > 0
+        self._long_rtt = 0.0
+        self._short_rtt = 0.0
+        self._samples = 0
+
+    def admits(self, inflight: int) -> bool:
+        return not self.enabled or inflight < self.limit
+
+    def on_sample(self, rtt_ns: int, inflight: int, dropped: bool) -> None:
+        """Feed one finished request (its latency, or that it was dropped/late)."""
+        if self.mode == "aimd":
+            if dropped:
+                self.limit = max(self.floor, self.limit * 0.9)
+            elif inflight * 2 >= self.limit:
+                self.limit = min(self.ceiling, self.limit + 1.0)
+        elif self.mode == "gradient2":
+            self._gradient2(rtt_ns, inflight, dropped)
+
+    def _gradient2(self, rtt_ns: int, inflight: int, dropped: bool) -> None:
+        if rtt_ns < 100_000 and not dropped:
+            return
+        rtt = float(rtt_ns)
+        self._samples += 1
+        self._short_rtt = rtt if self._short_rtt == 0 else self._short_rtt * 0.9 + rtt * 0.1
+        if self._samples <= 10:
+            self._long_rtt = (
+                rtt if self._long_rtt == 0 else (self._long_rtt * (self._samples - 1) + rtt)
+                / self._samples
+            )
+            return
+        k = 2.0 / (600 + 1)
+        self._long_rtt = self._long_rtt * (1 - k) + rtt * k
+        if self._long_rtt / self._short_rtt > 2:
+            self._long_rtt *= 0.95
+        if inflight < self.limit / 2 and not dropped:
+            return
+        gradient = max(0.5, min(1.0, 1.5 * self._long_rtt / self._short_rtt))
+        new = self.limit * gradient + 4
+        new = self.limit * 0.8 + new * 0.2
+        self.limit = max(self.floor, min(self.ceiling, new))
+
+
+def retry_after_seconds(queue_len: int, service_ns: float, threads: int) -> int:
+    """A Retry-After hint: the time to drain the present queue, at least 1 s."""
+    if service_ns <= 0:
+        return 1
+    return max(1, math.ceil(queue_len * service_ns / max(1, threads) / 1e9))

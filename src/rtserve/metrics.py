@@ -1,0 +1,155 @@
+"""Counters, gauges and histograms, rendered as Prometheus text at /metrics.
+
+Written by the conductor only (plain ints and lists, no locks). Names follow the
+OpenTelemetry HTTP conventions where one exists (`http_server_request_duration_seconds`),
+with sub-millisecond buckets because rtserve's budgets are counted in milliseconds.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+
+# Seconds. Sub-millisecond resolution where real-time budgets live.
+DURATION_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05,
+    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+_BUCKETS_NS = tuple(int(b * 1e9) for b in DURATION_BUCKETS)
+
+
+class Histogram:
+    """A fixed-bucket histogram in ns (bucket i counts values <= bound i; last is +Inf)."""
+
+    __slots__ = ("counts", "sum_ns", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BUCKETS_NS) + 1)
+        self.sum_ns = 0
+        self.count = 0
+
+    def observe(self, ns: int) -> None:
+        self.counts[bisect_left(_BUCKETS_NS, ns)] += 1
+        self.sum_ns += ns
+        self.count += 1
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    """The server's measurements; gauges are read through callbacks at scrape time."""
+
+    COUNTERS = {
+        "deadline_misses": ("rtserve_deadline_misses_total",
+                            "Requests whose handler had not answered at the respond-by time."),
+        "fallbacks": ("rtserve_fallbacks_sent_total",
+                      "Fallback responses sent for late or dead-on-arrival requests."),
+        "dead_on_arrival": ("rtserve_dead_on_arrival_total",
+                            "Requests answered at once: budget below the route's service time."),
+        "late_dropped": ("rtserve_late_results_dropped_total",
+                         "Handler results that arrived after their request was answered or gone."),
+        "client_aborts": ("rtserve_client_aborts_total",
+                          "Connections the client closed or reset with a request unanswered."),
+        "worker_deaths": ("rtserve_worker_deaths_total",
+                          "Worker threads that died and were replaced."),
+        "connections_accepted": ("rtserve_connections_accepted_total", "Connections accepted."),
+        "accept_pauses": ("rtserve_accept_pauses_total",
+                          "Times accepting paused (fd exhaustion or connection cap)."),
+        "handler_errors": ("rtserve_handler_errors_total", "Handlers that raised (answered 500)."),
+    }
+
+    def __init__(self) -> None:
+        self.deadline_misses = 0
+        self.fallbacks = 0
+        self.dead_on_arrival = 0
+        self.late_dropped = 0
+        self.client_aborts = 0
+        self.worker_deaths = 0
+        self.connections_accepted = 0
+        self.accept_pauses = 0
+        self.handler_errors = 0
+        self.shed: dict[str, int] = {}
+        self.parse_errors: dict[int, int] = {}
+        self.timeouts: dict[str, int] = {}
+        self.requests: dict[tuple[str, str, int], Histogram] = {}
+        self.queue_wait = Histogram()
+        self.gauges: list[tuple[str, str, Callable[[], float]]] = []
+
+    # ---- conductor side (hot path: one dict lookup and a bisect) ---------------------
+
+    def observe_request(self, method: str, route: str, status: int, ns: int) -> None:
+        key = (method, route, status)
+        h = self.requests.get(key)
+        if h is None:
+            h = self.requests[key] = Histogram()
+        h.observe(ns)
+
+    def count_shed(self, reason: str) -> None:
+        self.shed[reason] = self.shed.get(reason, 0) + 1
+
+    def count_parse_error(self, status: int) -> None:
+        self.parse_errors[status] = self.parse_errors.get(status, 0) + 1
+
+    def count_timeout(self, kind: str) -> None:
+        self.timeouts[kind] = self.timeouts.get(kind, 0) + 1
+
+    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
+        self.gauges.append((name, help, read))
+
+    # ---- rendering ------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        out: list[str] = []
+        name = "http_server_request_duration_seconds"
+        out.append(f"# HELP {name} Time from the first request byte read to the last "
+                   "response byte written.")
+        out.append(f"# TYPE {name} histogram")
+        for (method, route, status), h in sorted(self.requests.items()):
+            labels = (f'http_request_method="{_escape(method)}",http_route="{_escape(route)}",'
+                      f'http_response_status_code="{status}"')
+            _histogram_lines(out, name, labels, h)
+        name = "rtserve_queue_wait_seconds"
+        out.append(f"# HELP {name} Time requests waited for a free worker.")
+        out.append(f"# TYPE {name} histogram")
+        _histogram_lines(out, name, "", self.queue_wait)
+        for attr, (mname, help) in self.COUNTERS.items():
+            out.append(f"# HELP {mname} {help}")
+            out.append(f"# TYPE {mname} counter")
+            out.append(f"{mname} {getattr(self, attr)}")
+        _labelled(out, "rtserve_requests_shed_total", "Requests shed before a handler ran.",
+                  "reason", self.shed, ("codel", "limit", "draining", "deadline"))
+        _labelled(out, "rtserve_parse_errors_total", "Requests rejected by the parser.",
+                  "status", {str(k): v for k, v in self.parse_errors.items()}, ())
+        _labelled(out, "rtserve_timeouts_total", "Connections closed by a timer.",
+                  "kind", self.timeouts, ("header", "body", "idle", "write"))
+        for gname, help, read in self.gauges:
+            out.append(f"# HELP {gname} {help}")
+            out.append(f"# TYPE {gname} gauge")
+            out.append(f"{gname} {read()}")
+        out.append("")
+        return "\n".join(out).encode("utf-8")
+
+
+def _histogram_lines(out: list[str], name: str, labels: str, h: Histogram) -> None:
+    sep = "," if labels else ""
+    cumulative = 0
+    for bound, n in zip(DURATION_BUCKETS, h.counts, strict=False):
+        cumulative += n
+        out.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {cumulative}')
+    cumulative += h.counts[-1]
+    out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {cumulative}')
+    lab = "{" + labels + "}" if labels else ""
+    out.append(f"{name}_sum{lab} {h.sum_ns / 1e9}")
+    out.append(f"{name}_count{lab} {h.count}")
+
+
+def _labelled(out: list[str], name: str, help: str, label: str, values: dict,
+              always: tuple[str, ...]) -> None:
+    out.append(f"# HELP {name} {help}")
+    out.append(f"# TYPE {name} counter")
+    keys = sorted(set(values) | set(always))
+    for k in keys:
+        out.append(f'{name}{{{label}="{_escape(str(k))}"}} {values.get(k, 0)}')

@@ -1,0 +1,152 @@
+"""The fixed worker pool and the completion path back to the conductor.
+
+Workers run user code only: they take `(fn, conn, req_id, arg)` from the task queue,
+run `fn(conn, req_id, arg)`, post `(conn, req_id, result, final)` on the completion queue,
+and wake the conductor through an eventfd (written only when no wake-up is already
+pending, so a burst of completions costs one syscall). The pool knows nothing of sockets or HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("rtserve.error")
+
+_STOP = object()
+
+Completion = tuple[Any, int, Any, bool]
+
+
+class WorkerPool:
+    """N threads, one task queue, one completion queue + eventfd to wake the conductor."""
+
+    def __init__(self, threads: int, name: str = "rtserve-worker") -> None:
+        if threads < 1:
+            raise ValueError("threads must be >= 1")
+        self.size = threads
+        self.name = name
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._completions: queue.SimpleQueue = queue.SimpleQueue()
+        self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_pending = False
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.deaths = 0  # worker threads that died and were replaced
+        self._stopping = False
+
+    # ---- conductor side -------------------------------------------------------------
+
+    def start(self) -> None:
+        for _ in range(self.size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._run, name=self.name, daemon=True)
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+
+    def submit(self, fn: Callable[[Any], Any], conn: Any, req_id: int, arg: Any) -> None:
+        """Queue `fn(conn, req_id, arg)`; its result comes back as a final completion."""
+        self._tasks.put((fn, conn, req_id, arg))
+
+    def drain(self) -> list[Completion]:
+        """Every completion posted so far (call after the eventfd fired, or any time)."""
+        try:
+            os.eventfd_read(self.wakeup_fd)
+        except BlockingIOError:
+            pass
+        self._wake_pending = False
+        out = []
+        get = self._completions.get_nowait
+        try:
+            while True:
+                out.append(get())
+        except queue.Empty:
+            pass
+        return out
+
+    def shutdown(self, timeout: float | None = None) -> list[tuple]:
+        """Stop the workers; return the tasks that never started, as (fn, conn, req_id, arg).
+
+        Workers finish the task they are running (a Python thread can't be killed); the
+        join waits at most `timeout` seconds in total.
+        """
+        self._stopping = True
+        pending = []
+        try:
+            while True:
+                item = self._tasks.get_nowait()
+                if item is not _STOP:
+                    pending.append(item)
+        except queue.Empty:
+            pass
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._tasks.put(_STOP)
+        import time
+
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in threads:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
+        return pending
+
+    def close(self) -> None:
+        try:
+            os.close(self.wakeup_fd)
+        except OSError:
+            pass
+
+    def alive(self) -> int:
+        with self._lock:
+            return sum(t.is_alive() for t in self._threads)
+
+    # ---- worker side ----------------------------------------------------------------
+
+    def post(self, conn: Any, req_id: int, result: Any, final: bool) -> None:
+        """Hand a result to the conductor and wake it (worker threads; also streams)."""
+        self._completions.put((conn, req_id, result, final))
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.eventfd_write(self.wakeup_fd, 1)
+            except (BlockingIOError, OSError):
+                pass
+
+    def _run(self) -> None:
+        """Worker loop: block signals the conductor handles, then run tasks until told to stop."""
+        signal.pthread_sigmask(
+            signal.SIG_BLOCK, {signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP}
+        )
+        get = self._tasks.get
+        post = self.post
+        try:
+            while True:
+                item = get()
+                if item is _STOP:
+                    return
+                fn, conn, req_id, arg = item
+                try:
+                    result = fn(conn, req_id, arg)
+                except BaseException as exc:  # noqa: BLE001 - the task code is the boundary
+                    if isinstance(exc, SystemExit | KeyboardInterrupt):
+                        post(conn, req_id, exc, True)
+                        raise
+                    log.exception("task raised outside the handler guard")
+                    result = exc
+                post(conn, req_id, result, True)
+        except BaseException:
+            # A worker that dies is replaced so the pool keeps its size.
+            self.deaths += 1
+            with self._lock:
+                self._threads = [t for t in self._threads if t is not threading.current_thread()]
+            if not self._stopping:
+                log.error("worker thread died; starting a replacement")
+                self._spawn()

@@ -1,0 +1,165 @@
+"""The Request object handlers receive; the parser fills it, the conductor stamps it.
+
+One object per request from parse to completion: no copies on the hot path. Headers are
+kept as the parser produced them (lower-case names, in order) and turned into a
+case-insensitive mapping only when a handler asks for them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from urllib.parse import parse_qs
+
+
+class Headers(Mapping[str, str]):
+    """Case-insensitive, read-only view of request headers; duplicates joined by ", "."""
+
+    __slots__ = ("_items", "_map")
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self._items = items
+        joined: dict[str, str] = {}
+        for name, value in items:
+            if name in joined:
+                joined[name] = joined[name] + ", " + value
+            else:
+                joined[name] = value
+        self._map = joined
+
+    def __getitem__(self, name: str) -> str:
+        return self._map[name.lower()]
+
+    def get(self, name: str, default=None):  # type: ignore[override]
+        return self._map.get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._map
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def getall(self, name: str) -> list[str]:
+        """Every value of a header, in arrival order."""
+        lname = name.lower()
+        return [v for n, v in self._items if n == lname]
+
+    def raw(self) -> list[tuple[str, str]]:
+        """The (lower-case name, value) pairs as received."""
+        return list(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+
+class Request:
+    """An HTTP request as a handler sees it.
+
+    Filled by the parser (method .. body), stamped by the conductor (client, start_ns,
+    deadline_ns). `deadline` and `remaining()` let a handler cut its own work short.
+    """
+
+    __slots__ = (
+        "method",
+        "target",
+        "path",
+        "query_string",
+        "version",
+        "raw_headers",
+        "content_length",
+        "chunked",
+        "keep_alive",
+        "expect_continue",
+        "body",
+        "client",
+        "start_ns",
+        "deadline_ns",
+        "route",
+        "status",
+        "t_queued",
+        "t_start",
+        "t_end",
+        "_headers",
+        "_query",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        path: str,
+        query_string: str,
+        version: str,
+        raw_headers: list[tuple[str, str]],
+        content_length: int | None = None,
+        chunked: bool = False,
+        keep_alive: bool = True,
+        expect_continue: bool = False,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.path = path
+        self.query_string = query_string
+        self.version = version
+        self.raw_headers = raw_headers
+        self.content_length = content_length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.body = b""
+        self.client: tuple[str, int] | None = None
+        self.start_ns = 0
+        self.deadline_ns = 0  # 0 = no deadline
+        self.route = None
+        self.status = 0  # the status sent (set when the response is built)
+        self.t_queued = 0  # monotonic ns: handed to the queue / a worker
+        self.t_start = 0  # handler started
+        self.t_end = 0  # handler returned
+        self._headers: Headers | None = None
+        self._query: dict[str, list[str]] | None = None
+
+    @property
+    def headers(self) -> Headers:
+        """Case-insensitive header mapping (built on first use)."""
+        h = self._headers
+        if h is None:
+            h = self._headers = Headers(self.raw_headers)
+        return h
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """The parsed query string: name -> list of values."""
+        q = self._query
+        if q is None:
+            q = self._query = parse_qs(self.query_string, keep_blank_values=True)
+        return q
+
+    def query_param(self, name: str, default: str | None = None) -> str | None:
+        """The first value of a query parameter, or `default`."""
+        values = self.query.get(name)
+        return values[0] if values else default
+
+    @property
+    def deadline(self) -> float | None:
+        """The respond-by time on the `time.monotonic()` clock, or None without a deadline."""
+        return self.deadline_ns / 1e9 if self.deadline_ns else None
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (negative when late; inf without a deadline)."""
+        if not self.deadline_ns:
+            return float("inf")
+        return (self.deadline_ns - time.monotonic_ns()) / 1e9
+
+    def text(self, encoding: str = "utf-8") -> str:
+        return self.body.decode(encoding)
+
+    def json(self):
+        import json
+
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target} {self.version}>"

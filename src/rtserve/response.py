@@ -1,0 +1,195 @@
+"""Response, and its serialisation to bytes (run by workers, never by the conductor).
+
+Pre-encoded status lines and a per-second Date cache keep the common case to a few
+concatenations. Header names and values from handlers are validated: CR, LF or NUL in
+either is header injection (CVE-2018-1000164, CVE-2020-7695 class) and becomes a 500.
+"""
+
+from __future__ import annotations
+
+import json as _json
+import os
+import re
+import time
+from collections.abc import Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+HeaderList = list[tuple[str, str]]
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+STATUS_LINES: dict[int, bytes] = {
+    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("latin-1")) for s in HTTPStatus
+}
+
+
+def status_line(status: int) -> bytes:
+    """The pre-encoded `HTTP/1.1 NNN Reason` line for a status."""
+    line = STATUS_LINES.get(status)
+    if line is None:
+        if not 100 <= status <= 999:
+            raise ValueError(f"invalid status {status!r}")
+        line = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status).encode("latin-1"))
+        STATUS_LINES[status] = line
+    return line
+
+
+_date_second = 0
+_date_header = b""
+
+
+def date_header() -> bytes:
+    """`Date: ...\\r\\n`, recomputed at most once per second."""
+    global _date_second, _date_header
+    now = int(time.time())
+    if now != _date_second:
+        _date_header = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
+        _date_second = now
+    return _date_header
+
+
+class InvalidResponse(ValueError):
+    """A handler produced a response that cannot be sent (bad header, bad status)."""
+
+
+def validate_header(name: str, value: str) -> None:
+    """Reject header names that are not tokens and values with CR, LF, NUL or other CTLs."""
+    if not _TOKEN.fullmatch(name):
+        raise InvalidResponse(f"invalid response header name {name!r}")
+    if not _FIELD_VALUE.fullmatch(value):
+        raise InvalidResponse(f"invalid response header value for {name!r}")
+
+
+class FileBody:
+    """A file to be sent with `os.sendfile` by the conductor (e.g. wsgi.file_wrapper)."""
+
+    __slots__ = ("file", "offset", "count")
+
+    def __init__(self, file: Any, offset: int = 0, count: int | None = None) -> None:
+        self.file = file
+        self.offset = offset
+        if count is None:
+            count = os.fstat(file.fileno()).st_size - offset
+        self.count = count
+
+    def close(self) -> None:
+        close = getattr(self.file, "close", None)
+        if close is not None:
+            close()
+
+
+class Response:
+    """What a handler returns: status, headers, and a body of bytes, str, an iterable of
+    bytes (streamed) or a `FileBody` (sent with sendfile)."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(
+        self,
+        body: bytes | str | Iterable[bytes] | FileBody = b"",
+        status: int = 200,
+        headers: HeaderList | dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+            if content_type is None:
+                content_type = "text/plain; charset=utf-8"
+        self.status = status
+        if headers is None:
+            hl: HeaderList = []
+        elif isinstance(headers, dict):
+            hl = list(headers.items())
+        else:
+            hl = list(headers)
+        if content_type is not None:
+            hl.insert(0, ("Content-Type", content_type))
+        self.headers = hl
+        self.body = body
+
+    @classmethod
+    def text(cls, text: str, status: int = 200, headers: HeaderList | dict | None = None):
+        return cls(text.encode("utf-8"), status, headers, "text/plain; charset=utf-8")
+
+    @classmethod
+    def html(cls, html: str, status: int = 200, headers: HeaderList | dict | None = None):
+        return cls(html.encode("utf-8"), status, headers, "text/html; charset=utf-8")
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200, headers: HeaderList | dict | None = None):
+        data = _json.dumps(obj, separators=(",", ":")).encode("utf-8")
+        return cls(data, status, headers, "application/json")
+
+    def header(self, name: str) -> str | None:
+        """The first value of a response header (case-insensitive), or None."""
+        lname = name.lower()
+        for n, v in self.headers:
+            if n.lower() == lname:
+                return v
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status}>"
+
+
+def encode_headers(headers: HeaderList) -> tuple[bytes, int | None, bool, bool]:
+    """Validate and encode handler headers.
+
+    Returns (encoded lines, Content-Length if given, Connection: close given, has Date).
+    Transfer-Encoding from a handler is dropped: framing is the server's job.
+    """
+    out = []
+    length: int | None = None
+    close = False
+    has_date = False
+    for name, value in headers:
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InvalidResponse(f"header {name!r} must be str: str")
+        validate_header(name, value)
+        lname = name.lower()
+        if lname == "content-length":
+            if not value.isdigit() or not value.isascii():
+                raise InvalidResponse(f"invalid Content-Length {value!r}")
+            length = int(value)
+            continue
+        if lname == "transfer-encoding":
+            continue
+        if lname == "connection":
+            if "close" in value.lower():
+                close = True
+            continue
+        if lname == "date":
+            has_date = True
+        out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    return b"".join(out), length, close, has_date
+
+
+def simple_response(
+    status: int, body: bytes = b"", close: bool = False, extra: bytes = b""
+) -> bytes:
+    """A complete small response built by the server itself (errors, fallbacks, 503s)."""
+    if not body and status >= 400:
+        body = b"%d %s\n" % (status, _reason(status).encode("latin-1"))
+    return b"".join(
+        (
+            status_line(status),
+            date_header(),
+            b"Content-Type: text/plain; charset=utf-8\r\n" if body else b"",
+            b"Content-Length: %d\r\n" % len(body),
+            extra,
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+            body,
+        )
+    )
