@@ -113,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
 
     server = Server(as_dispatcher(app, cfg), cfg)
     log = logging.getLogger("rtserve.error")
-    log.info("rtserve listening on %s (%d threads, pid %d)", cfg.bind, cfg.threads, os.getpid())
     code = server.serve()
     log.info("rtserve stopped (exit %d)", code)
     return code

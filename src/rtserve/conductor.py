@@ -200,6 +200,10 @@ class Server:
         ep.register(self._ctl_r.fileno(), EPOLLIN)
         if threading.current_thread() is threading.main_thread():
             self._install_signals()
+        log.info(
+            "listening on %s (%d threads, pid %d)", format_address(self.address),
+            cfg.threads, os.getpid(),
+        )
 
     def _install_signals(self) -> None:
         r, w = socket.socketpair()
@@ -986,6 +990,14 @@ class Server:
         from .accesslog import format_line
 
         access_log.info(format_line(req, done, self.cfg.access_log_format))
+
+
+def format_address(address: Any) -> str:
+    """`host:port`, `[v6]:port` or the unix socket path, as logs and tests read it."""
+    if isinstance(address, tuple):
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return f"unix:{address}"
 
 
 def _unrouted(req: Request) -> str:
