@@ -31,7 +31,13 @@ from .connection import (
     Connection,
     State,
 )
-from .deadlines import CoDelQueue, ConcurrencyLimit, client_budget_ns, retry_after_seconds
+from .deadlines import (
+    DOA_DECAY,
+    CoDelQueue,
+    ConcurrencyLimit,
+    client_budget_ns,
+    retry_after_seconds,
+)
 from .errors import HTTPError, ParseError
 from .metrics import Metrics
 from .parser import NEED_DATA, RequestParser
@@ -459,6 +465,7 @@ class Server:
             respond_by = req.deadline_ns - self._margin_ns
             if respond_by - now <= target.ewma_ns:
                 self.metrics.dead_on_arrival += 1
+                target.ewma_ns *= DOA_DECAY  # a probe gets through now and then
                 self._answer_late(conn, req, b"dead-on-arrival")
                 return
             self._seq += 1

@@ -53,10 +53,14 @@ def client_budget_ns(raw_headers: list[tuple[str, str]]) -> int | None:
             m = _GRPC.fullmatch(value)
             if m is None:
                 raise BadRequest("malformed grpc-timeout header")
-            return int(m.group(1)) * _GRPC_UNIT_NS[m.group(2)]
-        if _MS.fullmatch(value) is None:
-            raise BadRequest(f"malformed {name} header")
-        return int(value) * 1_000_000
+            budget = int(m.group(1)) * _GRPC_UNIT_NS[m.group(2)]
+        else:
+            if _MS.fullmatch(value) is None:
+                raise BadRequest(f"malformed {name} header")
+            budget = int(value) * 1_000_000
+        # A zero budget is already spent: 1 ns keeps it a deadline (0 would mean "none"),
+        # so the request is answered as dead on arrival instead of running unbounded.
+        return budget or 1
     return None
 
 
@@ -101,6 +105,21 @@ class CoDelQueue:
         if not items:
             self.last_empty_ns = now
         return item
+
+    def discard(self, item: Any, now: int) -> bool:
+        """Remove a request answered while it waited (deadline, client gone); O(n).
+
+        Without this, answered requests would linger until dequeued and inflate the queue
+        depth, the admission count and CoDel's idea of a standing queue.
+        """
+        items = self._items
+        try:
+            items.remove(item)
+        except ValueError:
+            return False
+        if not items:
+            self.last_empty_ns = now
+        return True
 
     def drain(self) -> list:
         items = list(self._items)
@@ -158,8 +177,21 @@ class ConcurrencyLimit:
         self.limit = max(self.floor, min(self.ceiling, new))
 
 
+RETRY_AFTER_MAX = 30
+
+# Each dead-on-arrival decision shrinks the route's service-time estimate by this factor,
+# so a route whose EWMA grew past every budget lets a probe request through after a few
+# rejections instead of refusing it forever (a handler that never runs never updates it).
+DOA_DECAY = 0.8
+
+
 def retry_after_seconds(queue_len: int, service_ns: float, threads: int) -> int:
-    """A Retry-After hint: the time to drain the present queue, at least 1 s."""
-    if service_ns <= 0:
+    """A Retry-After hint in whole seconds: the time to drain the present queue.
+
+    At least 1 (the header counts whole seconds; 0 would invite an instant retry storm),
+    at most RETRY_AFTER_MAX (a hint of minutes only parks clients that could come back).
+    """
+    if service_ns <= 0 or queue_len <= 0:
         return 1
-    return max(1, math.ceil(queue_len * service_ns / max(1, threads) / 1e9))
+    secs = math.ceil(queue_len * service_ns / max(1, threads) / 1e9)
+    return min(RETRY_AFTER_MAX, max(1, secs))
