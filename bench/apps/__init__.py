@@ -1,0 +1,1 @@
+"""Benchmark applications: the same logic served through every server's interface."""

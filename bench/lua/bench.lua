@@ -1,0 +1,67 @@
+-- wrk script for bench/run.py: prints one machine-readable JSON line from done().
+--
+-- Environment (read by every wrk thread):
+--   WRK_BODY_FILE     POST this file's bytes as application/json (workload C)
+--   WRK_COUNT_MARKER  count responses that carry the X-Rtserve-Fallback header; only then
+--                     is response() defined, because a Lua response() makes wrk parse
+--                     every header into a table and slows it down
+--   WRK_DEADLINE_MS   report the share of responses faster than this (default 50)
+
+local body_file = os.getenv("WRK_BODY_FILE")
+if body_file and body_file ~= "" then
+  local f = assert(io.open(body_file, "rb"))
+  wrk.method = "POST"
+  wrk.body = f:read("*a")
+  f:close()
+  wrk.headers["Content-Type"] = "application/json"
+end
+
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+fallbacks = 0
+responses = 0
+
+local marker = os.getenv("WRK_COUNT_MARKER")
+if marker and marker ~= "" then
+  function response(status, headers, body)
+    responses = responses + 1
+    if headers["X-Rtserve-Fallback"] or headers["x-rtserve-fallback"] then
+      fallbacks = fallbacks + 1
+    end
+  end
+end
+
+function done(summary, latency, requests)
+  local deadline_us = tonumber(os.getenv("WRK_DEADLINE_MS") or "50") * 1000
+  -- Responses faster than the deadline: the largest rank whose latency is <= deadline,
+  -- by binary search over latency:percentile() (wrk exposes no cumulative histogram;
+  -- percentile(p) returns the value at rank round(p/100*count + 0.5), 0 past the end).
+  local n = summary.requests
+  local lo, hi = 0, n
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    local v = latency:percentile((mid - 0.5) / n * 100.0)
+    if v > 0 and v <= deadline_us then lo = mid else hi = mid - 1 end
+  end
+  local within = lo
+  local fb = 0
+  for _, t in ipairs(threads) do
+    fb = fb + (t:get("fallbacks") or 0)
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"latency_us":{"min":%d,"mean":%.1f,"max":%d,"p50":%d,"p90":%d,"p99":%d,' ..
+    '"p999":%d,"p9999":%d},"within_deadline":%d,"deadline_ms":%g,"fallbacks":%d}\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency.min, latency.mean, latency.max,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency:percentile(99.99),
+    within, deadline_us / 1000, fb))
+end

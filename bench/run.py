@@ -1,0 +1,839 @@
+#!/usr/bin/env python3
+"""rtserve against its peers on one pinned core: the driver behind ``make bench``.
+
+Each server runs as one process (plus, for gunicorn, granian and nginx, their idle master)
+pinned to CPU 0 with ``taskset -c 0``; the load generator runs pinned to CPU 1. Everything
+stays on 127.0.0.1, every run is bounded in time, and every process started here is stopped
+by its process group id, on success, on error and on Ctrl-C.
+
+Workloads (see docs/benchmarks.md for the why of each):
+
+  A  keep-alive hello world                wrk -t1 -c50
+  B  one request per connection            wrk -t1 -c50 -H "Connection: close"
+  C  scoring: 1 KiB JSON POST, ~1 ms CPU,  wrk -t1 -c50, Lua counts X-Rtserve-Fallback
+     200 ms stall on 1 request in 100,
+     rtserve with a 50 ms deadline + fallback
+  D  1 MiB responses                       wrk -t1 -c16
+  E  overload: open loop at 1x and 2x      bench/openloop.py (constant rate, latency from
+     the server's capacity measured in C   the intended send time)
+  F  10,000 idle keep-alive connections    bench/idle_conns.py, server VmRSS before/after
+
+Usage:
+  bench/run.py                       full run (3 repeats), tables on stdout, JSON in results/
+  bench/run.py --quick               1-2 minute smoke: A and C, 1 repeat, short runs
+  bench/run.py --servers rtserve,uvicorn --workloads A,C --duration 5
+  bench/run.py --write-docs          also rewrite docs/benchmarks.md from this run
+  bench/run.py --report results/X.json --write-docs   re-render an earlier run
+  bench/run.py --profile             py-spy flame graph of rtserve under workload A
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+FLAMEGRAPH = ROOT / "docs" / "flamegraph-conductor.svg"
+BIN = Path(sys.executable).parent
+SERVER_CPU = "0"
+CLIENT_CPU = "1"
+DEADLINE_MS = 50.0
+
+# --------------------------------------------------------------------------------------
+# Processes: everything started here is in its own session (process group = pid) and is
+# stopped by that id; nothing is ever killed by name.
+# --------------------------------------------------------------------------------------
+
+_STARTED: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def start_process(cmd: list[str], cwd: Path, env: dict[str, str], log: Path,
+                  stdin: int | None = None, stdout: int | None = None
+                  ) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in a new session, stderr (and stdout unless piped) to ``log``."""
+    logf = open(log, "ab")  # noqa: SIM115 - closed when the process is stopped
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=stdin,
+                         stdout=stdout if stdout is not None else logf, stderr=logf,
+                         start_new_session=True)
+    _STARTED[p.pid] = p
+    return p
+
+
+def stop_process(p: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM the process group of ``p``, SIGKILL it after ``grace`` seconds."""
+    if p.pid not in _STARTED:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGTERM)
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(5)
+    # Children that outlived their leader (a gunicorn/granian worker) are still in the group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    _STARTED.pop(p.pid, None)
+
+
+def stop_all() -> None:
+    """Stop every process this driver started and has not stopped yet."""
+    for p in list(_STARTED.values()):
+        stop_process(p, grace=2.0)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    stop_all()
+    sys.exit(128 + signum)
+
+
+# --------------------------------------------------------------------------------------
+# Tools and machine
+# --------------------------------------------------------------------------------------
+
+APT_TOOLS = {"wrk": "wrk", "nginx": "nginx-light", "taskset": "util-linux"}
+
+
+def ensure_tools(need_nginx: bool) -> None:
+    """Install the Debian packages that are missing (``apt-get update`` at most once)."""
+    missing = [pkg for tool, pkg in APT_TOOLS.items()
+               if shutil.which(tool) is None and (need_nginx or tool != "nginx")]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(f"missing tools {missing}: install them (apt-get install {' '.join(missing)})")
+    print(f"# installing {' '.join(missing)} with apt-get", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd_out(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, kernel, Python and package versions, for the docs and the JSON."""
+    model = ""
+    for line in _cmd_out(["lscpu"]).splitlines():
+        if line.startswith("Model name:"):
+            model = line.split(":", 1)[1].strip()
+    versions: dict[str, str] = {}
+    for pkg in ("rtserve", "waitress", "gunicorn", "uvicorn", "uvloop", "httptools", "granian",
+                "py-spy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "absent"
+    versions["nginx"] = _cmd_out(["sh", "-c", "nginx -v 2>&1"]).replace("nginx version: ", "")
+    versions["wrk"] = _cmd_out(["sh", "-c", "wrk -v 2>&1 | head -1"]).split(" [")[0]
+    git = _cmd_out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "git": git or "no commit",
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def calibrate_burn(target_ms: float = 1.0) -> int:
+    """Iterations of apps.logic.burn() that take ``target_ms`` on the server CPU.
+
+    Measured pinned to the server CPU, best of several rounds (other load only slows it).
+    """
+    sys.path.insert(0, str(BENCH))
+    from apps import logic  # noqa: PLC0415 - needs the bench path first
+
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(SERVER_CPU)})
+    try:
+        iters = 10000
+        best = float("inf")
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(20):
+                logic.burn(iters)
+            best = min(best, (time.perf_counter() - t) / 20)
+    finally:
+        os.sched_setaffinity(0, old)
+    return max(1000, round(iters * target_ms / 1000 / best))
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and all its descendants, in KiB (a master's share does not move)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for tid in os.listdir(f"/proc/{p}/task"):
+                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
+                todo.extend(int(k) for k in kids)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+# --------------------------------------------------------------------------------------
+# Servers: one line each. {bin} = the venv's bin dir, {port}, {tmp} = a per-run temp dir.
+# All serve bench/apps (cwd = bench/): the same logic through each server's interface.
+# `extra` adds arguments for some workloads (rtserve-WSGI's deadline on C and E).
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """A server under test: how to start it and which workloads it can serve."""
+
+    name: str
+    kind: str  # "rtserve" | "peer" | "ceiling"
+    cmd: list[str]
+    workloads: str = "ABCDEF"
+    extra: dict[str, list[str]] = field(default_factory=dict)
+    prepare: Callable[[Path, int], None] | None = None
+    note: str = ""
+
+
+def nginx_conf(tmp: Path, port: int) -> None:
+    """Write a one-worker nginx.conf serving /hello and /big as static answers."""
+    (tmp / "big.bin").write_bytes(b"x" * (1 << 20))
+    (tmp / "nginx.conf").write_text(f"""\
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 12000; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+  keepalive_timeout 60s; keepalive_requests 100000000;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location = /hello {{ default_type text/plain; return 200 "Hello, world!"; }}
+    location = /big {{ default_type application/octet-stream; alias {tmp}/big.bin; }}
+  }}
+}}
+""")
+
+
+RT_COMMON = ["--threads", "8", "--backlog", "4096", "--max-connections", "12000",
+             "--keepalive-timeout", "30", "--log-level", "warning"]
+RT_WSGI_DEADLINE = ["--route-deadline", f"/score={DEADLINE_MS:g}",
+                    "--fallback", '/score=200:{{"decision": "review"}}']
+SERVERS: list[Server] = [
+    Server("rtserve", "rtserve", ["{bin}/rtserve", "apps.native_app:app", "--bind",
+           "127.0.0.1:{port}", *RT_COMMON], note="native App, 8 worker threads"),
+    Server("rtserve-wsgi", "rtserve", ["{bin}/rtserve", "apps.wsgi_app:app", "--bind",
+           "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE],
+           note="WSGI app, 8 worker threads, /score deadline 50 ms + fallback from the CLI"),
+    Server("waitress", "peer", ["{bin}/waitress-serve", "--listen=127.0.0.1:{port}",
+           "--threads=8", "--connection-limit=12000", "--asyncore-use-poll", "--backlog=4096",
+           "apps.wsgi_app:app"], note="threads=8"),
+    Server("gunicorn", "peer", ["{bin}/gunicorn", "-w", "1", "-k", "gthread", "--threads", "8",
+           "--worker-connections", "12000", "--keep-alive", "30", "--backlog", "4096",
+           "--log-level", "warning", "-b", "127.0.0.1:{port}", "apps.wsgi_app:app"],
+           note="gthread, 1 worker, threads=8"),
+    Server("uvicorn", "peer", ["{bin}/uvicorn", "apps.asgi_app:app", "--host", "127.0.0.1",
+           "--port", "{port}", "--loop", "uvloop", "--http", "httptools", "--workers", "1",
+           "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", "30",
+           "--backlog", "4096"], note="uvloop + httptools, ASGI, /score in 8 threads"),
+    Server("granian", "peer", ["{bin}/granian", "--interface", "wsgi", "--host", "127.0.0.1",
+           "--port", "{port}", "--workers", "1", "--runtime-threads", "1",
+           "--blocking-threads", "8", "--backlog", "4096", "--no-access-log",
+           "--log-level", "warning", "apps.wsgi_app:app"],
+           note="WSGI, 1 worker, 8 blocking threads"),
+    Server("nginx", "ceiling", ["nginx", "-c", "{tmp}/nginx.conf"], workloads="ABDF",
+           prepare=nginx_conf, note="static answers, 1 worker: the ceiling"),
+]
+
+
+# --------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """One workload: what the generator sends and for how long."""
+
+    key: str
+    title: str
+    path: str
+    kind: str  # "wrk" | "openloop" | "idle"
+    connections: int = 50
+    wrk_args: list[str] = field(default_factory=list)
+    post_body: bool = False
+    duration: float = 10.0
+    warmup: float = 2.0
+
+
+WORKLOADS: dict[str, Workload] = {w.key: w for w in [
+    Workload("A", "keep-alive hello world", "/hello", "wrk"),
+    Workload("B", "one request per connection (Connection: close)", "/hello", "wrk",
+             wrk_args=["-H", "Connection: close"]),
+    Workload("C", "scoring: 1 KiB JSON POST, ~1 ms CPU, 200 ms stall on 1%, 50 ms deadline",
+             "/score", "wrk", post_body=True),
+    Workload("D", "1 MiB responses", "/big", "wrk", connections=16),
+    Workload("E", "overload: open-loop constant rate at 1x and 2x of capacity (from C)",
+             "/score", "openloop", post_body=True),
+    Workload("F", "10,000 idle keep-alive connections: server RSS per connection", "/hello",
+             "idle"),
+]}
+IDLE_CONNS = 10000
+E_FACTORS = (1.0, 2.0)
+
+
+@dataclass
+class Ctx:
+    """What every measurement needs: env for the servers, temp dir, options, results."""
+
+    tmp: Path
+    env: dict[str, str]
+    body_file: Path
+    repeat: int
+    duration: float | None
+    warmup: float | None
+    idle_conns: int
+    results: dict[str, Any]
+    commands: dict[str, str] = field(default_factory=dict)
+
+
+def _fmt(cmd: list[str], port: int, tmp: Path) -> list[str]:
+    return [c.format(bin=BIN, port=port, tmp=tmp) for c in cmd]
+
+
+def wait_ready(p: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30.0) -> None:
+    """Wait until ``GET /hello`` on the port gets an HTTP answer; fail if the server died."""
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        if p.poll() is not None:
+            raise RuntimeError(f"server exited with {p.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/1."):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server not answering on {port} after {timeout}s: "
+                       f"{log.read_text()[-2000:]}")
+
+
+@contextlib.contextmanager
+def running(server: Server, workload: str, ctx: Ctx) -> Iterator[tuple[int, int]]:
+    """Start ``server`` pinned to the server CPU, yield (pid, port), always stop it."""
+    port = free_port()
+    if server.prepare:
+        server.prepare(ctx.tmp, port)
+    cmd = ["taskset", "-c", SERVER_CPU, *_fmt(server.cmd + server.extra.get(workload, []),
+                                              port, ctx.tmp)]
+    ctx.commands.setdefault(f"{server.name} {workload}", shlex.join(cmd))
+    log = ctx.tmp / f"{server.name}.log"
+    p = start_process(cmd, BENCH, ctx.env, log)
+    try:
+        wait_ready(p, port, log)
+        yield p.pid, port
+        if p.poll() is not None:
+            raise RuntimeError(f"{server.name} died during {workload}: "
+                               f"{log.read_text()[-2000:]}")
+    finally:
+        stop_process(p)
+
+
+def run_wrk(w: Workload, port: int, seconds: float, ctx: Ctx, record: bool = True
+            ) -> dict[str, Any]:
+    """One wrk run pinned to the client CPU; returns the JSON from bench/lua/bench.lua."""
+    env = dict(os.environ, WRK_DEADLINE_MS=str(DEADLINE_MS))
+    if w.post_body:
+        env["WRK_BODY_FILE"] = str(ctx.body_file)
+        env["WRK_COUNT_MARKER"] = "1"
+    cmd = ["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{w.connections}",
+           f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(BENCH / "lua/bench.lua"),
+           *w.wrk_args, f"http://127.0.0.1:{port}{w.path}"]
+    if record:
+        ctx.commands.setdefault(f"wrk {w.key}", shlex.join(cmd))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRK_JSON "):
+            r = json.loads(line[len("WRK_JSON "):])
+            r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+            return r
+    raise RuntimeError(f"wrk gave no result: {out.stdout[-1000:]} {out.stderr[-1000:]}")
+
+
+def run_openloop(w: Workload, port: int, rate: float, seconds: float, warmup: float,
+                 ctx: Ctx) -> dict[str, Any]:
+    """One open-loop run at ``rate`` requests/s pinned to the client CPU."""
+    cmd = ["taskset", "-c", CLIENT_CPU, sys.executable, str(BENCH / "openloop.py"),
+           "--port", str(port), "--rate", f"{rate:.0f}", "--duration", str(seconds),
+           "--warmup", str(warmup), "--path", w.path, "--body-file", str(ctx.body_file),
+           "--deadline-ms", str(DEADLINE_MS), "--max-conns", "1000"]
+    ctx.commands.setdefault("openloop E", shlex.join(cmd).replace(str(BENCH), "bench"))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 60)
+    if out.returncode:
+        raise RuntimeError(f"openloop failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def run_idle(pid: int, port: int, ctx: Ctx) -> dict[str, Any]:
+    """Workload F: RSS of the server tree before and with N idle keep-alive connections."""
+    time.sleep(0.5)
+    before = tree_rss_kib(pid)
+    cmd = ["taskset", "-c", CLIENT_CPU, sys.executable, str(BENCH / "idle_conns.py"),
+           "--port", str(port), "-n", str(ctx.idle_conns)]
+    ctx.commands.setdefault("idle F", shlex.join(cmd).replace(str(BENCH), "bench"))
+    p = start_process(cmd, BENCH, dict(os.environ), ctx.tmp / "idle.log",
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        line = p.stdout.readline().decode()
+        if not line.startswith("READY "):
+            raise RuntimeError(f"idle client failed: {line!r}")
+        ready = json.loads(line[6:])
+        time.sleep(1.0)  # let the server settle (lazy buffers, GC)
+        after = tree_rss_kib(pid)
+        p.stdin.write(b"\n")
+        p.stdin.flush()
+        done = json.loads(p.stdout.readline().decode()[5:])
+        p.wait(30)
+    finally:
+        stop_process(p)
+    n = max(1, ready["established"])
+    return {"established": ready["established"], "failed": ready["failed"],
+            "alive_after": done["alive"], "seconds": ready["seconds"],
+            "rss_before_kib": before, "rss_after_kib": after,
+            "kib_per_conn": (after - before) / n}
+
+
+def measure(server: Server, w: Workload, ctx: Ctx) -> None:
+    """All repeats of workload ``w`` on ``server``; appends to ctx.results."""
+    seconds = ctx.duration or w.duration
+    warmup = ctx.warmup if ctx.warmup is not None else w.warmup
+    slot = ctx.results["runs"].setdefault(w.key, {}).setdefault(server.name, [])
+    if w.kind == "idle":
+        with running(server, w.key, ctx) as (pid, port):
+            run_wrk(WORKLOADS["A"], port, 1, ctx, record=False)  # touch the code paths
+            slot.append(run_idle(pid, port, ctx))
+        return
+    if w.kind == "openloop":
+        cap = _capacity(server.name, ctx)
+        if cap is None:
+            slot.append({"error": "no capacity measured (run C or A first)"})
+            return
+        for factor in E_FACTORS:
+            with running(server, w.key, ctx) as (_, port):
+                r = run_openloop(w, port, cap * factor, seconds, warmup, ctx)
+            r["factor"] = factor
+            r["capacity_rps"] = cap
+            slot.append(r)
+        return
+    with running(server, w.key, ctx) as (_, port):
+        if warmup > 0:
+            run_wrk(w, port, warmup, ctx, record=False)
+        slot.append(run_wrk(w, port, seconds, ctx))
+
+
+def _capacity(server: str, ctx: Ctx) -> float | None:
+    """Median rps of the server on C (else A) in this run: the 1x rate of workload E."""
+    for key in ("C", "A"):
+        runs = [r["rps"] for r in ctx.results["runs"].get(key, {}).get(server, [])
+                if "rps" in r]
+        if runs:
+            return statistics.median(runs)
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------
+
+
+def _ms(us: float | None) -> str:
+    if us is None:
+        return "timeout"
+    return f"{us / 1000:.2f}" if us < 10000 else f"{us / 1000:.0f}"
+
+
+def _med(runs: list[dict[str, Any]], key: Callable[[dict[str, Any]], float]) -> float:
+    return statistics.median(key(r) for r in runs)
+
+
+def _ok(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in runs if "error" not in r]
+
+
+def wrk_table(key: str, res: dict[str, Any]) -> list[str]:
+    """Markdown rows for a wrk workload: median rps and min-max, latency, errors."""
+    by_server = res["runs"].get(key, {})
+    rows = ["| server | rps median | rps min-max | p50 ms | p99 ms | p99.9 ms | errors "
+            "| non-2xx | within 50 ms | fallbacks |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, runs in by_server.items():
+        runs = _ok(runs)
+        if not runs:
+            rows.append(f"| {name} | failed | | | | | | | | |")
+            continue
+        rps = [r["rps"] for r in runs]
+        lat = {p: _med(runs, lambda r, p=p: r["latency_us"][p]) for p in ("p50", "p99", "p999")}
+        errs = sum(r["errors"]["connect"] + r["errors"]["read"] + r["errors"]["write"]
+                   + r["errors"]["timeout"] for r in runs)
+        non2xx = sum(r["errors"]["status"] for r in runs)
+        within = sum(r["within_deadline"] for r in runs) / max(1, sum(r["requests"]
+                                                                     for r in runs))
+        fb = sum(r["fallbacks"] for r in runs)
+        rows.append(f"| {name} | {statistics.median(rps):,.0f} | {min(rps):,.0f}-{max(rps):,.0f}"
+                    f" | {_ms(lat['p50'])} | {_ms(lat['p99'])} | {_ms(lat['p999'])} | {errs}"
+                    f" | {non2xx} | {within:.2%} | {fb if key == 'C' else '-'} |")
+    return rows
+
+
+def e_table(res: dict[str, Any]) -> list[str]:
+    """Markdown rows for the open-loop overload workload."""
+    rows = ["| server | load | offered rps | within 50 ms | goodput rps | goodput / capacity "
+            "| fallbacks | 503 shed | other non-2xx / unanswered | p50 ms | p99 ms | p99.9 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, runs in res["runs"].get("E", {}).items():
+        runs = _ok(runs)
+        for factor in E_FACTORS:
+            rs = [r for r in runs if r["factor"] == factor]
+            if not rs:
+                continue
+            share = _med(rs, lambda r: r["share_within_deadline"])
+            good = _med(rs, lambda r: r["goodput_rps"])
+            cap = rs[0]["capacity_rps"]
+            other = _med(rs, lambda r: r["offered"] - r["ok_2xx"] - r["shed_503"])
+            lat = {p: [r["latency_us"][p] for r in rs] for p in ("p50", "p99", "p999")}
+            med = {p: (None if None in v else statistics.median(v)) for p, v in lat.items()}
+            fb = _med(rs, lambda r: r["fallbacks"])
+            shed = _med(rs, lambda r: r["shed_503"])
+            rows.append(f"| {name} | {factor:g}x | {rs[0]['rate']:,.0f} | {share:.1%} | "
+                        f"{good:,.0f} | {good / cap:.0%} | {fb:,.0f} | {shed:,.0f} | "
+                        f"{other:,.0f} | "
+                        f"{_ms(med['p50'])} | {_ms(med['p99'])} | {_ms(med['p999'])} |")
+    return rows
+
+
+def f_table(res: dict[str, Any]) -> list[str]:
+    """Markdown rows for the idle-connection memory workload."""
+    rows = ["| server | connections established | still open | RSS before MiB | RSS after MiB "
+            "| KiB per connection |", "|---|---:|---:|---:|---:|---:|"]
+    for name, runs in res["runs"].get("F", {}).items():
+        runs = _ok(runs)
+        if not runs:
+            rows.append(f"| {name} | failed | | | | |")
+            continue
+        r = runs[0]
+        rows.append(f"| {name} | {r['established']:,} | {r['alive_after']:,} | "
+                    f"{r['rss_before_kib'] / 1024:.1f} | {r['rss_after_kib'] / 1024:.1f} | "
+                    f"{r['kib_per_conn']:.1f} |")
+    return rows
+
+
+def _metric(key: str, runs: list[dict[str, Any]]) -> float | None:
+    """The figure a ratio compares: rps (A-D), goodput at 2x (E), KiB/conn (F)."""
+    runs = _ok(runs)
+    if not runs:
+        return None
+    if key == "E":
+        rs = [r for r in runs if r["factor"] == max(E_FACTORS)]
+        return _med(rs, lambda r: r["goodput_rps"]) if rs else None
+    if key == "F":
+        return runs[0]["kib_per_conn"]
+    return _med(runs, lambda r: r["rps"])
+
+
+def ratio_table(key: str, res: dict[str, Any]) -> list[str]:
+    """rtserve / peer for the workload's headline figure, from the same run."""
+    by_server = res["runs"].get(key, {})
+    kinds = {s["name"]: s["kind"] for s in res["servers"]}
+    ours = [n for n in by_server if kinds.get(n) == "rtserve"]
+    peers = [n for n in by_server if kinds.get(n) != "rtserve"]
+    if not ours or not peers:
+        return []
+    what = {"E": "goodput at 2x", "F": "KiB per idle connection (lower is better)"}.get(
+        key, "requests/s")
+    rows = [f"Ratio rtserve / peer ({what}):", "",
+            "| | " + " | ".join(peers) + " |", "|---|" + "---:|" * len(peers)]
+    for o in ours:
+        mo = _metric(key, by_server[o])
+        cells = []
+        for p in peers:
+            mp = _metric(key, by_server[p])
+            cells.append("n/a" if mo is None or not mp else f"{mo / mp:.2f}x")
+        rows.append(f"| {o} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def render(res: dict[str, Any]) -> str:
+    """All tables of a run as markdown."""
+    out: list[str] = []
+    short = res["options"].get("short")
+    for key, w in WORKLOADS.items():
+        if key not in res["runs"]:
+            continue
+        out.append(f"### {key}: {w.title}")
+        out.append("")
+        if short:
+            out.append(f"_Short run: {short}._")
+            out.append("")
+        if w.kind == "wrk":
+            out += wrk_table(key, res)
+        elif w.kind == "openloop":
+            out += e_table(res)
+        else:
+            out += f_table(res)
+        out.append("")
+        ratios = ratio_table(key, res)
+        if ratios:
+            out += ratios + [""]
+    return "\n".join(out)
+
+
+def write_docs(res: dict[str, Any], json_path: Path) -> None:
+    """Rewrite docs/benchmarks.md: machine, method, exact commands, tables of this run."""
+    m = res["machine"]
+    vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    servers = "\n".join(f"| {s['name']} | {s['kind']} | {s['note']} |" for s in res["servers"])
+    cmds = "\n".join(f"{k}: {v}" for k, v in sorted(res["commands"].items()))
+    opts = res["options"]
+    text = f"""# Benchmarks
+
+Generated by `bench/run.py --write-docs` (raw data: `bench/results/{json_path.name}`, not in
+git). Reproduce with `make bench` (3 repeats, about 30 minutes) or `make bench-quick`
+(A and C only, 1 repeat, short runs: a smoke test, not figures to quote).
+
+## Machine and software
+
+- CPU: {m['cpu']} ({m['cpus']} CPUs; a KVM guest: absolute numbers are this VM's, compare
+  the ratios)
+- Kernel {m['kernel']}, Python {m['python']}, rtserve at git {m['git']}, run {m['date']}
+- {vers}
+- `apps.logic.burn` calibrated to {res['burn_iters']} iterations (about 1 ms on CPU 0)
+
+## Method
+
+- Each server runs as one process pinned to CPU 0 (`taskset -c 0`); gunicorn, granian and
+  nginx also have an idle master process on the same CPU. The load generator is pinned to
+  CPU 1. Loopback only. A fresh server is started for every workload and every repeat.
+- Every server serves the same logic, `bench/apps/logic.py`: through `apps.native_app`
+  (rtserve), `apps.wsgi_app` (rtserve-WSGI, waitress, gunicorn, granian) or `apps.asgi_app`
+  (uvicorn; `/score` runs in an 8-thread pool like a FastAPI `def` endpoint). nginx answers
+  with static strings and is only a ceiling for the harness and the kernel.
+- A-D: `wrk -t1` after a {opts['warmup']} warm-up, {opts['duration']} measured,
+  {opts['repeat']} repeat(s); rps is the median, with min-max over the repeats; latency
+  percentiles are wrk's (closed loop, from send to answer), medians over the repeats.
+  "within 50 ms" is the share of responses faster than 50 ms (bench/lua/bench.lua).
+- C: every 100th request (a server-side counter) sleeps 200 ms; rtserve's `/score` has
+  `deadline_ms=50` and a fallback `{{"decision": "review"}}` sent with
+  `X-Rtserve-Fallback: deadline`; wrk's Lua `response()` counts those as fallbacks.
+  rtserve-WSGI gets the same deadline and fallback from `--route-deadline` and `--fallback`.
+- E: `bench/openloop.py`, an open-loop generator: request k is due at `t0 + k/rate` and its
+  latency counts from that due time (no coordinated omission; wrk's closed loop and
+  h2load's bursty `--rps` both hide queueing). Rates are 1x and 2x of the server's own
+  median C rps in this run. "within 50 ms" = 2xx answers (fallbacks included) within 50 ms
+  of the due time over all requests offered; goodput = those per second. Unanswered and
+  unsent requests count as misses.
+- F: `bench/idle_conns.py` opens {res['idle_conns']:,} connections, one answered
+  `GET /hello` on each, and holds them idle; RSS (VmRSS of the server's process tree) before
+  and after, difference divided by the connections established.
+
+| server | kind | configuration |
+|---|---|---|
+{servers}
+
+Exact commands of this run (`{{port}}` varies):
+
+```
+{cmds}
+```
+
+## Results
+
+{render(res)}
+"""
+    DOCS.write_text(text)
+    print(f"# wrote {DOCS}")
+
+
+# --------------------------------------------------------------------------------------
+# Profile mode
+# --------------------------------------------------------------------------------------
+
+
+def profile(ctx: Ctx, seconds: float) -> None:
+    """py-spy flame graph of rtserve (native app) under workload A -> docs/."""
+    server = next(s for s in SERVERS if s.name == "rtserve")
+    w = WORKLOADS["A"]
+    with running(server, "A", ctx) as (pid, port):
+        run_wrk(w, port, 2, ctx, record=False)
+        spy = ["taskset", "-c", CLIENT_CPU, str(BIN / "py-spy"), "record", "--pid", str(pid),
+               "--duration", str(int(seconds)), "--rate", "200", "--threads", "--nonblocking",
+               "--format", "flamegraph", "-o", str(FLAMEGRAPH)]
+        sp = start_process(spy, BENCH, dict(os.environ), ctx.tmp / "py-spy.log")
+        try:
+            r = run_wrk(w, port, seconds, ctx, record=False)
+            sp.wait(seconds + 30)
+        finally:
+            stop_process(sp)
+    print(f"# workload A under py-spy: {r['rps']:,.0f} rps; flame graph in {FLAMEGRAPH}")
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options, run the selected servers x workloads, print and save the tables."""
+    ap = argparse.ArgumentParser(description="rtserve benchmark driver",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("Usage:")[1])
+    ap.add_argument("--quick", action="store_true", help="A and C, 1 repeat, short runs")
+    ap.add_argument("--repeat", type=int, default=None, help="repeats per workload (3)")
+    ap.add_argument("--duration", type=float, default=None, help="measured seconds per run")
+    ap.add_argument("--warmup", type=float, default=None, help="warm-up seconds per run")
+    ap.add_argument("--servers", default="", help="comma list, e.g. rtserve,uvicorn")
+    ap.add_argument("--workloads", default="", help="comma list of A-F")
+    ap.add_argument("--idle-conns", type=int, default=IDLE_CONNS, help="workload F size")
+    ap.add_argument("--write-docs", action="store_true", help="rewrite docs/benchmarks.md")
+    ap.add_argument("--report", type=Path, help="render an earlier results JSON, no run")
+    ap.add_argument("--profile", action="store_true", help="py-spy flame graph under A")
+    a = ap.parse_args(argv)
+
+    if a.report:
+        res = json.loads(a.report.read_text())
+        print(render(res))
+        if a.write_docs:
+            write_docs(res, a.report)
+        return 0
+
+    if a.quick:
+        a.repeat = a.repeat or 1
+        a.duration = a.duration or 3.0
+        a.warmup = a.warmup if a.warmup is not None else 1.0
+        a.workloads = a.workloads or "A,C"
+    repeat = a.repeat or 3
+    keys = [k.strip().upper() for k in a.workloads.split(",") if k.strip()] or list(WORKLOADS)
+    names = [n.strip() for n in a.servers.split(",") if n.strip()]
+    servers = [s for s in SERVERS if not names or s.name in names]
+    if names and len(servers) != len(names):
+        sys.exit(f"unknown server in {names}; known: {[s.name for s in SERVERS]}")
+    if "E" in keys and "C" not in keys and "A" not in keys:
+        keys = ["C", *keys]  # E's rates come from C's capacity
+    keys = [k for k in WORKLOADS if k in keys]
+
+    ensure_tools(any(s.name == "nginx" for s in servers))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # servers inherit it (F)
+    atexit.register(stop_all)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+    burn_iters = calibrate_burn()
+    tmp = Path(tempfile.mkdtemp(prefix="rtserve-bench-"))
+    body_file = tmp / "tx.json"
+    sys.path.insert(0, str(BENCH))
+    from apps import logic  # noqa: PLC0415
+
+    body_file.write_bytes(logic.sample_transaction())
+    env = dict(os.environ, PYTHONPATH=str(BENCH), BENCH_BURN_ITERS=str(burn_iters),
+               PYTHONDONTWRITEBYTECODE="1")
+    short = None
+    if a.quick or (a.duration and a.duration < 10) or repeat < 3:
+        short = (f"{repeat} repeat(s), {a.duration or 'default'} s measured, "
+                 f"{a.warmup if a.warmup is not None else 'default'} s warm-up")
+    res: dict[str, Any] = {
+        "machine": machine_info(),
+        "burn_iters": burn_iters,
+        "idle_conns": a.idle_conns,
+        "options": {"repeat": repeat, "duration": f"{a.duration or 10:g} s",
+                    "warmup": f"{a.warmup if a.warmup is not None else 2:g} s",
+                    "short": short, "argv": sys.argv[1:]},
+        "servers": [{"name": s.name, "kind": s.kind, "note": s.note} for s in servers],
+        "runs": {},
+    }
+    ctx = Ctx(tmp, env, body_file, repeat, a.duration, a.warmup, a.idle_conns, res)
+    res["commands"] = ctx.commands
+
+    if a.profile:
+        profile(ctx, a.duration or 10.0)
+        return 0
+
+    print(f"# {res['machine']['cpu']}; burn {burn_iters} iterations; servers "
+          f"{[s.name for s in servers]}; workloads {keys}; {repeat} repeat(s)", flush=True)
+    for key in keys:
+        w = WORKLOADS[key]
+        reps = 1 if w.kind == "idle" else repeat
+        for rep in range(reps):
+            for s in servers:  # interleaved: background noise spreads over all servers
+                if key not in s.workloads:
+                    continue
+                t = time.monotonic()
+                try:
+                    measure(s, w, ctx)
+                except Exception as e:  # noqa: BLE001 - one failure must not end the run
+                    res["runs"].setdefault(key, {}).setdefault(s.name, []).append(
+                        {"error": str(e)[-800:]})
+                    print(f"# {key} {s.name}: FAILED {str(e)[-300:]}", flush=True)
+                    continue
+                last = res["runs"][key][s.name][-1]
+                fig = (f"{last['rps']:,.0f} rps" if "rps" in last else
+                       f"{last.get('kib_per_conn', last.get('goodput_rps', 0)):,.1f}")
+                print(f"# {key} rep {rep + 1}/{reps} {s.name}: {fig} "
+                      f"({time.monotonic() - t:.0f} s)", flush=True)
+        print(render({**res, "runs": {key: res["runs"].get(key, {})}}), flush=True)
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(res, indent=1))
+    print(f"# results in {path}")
+    if a.write_docs:
+        write_docs(res, path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
