@@ -492,7 +492,9 @@ class Server:
             if conn.req_id != rid or conn.state is not DISPATCHED:
                 continue  # answered by its deadline, or the client left
             waited = now - req.t_queued
-            if limit and waited > limit:
+            # CoDel sheds only requests that carry a deadline: for them a long wait means a
+            # late answer anyway. Requests without one wait, bounded by --max-inflight.
+            if limit and waited > limit and req.deadline_ns:
                 self._shed(conn, req, "codel")
                 continue
             if req.deadline_ns and now >= req.deadline_ns - self._margin_ns:
