@@ -129,6 +129,10 @@ class Server:
         self._force_exit = False
         self._signals: list[int] = []
         self._in_advance: Connection | None = None
+        # Supervisor hook (supervisor.py): called from the loop at most once per second (and
+        # at once when a drain is requested) so a stuck conductor is noticed and replaced.
+        self.heartbeat: Any = None
+        self._beat_at = 0
         self._max_requests = cfg.max_requests
         if cfg.max_requests and cfg.max_requests_jitter:
             import random
@@ -262,6 +266,9 @@ class Server:
             if self._signals:
                 self._handle_signals()
             self._run_timers()
+            if self.heartbeat is not None and self.now >= self._beat_at:
+                self._beat_at = self.now + 1_000_000_000
+                self.heartbeat()
             if self._drain_at and self.now >= self._drain_at:
                 self._drain_at = 0
                 self._begin_drain()
@@ -274,7 +281,8 @@ class Server:
             nxt = self._timers[0][0]
         if self._deadlines and (not nxt or self._deadlines[0][0] < nxt):
             nxt = self._deadlines[0][0]
-        for t in (self._accept_resume_at, self._drain_deadline, self._drain_at):
+        beat = self._beat_at if self.heartbeat is not None else 0
+        for t in (self._accept_resume_at, self._drain_deadline, self._drain_at, beat):
             if t and (not nxt or t < nxt):
                 nxt = t
         if not nxt:
@@ -497,8 +505,13 @@ class Server:
             if limit and waited > limit and req.deadline_ns:
                 self._shed(conn, req, "codel")
                 continue
-            if req.deadline_ns and now >= req.deadline_ns - self._margin_ns:
-                continue  # its deadline timer answers it; never run a request already late
+            if req.deadline_ns and req.deadline_ns - self._margin_ns - now <= req.route.ewma_ns:
+                # Late already, or too late to finish: never run it; answer it now rather
+                # than leave it for the timer (it is out of the queue, so nothing else would).
+                self.metrics.count_shed("deadline")
+                self.metrics.deadline_misses += 1
+                self._answer_late(conn, req, b"deadline")
+                continue
             self.metrics.queue_wait.observe(waited)
             self._busy += 1
             conn.running = True
@@ -507,11 +520,15 @@ class Server:
     def _shed(self, conn: Connection, req: Request, reason: str) -> None:
         self.metrics.count_shed(reason)
         route = req.route
+        if reason == "codel" and self._limit.mode != "off":
+            self._limit.on_sample(self.now - req.start_ns, self._busy + len(self._queue), True)
         retry = retry_after_seconds(len(self._queue), route.ewma_ns if route else 0, self._threads)
         req.status = 503
         data = simple_response(
             503, close=not req.keep_alive, extra=b"Retry-After: %d\r\n" % retry
         )
+        if req.method == "HEAD":
+            data = _head_only(data)
         self._start_response(conn, data)
 
     def _answer_now(self, conn: Connection, req: Request, response: Response) -> None:
@@ -527,6 +544,8 @@ class Server:
         if fb is None:
             req.status = 504
             data = simple_response(504, close=close)
+            if req.method == "HEAD":
+                data = _head_only(data)
         else:
             self.metrics.fallbacks += 1
             req.status = fb.status
@@ -786,6 +805,8 @@ class Server:
         """The only place a client socket is closed: unregister, then close."""
         if conn.state is CLOSED:
             return
+        if conn.state is DISPATCHED and not conn.running and conn.request is not None:
+            self._queue.discard((conn, conn.req_id, conn.request), self.now)  # client left
         conn.to(CLOSED)
         fd = conn.fd
         self._conns.pop(fd, None)
@@ -841,6 +862,11 @@ class Server:
             if conn.running:
                 self._stuck.add((conn, rid))
                 conn.stuck = True
+                if self._limit.mode != "off":
+                    self._limit.on_sample(now - req.start_ns, self._busy + len(self._queue), True)
+            else:  # still queued: it never ran
+                self._queue.discard((conn, rid, req), now)
+                self.metrics.count_shed("deadline")
             self._answer_late(conn, req, b"deadline")
         th = self._timers
         while th and th[0][0] <= now:
@@ -918,6 +944,7 @@ class Server:
         """Drain now, or after `drain_seconds` of reporting not ready (load balancers)."""
         if self.draining or self._drain_at:
             return
+        self._beat_at = 0  # tell a supervisor now, so it starts a replacement at once
         if self.cfg.drain_seconds > 0:
             self.not_ready_reason = "draining"
             self._drain_at = self.now + int(self.cfg.drain_seconds * 1e9)
@@ -1007,6 +1034,11 @@ def format_address(address: Any) -> str:
         host = address[0]
         return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
     return f"unix:{address}"
+
+
+def _head_only(data: bytes) -> bytes:
+    """A server-built response without its body, for HEAD (the framing headers stay)."""
+    return data[: data.index(b"\r\n\r\n") + 4]
 
 
 def _unrouted(req: Request) -> str:
