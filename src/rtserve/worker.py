@@ -100,7 +100,10 @@ class Worker:
             response = INTERNAL_ERROR
         t1 = time.monotonic_ns()
         request.t_end = t1
-        route.observe(t1 - t0)
+        elapsed = t1 - t0
+        if request.deadline_ns:  # past its budget a handler only says "too slow": cap it,
+            elapsed = min(elapsed, request.deadline_ns - request.start_ns)  # or DOA sticks
+        route.observe(elapsed)
         try:
             return self.serialize(conn, req_id, request, response)
         except InvalidResponse as exc:
