@@ -966,6 +966,7 @@ class Server:
         if self.draining:
             return
         self.draining = True
+        self._beat_at = 0  # a max_requests recycle lands here: tell the supervisor at once
         self._drain_deadline = self.now + int(self.cfg.graceful_timeout * 1e9)
         if self.listener is not None:
             if not self._accept_paused:
@@ -975,8 +976,11 @@ class Server:
                     pass
             self.listener.close()
             self.listener = None
+        # Close idle keep-alive connections. A connection accepted but whose first request
+        # has not arrived yet (req_id 0) is left to its header timer: closing it would fail
+        # a request the client already sent (its response goes out with Connection: close).
         for conn in list(self._conns.values()):
-            if conn.state is READING_HEAD and not conn.parser.has_partial():
+            if conn.state is READING_HEAD and conn.req_id and not conn.parser.has_partial():
                 self._close(conn)
 
     def _drained(self) -> bool:
