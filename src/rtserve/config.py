@@ -141,6 +141,12 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative, section="processes"),
     Setting("max_requests_jitter", int, 0, "random extra requests added to max_requests",
             _non_negative, section="processes"),
+    Setting("heartbeat_timeout", float, 30.0,
+            "seconds without a heartbeat before the supervisor kills and replaces a process",
+            _positive, section="processes"),
+    Setting("share_listener", _as_bool, False,
+            "processes accept from one inherited listener instead of one SO_REUSEPORT "
+            "listener each", section="processes"),
     # -- logging and observability
     Setting("log_level", str, "info", "logging level", None,
             ("critical", "error", "warning", "info", "debug"), section="logging"),
