@@ -98,19 +98,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     configure_logging(cfg)
+    procs = (os.cpu_count() or 1) if cfg.processes == "auto" else int(cfg.processes)
+    if procs > 1:  # the supervisor never imports the app: its first children check it
+        from .supervisor import run_supervisor
+
+        return run_supervisor(args.app, cfg, procs)
     try:
         app = load_app(args.app)
     except AppImportError as exc:
         print(f"rtserve: error: {exc}", file=sys.stderr)
         return 3
-    procs = os.cpu_count() or 1 if cfg.processes == "auto" else int(cfg.processes)
-    if procs > 1:
-        from .supervisor import run_supervisor
-
-        return run_supervisor(args.app, cfg, procs)
     from .conductor import Server
     from .server import as_dispatcher
 
+    if os.environ.get("RTSERVE_SUPERVISED"):  # a child started by supervisor.py
+        from .supervisor import run_child
+
+        return run_child(as_dispatcher(app, cfg), cfg)
     server = Server(as_dispatcher(app, cfg), cfg)
     log = logging.getLogger("rtserve.error")
     code = server.serve()
