@@ -1,0 +1,602 @@
+"""Strict, sans-IO HTTP/1.1 request parser run by the conductor for every connection.
+
+It is the security boundary (request smuggling, resource limits) and it runs on the single
+conductor thread, so it is both strict (RFC 9112 as gunicorn 27 reads it) and cheap: a
+complete head costs one `find`, one `decode`, one precompiled `fullmatch` that validates the
+whole head at once, one `split`, and a short loop over the header lines. Byte-by-byte input
+takes the slow path, which keeps search offsets so total work stays linear in the input.
+
+Interface (see docs/parser.md): `feed(bytes)`, then `next_event()` returns one complete
+`Request` (body read, chunked decoded, trailers discarded) or `NEED_DATA`, and raises a
+`ParseError` subclass carrying the HTTP status. After an error the parser is dead.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rtserve.errors import (
+    BadRequest,
+    ExpectationFailed,
+    HeaderFieldsTooLarge,
+    NotImplementedFraming,
+    ParseError,
+    PayloadTooLarge,
+    URITooLong,
+    VersionNotSupported,
+)
+from rtserve.request import Request
+
+__all__ = ["NEED_DATA", "RequestParser"]
+
+
+class _NeedData:
+    """Sentinel type: more bytes are needed before the next request is complete."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: object = _NeedData()
+
+# --- grammar (RFC 9110 5.6.2, 5.5; RFC 9112 3, 5, 7.1) --------------------------------------
+# Possessive quantifiers (*+, ++) make every pattern backtracking-free: linear time on any
+# input (the ReDoS class of CVE-2020-5236).
+_TCHAR = r"!#$%&'*+\-.^_`|~0-9A-Za-z"
+_TOKEN = f"[{_TCHAR}]++"
+# field-value: VCHAR / obs-text / SP / HTAB; no CTLs, no CR, no LF. OWS is stripped later.
+_FIELD_LINE = f"[{_TCHAR}]++:[\\t\\x20-\\x7e\\x80-\\xff]*+\\r\\n"
+# request-target: VCHAR except '#' (a fragment is never part of a request-target).
+_TARGET = r"[\x21\x22\x24-\x7e]++"
+
+# The whole head (request line, field lines, empty line) in one call: the fast path. Run on
+# the receive buffer (bytes) so the same call also finds where the head ends.
+_HEAD_RE = re.compile(
+    f"{_TOKEN} {_TARGET} HTTP/1\\.[01]\\r\\n(?:{_FIELD_LINE})*+\\r\\n".encode("latin-1")
+)
+# Request line with any one-digit version, to tell 505 (well-formed, other version) from 400.
+_REQUEST_LINE_RE = re.compile(f"({_TOKEN}) ({_TARGET}) HTTP/([0-9])\\.([0-9])")
+_FIELD_LINES_RE = re.compile(f"(?:{_FIELD_LINE})*+")
+_FIELD_LINE_RE = re.compile(_FIELD_LINE)
+# Partial request line: anything but VCHAR/SP, or a CR that is not the last byte.
+_LINE_PREFIX_BAD_RE = re.compile(rb"[^\x21-\x7e \r]|\r(?=[^\n])")
+# Partial field line (no CRLF in it yet): a CTL other than HTAB, or a CR that is not last.
+_FIELD_PREFIX_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x0c\x0e-\x1f\x7f]|\r(?=[\x00-\xff])")
+
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
+_HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]*+")
+_ABSOLUTE_RE = re.compile(
+    r"(?i:https?)://[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]++(/[^?]*+)?(?:\?(.*+))?"
+)
+_QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+"'
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
+_CHUNK_LINE_RE = re.compile(
+    f"([0-9A-Fa-f]{{1,16}})((?:[ \\t]*+;[ \\t]*+{_TOKEN}"
+    f"(?:[ \\t]*+=[ \\t]*+(?:{_TOKEN}|{_QUOTED}))?)*+)"
+)
+
+_MAX_CHUNK_LINE = 4096  # one chunk-size line, extensions included
+_MAX_CHUNK_EXT_TOTAL = 16384  # all chunk extensions of one request (they cost parse time)
+_MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
+
+# Fields that must not repeat; a repeated Connection or Expect is merged instead.
+_SINGLETONS = frozenset(("host", "content-length", "transfer-encoding"))
+_FORBIDDEN_TRAILERS = frozenset(("content-length", "transfer-encoding", "host"))
+
+# parser states
+_HEAD, _BODY_CL, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _DEAD = range(7)
+
+
+class RequestParser:
+    """Turns received bytes into complete `Request`s, one per `next_event()` call.
+
+    Conductor-only (not thread-safe). Serial pipelining: bytes past the current request stay
+    buffered until the next call.
+    """
+
+    __slots__ = (
+        "max_request_line",
+        "max_header_block",
+        "max_header_count",
+        "max_body_size",
+        "pending",
+        "_buf",
+        "_state",
+        "_error",
+        "_seen",
+        "_line_ok",
+        "_checked",
+        "_nfields",
+        "_empty_lines",
+        "_left",
+        "_total",
+        "_body",
+        "_ext_total",
+        "_budget",
+        "_slow",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_request_line: int = 8192,
+        max_header_block: int = 65536,
+        max_header_count: int = 100,
+        max_body_size: int = 1 << 20,
+    ) -> None:
+        self.max_request_line = max_request_line
+        self.max_header_block = max_header_block
+        self.max_header_count = max_header_count
+        self.max_body_size = max_body_size
+        # The request whose head is parsed but whose body is still arriving (else None).
+        self.pending: Request | None = None
+        self._buf = bytearray()
+        self._state = _HEAD
+        self._error: ParseError | None = None
+        # Incremental-scan bookkeeping, all offsets into _buf (reset when bytes are consumed).
+        self._seen = 0  # len(_buf) at the last NEED_DATA: only bytes past it are new
+        self._line_ok = False  # request line of the current head already validated
+        self._checked = 0  # field lines before this offset are validated
+        self._nfields = 0  # field lines validated so far
+        self._empty_lines = 0  # CRLFs skipped before the current request line
+        self._left = 0  # body bytes (Content-Length) or chunk bytes still to read
+        self._total = 0  # decoded chunked body size so far
+        self._body = bytearray()
+        self._ext_total = 0
+        self._budget = 0  # bytes left for the trailer section (shares max_header_block)
+        self._slow = False  # a slow path touched the head-scan state above
+
+    # --- conductor API ----------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes; parsing happens in `next_event()`."""
+        if self._state != _DEAD:
+            self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held and not yet consumed (bounds pipelining read-ahead)."""
+        return len(self._buf)
+
+    def has_partial(self) -> bool:
+        """True if bytes of a not-yet-complete request are held (header timeout applies)."""
+        return self._state != _DEAD and (self._state != _HEAD or len(self._buf) > 0)
+
+    def next_event(self) -> Request | object:
+        """The next complete request, or NEED_DATA; raises ParseError (then the parser is dead)."""
+        try:
+            if self._state == _HEAD:
+                return self._parse_head()
+            return self._parse_body()
+        except ParseError as exc:
+            self._state = _DEAD
+            self._error = exc
+            self._buf.clear()
+            self.pending = None
+            raise
+
+    # --- head -----------------------------------------------------------------------------
+
+    def _parse_head(self) -> Request | object:
+        """Parse a request head; complete bodyless requests are returned at once."""
+        buf = self._buf
+        if not buf:
+            return NEED_DATA
+        if buf[0] == 13 and not self._skip_empty_lines():
+            return NEED_DATA
+        # First look at this head: one regex both validates it and finds its end. Later
+        # looks (the head arrived in pieces) search for the end from where the last one
+        # stopped, so byte-by-byte input stays linear, and validate once it is complete.
+        m = _HEAD_RE.match(buf) if not self._seen else None
+        if m is not None:
+            hend = m.end()
+        else:
+            end = buf.find(b"\r\n\r\n", self._seen - 3 if self._seen > 3 else 0)
+            if end < 0:
+                self._check_partial_head()
+                return NEED_DATA
+            hend = end + 4
+            m = _HEAD_RE.match(buf)  # None or ending at hend: field lines contain no CR
+        if hend > self.max_header_block:
+            if buf.find(b"\r\n") > self.max_request_line:
+                raise URITooLong("request line too long")
+            raise HeaderFieldsTooLarge("header section too large")
+        # Consume the head now (an error kills the parser anyway); decode it in one call.
+        if hend == len(buf):
+            head = buf.decode("latin-1")
+            buf.clear()
+        else:
+            head = buf[:hend].decode("latin-1")
+            del buf[:hend]
+        if self._slow:
+            self._reset_head_scan()
+        lines = head.split("\r\n")  # request line, field lines, "", ""
+        if len(lines[0]) > self.max_request_line:
+            raise URITooLong("request line too long")
+        if m is None:
+            _diagnose_head(lines)  # always raises
+        method, target, version = lines[0].split(" ")
+        if len(lines) - 3 > self.max_header_count:
+            raise HeaderFieldsTooLarge("too many header fields")
+
+        raw_headers: list[tuple[str, str]] = []
+        append = raw_headers.append
+        for line in lines[1:-2]:
+            name, _, value = line.partition(":")
+            append((name.lower(), value.strip(" \t")))
+        fields = dict(raw_headers)
+        if len(fields) != len(raw_headers):
+            _check_duplicates(raw_headers, fields)
+
+        if target[0] == "/":
+            path, _, query = target.partition("?")
+        else:
+            path, query = _other_target_form(method, target)
+        if method == "CONNECT":
+            raise NotImplementedFraming("CONNECT not implemented")
+
+        http11 = version == "HTTP/1.1"
+        host = fields.get("host")
+        if host is None:
+            if http11:
+                raise BadRequest("missing Host")
+        elif _HOST_RE.fullmatch(host) is None:
+            raise BadRequest("invalid Host")
+
+        conn = fields.get("connection")
+        if conn is None:
+            keep_alive = http11
+        else:
+            conn = conn.lower()
+            if conn == "keep-alive":
+                keep_alive = True
+            elif conn == "close":
+                keep_alive = False
+            else:
+                tokens = {t.strip(" \t") for t in conn.split(",")}
+                keep_alive = "close" not in tokens and (http11 or "keep-alive" in tokens)
+
+        chunked = False
+        length = 0
+        cl = fields.get("content-length")
+        te = fields.get("transfer-encoding")
+        if te is not None:
+            if cl is not None:
+                raise BadRequest("both Content-Length and Transfer-Encoding")
+            if not http11:
+                raise BadRequest("Transfer-Encoding in HTTP/1.0")
+            if te.lower() != "chunked":
+                _reject_transfer_encoding(te)  # always raises
+            chunked = True
+        elif cl is not None:
+            if _CONTENT_LENGTH_RE.fullmatch(cl) is None:
+                raise BadRequest("invalid Content-Length")
+            length = int(cl)
+            if length > self.max_body_size:
+                raise PayloadTooLarge("Content-Length exceeds the body limit")
+
+        expect_continue = False
+        if http11 and "expect" in fields:
+            if fields["expect"].lower() != "100-continue":
+                raise ExpectationFailed("unsupported expectation")
+            expect_continue = True
+
+        request = Request(
+            method,
+            target,
+            path,
+            query,
+            version,
+            raw_headers,
+            length if cl is not None else None,
+            chunked,
+            keep_alive,
+            expect_continue,
+        )
+        if chunked:
+            self.pending = request
+            self._state = _CHUNK_SIZE
+            self._total = 0
+            self._ext_total = 0
+            self._body = bytearray()
+            self._budget = self.max_header_block - hend
+            return self._parse_body()
+        if length:
+            self.pending = request
+            self._state = _BODY_CL
+            self._left = length
+            return self._parse_body()
+        return request
+
+    def _reset_head_scan(self) -> None:
+        """Forget the incremental-scan state of the head just consumed."""
+        self._seen = 0
+        self._line_ok = False
+        self._checked = 0
+        self._nfields = 0
+        self._empty_lines = 0
+        self._slow = False
+
+    def _skip_empty_lines(self) -> bool:
+        """Drop up to _MAX_EMPTY_LINES CRLFs before a request line; False if more bytes needed."""
+        buf = self._buf
+        while buf and buf[0] == 13:
+            if len(buf) < 2:
+                return False
+            if buf[1] != 10:
+                raise BadRequest("bare CR before request line")
+            if self._empty_lines >= _MAX_EMPTY_LINES:
+                raise BadRequest("too many empty lines before request line")
+            del buf[:2]
+            self._empty_lines += 1
+            self._slow = True
+        self._seen = 0
+        return bool(buf)
+
+    def _check_partial_head(self) -> None:
+        """Reject an incomplete head as early as its bytes allow; keep scanning linear.
+
+        Without this, a bare-LF or HTTP/0.9 request would wait for the header timeout
+        instead of getting its 400 at once.
+        """
+        buf = self._buf
+        n = len(buf)
+        start = self._seen - 1 if self._seen > 0 else 0
+        self._slow = True
+        if not self._line_ok:
+            le = buf.find(b"\r\n", start)
+            if le < 0:
+                if n - (buf[-1] == 13) > self.max_request_line:
+                    raise URITooLong("request line too long")
+                if _LINE_PREFIX_BAD_RE.search(buf, start) is not None:
+                    raise BadRequest("invalid byte in request line")
+                self._seen = n
+                return
+            if le > self.max_request_line:
+                raise URITooLong("request line too long")
+            _check_request_line(buf[:le].decode("latin-1"))
+            self._line_ok = True
+            self._checked = le + 2
+            start = le + 2
+        self._check_partial_fields(start)
+        if n >= self.max_header_block:
+            raise HeaderFieldsTooLarge("header section too large")
+        self._seen = n
+
+    def _check_partial_fields(self, start: int) -> None:
+        """Validate complete field lines past `_checked` and the partial tail (no bare CR/LF)."""
+        buf = self._buf
+        n = len(buf)
+        start = max(start, self._checked)
+        last = buf.rfind(b"\r\n", start)
+        if last >= 0:
+            block = buf[self._checked : last + 2].decode("latin-1")
+            if _FIELD_LINES_RE.fullmatch(block) is None:
+                _diagnose_fields(block.split("\r\n")[:-1])
+            self._nfields += block.count("\r\n")
+            if self._nfields > self.max_header_count:
+                raise HeaderFieldsTooLarge("too many fields")
+            self._checked = start = last + 2
+        if self._checked < n and buf[self._checked] in b" \t":
+            raise BadRequest("obsolete line folding or leading whitespace")
+        if _FIELD_PREFIX_BAD_RE.search(buf, start) is not None:
+            raise BadRequest("control character or bare CR/LF in header section")
+
+    # --- body -----------------------------------------------------------------------------
+
+    def _parse_body(self) -> Request | object:
+        """Continue reading the pending request's body; return it when complete."""
+        state = self._state
+        buf = self._buf
+        if state == _BODY_CL:
+            need = self._left
+            if len(buf) < need:
+                return NEED_DATA
+            request = self.pending
+            if len(buf) == need:
+                request.body = bytes(buf)  # type: ignore[union-attr]
+                buf.clear()
+            else:
+                request.body = bytes(buf[:need])  # type: ignore[union-attr]
+                del buf[:need]
+            return self._finish(request)  # type: ignore[arg-type]
+        if state == _DEAD:
+            raise self._error  # type: ignore[misc]
+        while True:
+            if state == _CHUNK_SIZE:
+                if not self._read_chunk_size():
+                    return NEED_DATA
+            elif state == _CHUNK_DATA:
+                n = min(len(buf), self._left)
+                if n == 0:
+                    return NEED_DATA
+                self._body += buf[:n]
+                del buf[:n]
+                self._left -= n
+                if self._left:
+                    return NEED_DATA
+                self._state = _CHUNK_CRLF
+            elif state == _CHUNK_CRLF:
+                if len(buf) < 2:
+                    if buf and buf[0] != 13:
+                        raise BadRequest("missing CRLF after chunk data")
+                    return NEED_DATA
+                if buf[0] != 13 or buf[1] != 10:
+                    raise BadRequest("missing CRLF after chunk data")
+                del buf[:2]
+                self._state = _CHUNK_SIZE
+            else:  # _TRAILERS
+                if not self._read_trailers():
+                    return NEED_DATA
+                request = self.pending
+                request.body = bytes(self._body)  # type: ignore[union-attr]
+                self._body = bytearray()
+                return self._finish(request)  # type: ignore[arg-type]
+            state = self._state
+
+    def _finish(self, request: Request) -> Request:
+        """Reset to read the next head and hand out the completed request."""
+        self.pending = None
+        self._state = _HEAD
+        self._seen = 0
+        return request
+
+    def _read_chunk_size(self) -> bool:
+        """Consume one chunk-size line; False if it is not complete yet."""
+        buf = self._buf
+        start = self._seen - 1 if self._seen > 0 else 0
+        i = buf.find(b"\r\n", start)
+        if i < 0:
+            n = len(buf)
+            if buf.find(b"\n", start) >= 0 or buf.find(b"\r", start, n - 1) >= 0:
+                raise BadRequest("bare CR or LF in chunk-size line")
+            if n > _MAX_CHUNK_LINE + 1:
+                raise BadRequest("chunk-size line too long")
+            self._seen = n
+            return False
+        if i > _MAX_CHUNK_LINE:
+            raise BadRequest("chunk-size line too long")
+        m = _CHUNK_LINE_RE.fullmatch(buf[:i].decode("latin-1"))
+        if m is None:
+            raise BadRequest("invalid chunk-size line")
+        size_hex, ext = m.groups()
+        if ext:
+            self._ext_total += len(ext)
+            if self._ext_total > _MAX_CHUNK_EXT_TOTAL:
+                raise BadRequest("chunk extensions too long")
+        del buf[: i + 2]
+        self._seen = 0
+        size = int(size_hex, 16)
+        if size == 0:
+            self._state = _TRAILERS
+            self._checked = 0
+            self._nfields = 0
+            return True
+        self._total += size
+        if self._total > self.max_body_size:
+            raise PayloadTooLarge("chunked body exceeds the body limit")
+        self._left = size
+        self._state = _CHUNK_DATA
+        return True
+
+    def _read_trailers(self) -> bool:
+        """Consume the trailer section (validated, then discarded); False if incomplete."""
+        buf = self._buf
+        if len(buf) < 2:
+            return False
+        if buf[0] == 13 and buf[1] == 10:
+            del buf[:2]
+            return True
+        end = buf.find(b"\r\n\r\n", self._seen - 3 if self._seen > 3 else 0)
+        if end < 0:
+            self._check_partial_fields(self._seen - 1 if self._seen > 0 else 0)
+            if len(buf) >= self._budget:
+                raise HeaderFieldsTooLarge("trailer section too large")
+            self._seen = len(buf)
+            return False
+        if end + 4 > self._budget:
+            raise HeaderFieldsTooLarge("trailer section too large")
+        block = buf[: end + 2].decode("latin-1")
+        lines = block.split("\r\n")[:-1]
+        if _FIELD_LINES_RE.fullmatch(block) is None:
+            _diagnose_fields(lines)
+        if len(lines) > self.max_header_count:
+            raise HeaderFieldsTooLarge("too many trailer fields")
+        for line in lines:
+            if line[: line.index(":")].lower() in _FORBIDDEN_TRAILERS:
+                raise BadRequest("forbidden field in trailer section")
+        del buf[: end + 4]
+        self._seen = 0
+        return True
+
+
+# --- error paths (not hot): work out which rule failed and raise with its status ------------
+
+
+def _check_request_line(line: str) -> None:
+    """Raise the right error for a bad request line (505 for a well-formed other version)."""
+    m = _REQUEST_LINE_RE.fullmatch(line)
+    if m is None:
+        raise BadRequest("invalid request line")
+    if (m[3], m[4]) not in (("1", "0"), ("1", "1")):
+        raise VersionNotSupported("HTTP version not supported")
+
+
+def _diagnose_head(lines: list[str]) -> None:
+    """Called with the head's lines when the fast-path head regex fails; always raises."""
+    _check_request_line(lines[0])
+    _diagnose_fields(lines[1:-2])
+    raise BadRequest("invalid header section")  # pragma: no cover - regexes agree
+
+
+def _diagnose_fields(lines: list[str]) -> None:
+    """Raise a 400 naming the first invalid field line."""
+    for line in lines:
+        if _FIELD_LINE_RE.fullmatch(line + "\r\n") is None:
+            if not line:
+                raise BadRequest("empty line in header section")
+            if line[0] in " \t":
+                raise BadRequest("obsolete line folding or leading whitespace")
+            name, sep, _ = line.partition(":")
+            if not sep:
+                raise BadRequest("header line without colon")
+            if name and name[-1] in " \t":
+                raise BadRequest("whitespace before colon")
+            if _FIELD_LINE_RE.fullmatch(name + ":\r\n") is None:
+                raise BadRequest("invalid header name")
+            raise BadRequest("invalid character in header value")
+    raise BadRequest("invalid header section")
+
+
+def _check_duplicates(raw_headers: list[tuple[str, str]], fields: dict[str, str]) -> None:
+    """Repeated fields: singletons are a 400; Connection values are merged into `fields`.
+
+    Expect keeps `100-continue` only if every Expect value says so.
+    """
+    seen: set[str] = set()
+    for name, value in raw_headers:
+        if name in seen:
+            if name in _SINGLETONS:
+                raise BadRequest("duplicate " + name)
+            if name == "connection":
+                fields[name] = fields[name] + ", " + value
+            elif name == "expect" and fields[name].lower() == "100-continue":
+                fields[name] = value
+        else:
+            seen.add(name)
+            if name in ("connection", "expect"):
+                fields[name] = value
+
+
+def _other_target_form(method: str, target: str) -> tuple[str, str]:
+    """Path and query of an absolute-form or asterisk-form target (RFC 9112 3.2)."""
+    if target == "*":
+        if method != "OPTIONS":
+            raise BadRequest("asterisk-form only for OPTIONS")
+        return "*", ""
+    if method == "CONNECT":
+        raise NotImplementedFraming("CONNECT not implemented")
+    m = _ABSOLUTE_RE.fullmatch(target)
+    if m is None:
+        raise BadRequest("invalid request-target")
+    return m[1] or "/", m[2] or ""
+
+
+def _reject_transfer_encoding(te: str) -> None:
+    """Classify a Transfer-Encoding other than exactly `chunked`; always raises.
+
+    Malformed lists and misplaced/duplicated `chunked` are 400 (framing unknowable);
+    well-formed codings we do not implement are 501 (RFC 9112 6.1).
+    """
+    codings = [c.strip(" \t").lower() for c in te.split(",")]
+    for coding in codings:
+        if _CONTENT_TOKEN_RE.fullmatch(coding) is None:
+            raise BadRequest("invalid Transfer-Encoding")
+    if "chunked" in codings and (codings.count("chunked") > 1 or codings[-1] != "chunked"):
+        raise BadRequest("chunked must be the final coding, once")
+    raise NotImplementedFraming("unsupported transfer coding")
+
+
+_CONTENT_TOKEN_RE = re.compile(_TOKEN)
