@@ -1,0 +1,71 @@
+"""The settings table: kwargs, environment variables and CLI flags from one source."""
+
+from __future__ import annotations
+
+import pytest
+
+from rtserve.cli import build_parser, load_app
+from rtserve.config import SETTINGS, Config, ConfigError
+
+
+def test_defaults():
+    cfg = Config(_env={})
+    assert cfg.threads == 8
+    assert cfg.backlog == 1024
+    assert cfg.max_body_size == 1 << 20
+    assert cfg.max_request_line == 8192
+    assert cfg.max_header_block == 65536
+    assert cfg.max_header_count == 100
+    assert cfg.deadline_ms == 0
+
+
+def test_kwargs_are_cast_and_validated():
+    cfg = Config(_env={}, threads="4", header_timeout="2.5", access_log="yes")
+    assert cfg.threads == 4 and cfg.header_timeout == 2.5 and cfg.access_log is True
+
+
+def test_unknown_setting_is_named():
+    with pytest.raises(ConfigError, match="'thread'"):
+        Config(_env={}, thread=4)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [("threads", 0), ("threads", "many"), ("bind", "nohost"), ("log_level", "loud"),
+     ("adaptive_limit", "magic"), ("header_timeout", -1)],
+)
+def test_invalid_value_is_named(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Config(_env={}, **{name: value})
+
+
+def test_environment_then_kwargs():
+    env = {"RTSERVE_THREADS": "3", "RTSERVE_BIND": "0.0.0.0:9000"}
+    cfg = Config(_env=env, threads=5)
+    assert cfg.threads == 5 and cfg.bind == "0.0.0.0:9000"
+    with pytest.raises(ConfigError, match="threads"):
+        Config(_env={"RTSERVE_THREADS": "x"})
+
+
+def test_every_setting_has_a_cli_flag():
+    parser = build_parser()
+    flags = {a for action in parser._actions for a in action.option_strings}
+    for s in SETTINGS:
+        assert s.flag in flags, s.name
+    args = parser.parse_args(["m:app", "--threads", "2", "--keepalive-timeout", "1.5",
+                              "--route-deadline", "/a=5", "--route-deadline", "/b=7"])
+    assert args.threads == "2" and args.keepalive_timeout == "1.5"
+    assert Config(_env={}, route_deadline=args.route_deadline).route_deadline == ["/a=5", "/b=7"]
+
+
+def test_load_app_forms(tmp_path, monkeypatch):
+    (tmp_path / "someapp.py").write_text(
+        "def application(environ, start_response):\n    return []\n"
+        "def make():\n    return application\n"
+        "class ns:\n    inner = application\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod_app = load_app("someapp:application")
+    assert callable(mod_app)
+    assert load_app("someapp:make()") is mod_app
+    assert load_app("someapp:ns.inner") is mod_app

@@ -1,0 +1,130 @@
+"""The worker pool alone: results, exceptions, signals, replacement, shutdown."""
+
+from __future__ import annotations
+
+import select
+import signal
+import threading
+
+from rtserve.pool import WorkerPool
+
+
+def wait_completions(pool: WorkerPool, n: int, timeout: float = 10.0) -> list:
+    """Block on the eventfd like the conductor does until n completions arrived."""
+    ep = select.epoll()
+    ep.register(pool.wakeup_fd, select.EPOLLIN)
+    got: list = []
+    try:
+        while len(got) < n:
+            if not ep.poll(timeout):
+                raise TimeoutError(f"only {len(got)} of {n} completions")
+            got.extend(pool.drain())
+    finally:
+        ep.close()
+    return got
+
+
+def test_results_come_back_with_their_token():
+    pool = WorkerPool(3)
+    pool.start()
+    try:
+        for i in range(20):
+            pool.submit(lambda conn, rid, x: x * 2, f"conn{i}", i, i)
+        done = wait_completions(pool, 20)
+        assert sorted((c, r, v, final) for c, r, v, final in done) == sorted(
+            (f"conn{i}", i, i * 2, True) for i in range(20)
+        )
+    finally:
+        pool.shutdown(5)
+        pool.close()
+
+
+def test_exception_becomes_a_result_and_the_worker_survives():
+    pool = WorkerPool(1)
+    pool.start()
+    try:
+        def boom(conn, rid, arg):
+            raise ValueError("handler bug")
+
+        pool.submit(boom, "c", 1, None)
+        pool.submit(lambda c, r, a: "after", "c", 2, None)
+        done = wait_completions(pool, 2)
+        assert isinstance(done[0][2], ValueError)
+        assert done[1][2] == "after"
+        assert pool.alive() == 1
+    finally:
+        pool.shutdown(5)
+        pool.close()
+
+
+def test_workers_block_the_signals_the_conductor_handles():
+    pool = WorkerPool(1)
+    pool.start()
+    try:
+        pool.submit(lambda c, r, a: signal.pthread_sigmask(signal.SIG_BLOCK, []), "c", 1, None)
+        (_, _, mask, _), = wait_completions(pool, 1)
+        assert signal.SIGINT in mask and signal.SIGQUIT in mask and signal.SIGTERM in mask
+    finally:
+        pool.shutdown(5)
+        pool.close()
+
+
+def test_a_dead_worker_is_replaced():
+    pool = WorkerPool(2)
+    pool.start()
+    try:
+        def die(conn, rid, arg):
+            raise SystemExit("thread exit")
+
+        pool.submit(die, "c", 1, None)
+        first = wait_completions(pool, 1)
+        assert isinstance(first[0][2], SystemExit)
+        for i in range(4):
+            pool.submit(lambda c, r, a: a, "c", 10 + i, i)
+        assert len(wait_completions(pool, 4)) == 4
+        assert pool.deaths == 1
+        assert pool.alive() == 2
+    finally:
+        pool.shutdown(5)
+        pool.close()
+
+
+def test_shutdown_returns_pending_tasks_and_lets_running_ones_finish():
+    pool = WorkerPool(2)
+    pool.start()
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold(conn, rid, arg):
+        started.release()
+        release.wait(10)
+        return "finished"
+
+    pool.submit(hold, "a", 1, None)
+    pool.submit(hold, "b", 2, None)
+    assert started.acquire(timeout=5) and started.acquire(timeout=5)
+    for i in range(5):
+        pool.submit(hold, "queued", 100 + i, None)
+    threading.Timer(0.2, release.set).start()
+    pending = pool.shutdown(timeout=10)
+    assert sorted(t[2] for t in pending) == [100, 101, 102, 103, 104]
+    done = pool.drain()
+    assert sorted(c for c, _, v, _ in done if v == "finished") == ["a", "b"]
+    assert pool.alive() == 0
+    pool.close()
+
+
+def test_one_wakeup_for_a_burst_of_completions():
+    pool = WorkerPool(1)
+    pool.start()
+    gate = threading.Event()
+    try:
+        pool.submit(lambda c, r, a: gate.wait(5), "c", 0, None)
+        for i in range(50):
+            pool.submit(lambda c, r, a: a, "c", i + 1, i)
+        gate.set()
+        done = wait_completions(pool, 51)
+        assert len(done) == 51
+    finally:
+        pool.shutdown(5)
+        pool.close()
