@@ -281,7 +281,7 @@ class Server:
             nxt = self._timers[0][0]
         if self._deadlines and (not nxt or self._deadlines[0][0] < nxt):
             nxt = self._deadlines[0][0]
-        beat = self._beat_at if self.heartbeat is not None else 0
+        beat = (self._beat_at or 1) if self.heartbeat is not None else 0  # 0 = due now
         for t in (self._accept_resume_at, self._drain_deadline, self._drain_at, beat):
             if t and (not nxt or t < nxt):
                 nxt = t
