@@ -1,0 +1,377 @@
+"""Admission and shedding: CoDel + adaptive LIFO, --max-inflight, expired-in-queue,
+health endpoints never shed, readiness with stuck workers, AIMD/Gradient2 units.
+
+The pool is driven deterministically: threads=1 and a handler blocked on a threading.Event,
+so every later request waits in the conductor's queue until the test releases it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from rtserve import App, Request, Response
+from rtserve.deadlines import (
+    RETRY_AFTER_MAX,
+    CoDelQueue,
+    ConcurrencyLimit,
+    retry_after_seconds,
+)
+from tests.helpers import server_thread
+from tests.test_deadlines import REVIEW, Client, Gate, wait_for
+from tests.test_deadlines import gate as gate  # noqa: F401  (the fixture)
+
+MS = 1_000_000
+LONG_BUDGET = {"X-Request-Deadline-Ms": "60000"}  # CoDel sheds only requests with a deadline
+
+
+def _queue_app(gate: Gate, order: list[str], lock: threading.Lock) -> App:
+    app = App()
+
+    @app.get("/block")
+    def block(request: Request) -> Response:
+        gate.hold("block")
+        return Response.text("unblocked\n")
+
+    @app.get("/rec")
+    def rec(request: Request) -> Response:
+        with lock:
+            order.append(request.query_param("i", "?"))
+        return Response.text("ran\n")
+
+    @app.get("/q", deadline_ms=30, fallback=Response.json(REVIEW))
+    def queued(request: Request) -> Response:
+        with lock:
+            order.append("q")
+        return Response.text("ran\n")
+
+    @app.get("/stall", deadline_ms=20)
+    def stall(request: Request) -> Response:
+        gate.hold("stall")
+        return Response.text("LATE RESULT\n")
+
+    return app
+
+
+def _block_one(server, gate: Gate) -> Client:
+    """Occupy the single worker with /block; returns the blocked client."""
+    a = Client(server.address)
+    a.send("GET", "/block")
+    gate.wait_entered()
+    return a
+
+
+def _enqueue(server, tags: list[str], already: int = 0, headers: dict | None = None,
+             ) -> list[Client]:
+    clients = []
+    for tag in tags:
+        c = Client(server.address)
+        c.send("GET", f"/rec?i={tag}", headers)
+        clients.append(c)
+    wait_for(lambda: len(server._queue) == already + len(tags))
+    return clients
+
+
+# ---- CoDel and adaptive LIFO -------------------------------------------------------------
+
+
+def test_codel_sheds_old_requests_and_serves_lifo_under_a_standing_queue(gate: Gate) -> None:
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
+                       codel_interval_ms=20, codel_target_ms=250) as server:
+        a = _block_one(server, gate)
+        old = _enqueue(server, ["B1", "B2", "B3"], headers=LONG_BUDGET)
+        time.sleep(0.6)  # the queue stands (> interval) and B waited past the target
+        assert server._queue.standing(time.monotonic_ns())
+        new = _enqueue(server, ["C1", "C2", "C3"], already=3, headers=LONG_BUDGET)
+        gate.release.set()
+        assert a.recv()[0] == 200
+        for c in new:
+            status, _, body = c.recv()
+            assert (status, body) == (200, b"ran\n")
+        for c in old:
+            status, headers, _ = c.recv()
+            assert status == 503
+            assert int(headers["retry-after"]) >= 1
+        assert order == ["C3", "C2", "C1"]  # newest first while the queue stands
+        assert server.metrics.shed == {"codel": 3}
+        for c in [a, *old, *new]:
+            c.close()
+
+
+def test_fifo_without_a_standing_queue(gate: Gate) -> None:
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
+                       codel_interval_ms=10_000, codel_target_ms=5) as server:
+        a = _block_one(server, gate)
+        clients = _enqueue(server, ["B1", "B2", "B3"])
+        gate.release.set()
+        for c in [a, *clients]:
+            assert c.recv()[0] == 200
+            c.close()
+        assert order == ["B1", "B2", "B3"]
+        assert server.metrics.shed == {}
+
+
+def test_codel_spares_requests_without_a_deadline(gate: Gate) -> None:
+    """Without a deadline a long wait costs no late answer: such requests are not shed."""
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
+                       codel_interval_ms=1, codel_target_ms=1) as server:
+        a = _block_one(server, gate)
+        clients = _enqueue(server, ["B1", "B2"])
+        time.sleep(0.05)
+        gate.release.set()
+        for c in [a, *clients]:
+            assert c.recv()[0] == 200
+            c.close()
+        assert sorted(order) == ["B1", "B2"]
+        assert server.metrics.shed == {}
+
+
+def test_codel_off_never_sheds_from_the_queue(gate: Gate) -> None:
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
+                       codel_target_ms=0, codel_interval_ms=1) as server:
+        a = _block_one(server, gate)
+        clients = _enqueue(server, ["B1", "B2"], headers=LONG_BUDGET)
+        time.sleep(0.05)
+        gate.release.set()
+        for c in [a, *clients]:
+            assert c.recv()[0] == 200
+            c.close()
+        assert order == ["B1", "B2"]
+
+
+# ---- concurrency limit ---------------------------------------------------------------------
+
+
+def test_max_inflight_sheds_503_with_retry_after_and_health_is_never_shed(gate: Gate) -> None:
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
+                       max_inflight=2) as server:
+        a = _block_one(server, gate)
+        (b,) = _enqueue(server, ["B"])
+        c = Client(server.address)
+        status, headers, body = c.request("GET", "/rec?i=C")
+        assert status == 503
+        assert headers["retry-after"].isdigit() and int(headers["retry-after"]) >= 1
+        assert server.metrics.shed == {"limit": 1}
+        # Every worker blocked and the admission limit reached: the conductor still answers.
+        for path in ("/livez", "/readyz", "/metrics"):
+            status, _, body = c.request("GET", path)
+            assert status == 200, (path, body)
+        assert c.request("HEAD", "/livez")[0] == 200
+        assert server.metrics.shed == {"limit": 1}
+        gate.release.set()
+        assert a.recv()[0] == 200
+        assert b.recv()[0] == 200
+        assert order == ["B"]  # C never ran
+        assert c.request("GET", "/rec?i=D")[0] == 200  # admitted again once below the limit
+        for x in (a, b, c):
+            x.close()
+
+
+def test_health_answered_when_the_queue_is_full_of_waiting_requests(gate: Gate) -> None:
+    with server_thread(_queue_app(gate, [], threading.Lock()), threads=1,
+                       codel_interval_ms=1, codel_target_ms=1) as server:
+        a = _block_one(server, gate)
+        waiting = _enqueue(server, [f"W{i}" for i in range(5)])
+        h = Client(server.address)
+        for path in ("/livez", "/readyz", "/metrics"):
+            assert h.request("GET", path)[0] == 200
+        assert len(server._queue) == 5  # answered around the queue, not through it
+        gate.release.set()
+        for c in [a, *waiting, h]:
+            c.close()
+
+
+# ---- deadlines while queued --------------------------------------------------------------
+
+
+def test_a_request_whose_deadline_passed_while_queued_never_runs(gate: Gate) -> None:
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
+                       codel_interval_ms=10_000) as server:
+        a = _block_one(server, gate)
+        b = Client(server.address)
+        status, headers, body = b.request("GET", "/q")  # queued behind /block; 30 ms budget
+        assert status == 200 and headers["x-rtserve-fallback"] == "deadline"
+        assert json.loads(body) == REVIEW
+        assert len(server._queue) == 0  # taken out of the queue when it was answered
+        assert server.metrics.shed == {"deadline": 1}
+        assert not server._stuck  # it never ran, so no worker is stuck for it
+        gate.release.set()
+        assert a.recv()[0] == 200
+        assert b.request("GET", "/rec?i=after")[0] == 200
+        assert order == ["after"]  # /q's handler never ran
+        assert b.pending() == b""
+        for c in (a, b):
+            c.close()
+
+
+def test_a_queued_request_whose_client_reset_is_dropped_from_the_queue(gate: Gate) -> None:
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1) as server:
+        a = _block_one(server, gate)
+        (b,) = _enqueue(server, ["gone"])
+        b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        b.close()  # RST
+        wait_for(lambda: len(server._queue) == 0)
+        assert server.metrics.client_aborts == 1
+        gate.release.set()
+        assert a.recv()[0] == 200
+        assert a.request("GET", "/rec?i=next")[0] == 200
+        assert order == ["next"]
+        a.close()
+
+
+# ---- stuck workers and readiness ------------------------------------------------------------
+
+
+def test_readyz_reports_not_ready_while_all_workers_are_stuck(gate: Gate) -> None:
+    with server_thread(_queue_app(gate, [], threading.Lock()), threads=2) as server:
+        h = Client(server.address)
+        assert h.request("GET", "/readyz")[0] == 200
+        c1, c2 = Client(server.address), Client(server.address)
+        c1.send("GET", "/stall")
+        c2.send("GET", "/stall")
+        assert c1.recv()[0] == 504
+        assert c2.recv()[0] == 504
+        gate.wait_entered(2)
+        wait_for(lambda: len(server._stuck) == 2)
+        status, _, body = h.request("GET", "/readyz")
+        assert status == 503 and b"stuck" in body
+        assert h.request("GET", "/livez")[0] == 200  # alive, just not ready
+        gate.release.set()
+        wait_for(lambda: server.metrics.late_dropped == 2)
+        status, _, body = h.request("GET", "/readyz")
+        assert status == 200, body
+        assert server._busy == 0
+        for c in (h, c1, c2):
+            c.close()
+
+
+def test_one_stuck_worker_of_two_keeps_ready(gate: Gate) -> None:
+    with server_thread(_queue_app(gate, [], threading.Lock()), threads=2) as server:
+        c = Client(server.address)
+        assert c.request("GET", "/stall")[0] == 504
+        gate.wait_entered()
+        assert len(server._stuck) == 1
+        assert c.request("GET", "/readyz")[0] == 200
+        assert c.request("GET", "/rec?i=x")[0] == 200  # the free worker still serves
+        c.close()
+
+
+# ---- unit: CoDelQueue ------------------------------------------------------------------------
+
+
+def test_codel_queue_standing_lifo_and_discard() -> None:
+    q = CoDelQueue(target_ms=5, interval_ms=100)
+    t0 = 1_000 * MS
+    q.push("a", t0)
+    q.push("b", t0 + 1 * MS)
+    assert not q.standing(t0 + 50 * MS)
+    assert q.timeout_ns(t0 + 50 * MS) == 100 * MS  # not standing: the interval N
+    assert q.pop(t0 + 50 * MS) == "a"  # FIFO
+    q.push("c", t0 + 60 * MS)
+    q.push("d", t0 + 70 * MS)
+    later = t0 + 150 * MS  # never empty since t0: a standing queue
+    assert q.standing(later)
+    assert q.timeout_ns(later) == 5 * MS  # standing: the target M
+    assert q.pop(later) == "d"  # LIFO
+    assert q.discard("b", later) and not q.discard("zzz", later)
+    assert len(q) == 1
+    assert q.pop(later) == "c"
+    assert not q.standing(later + 1)  # emptied: the clock restarts
+    q.push("e", later + 2)
+    assert not q.standing(later + 50 * MS)
+
+
+def test_codel_off_is_fifo_and_unbounded() -> None:
+    q = CoDelQueue(target_ms=0, interval_ms=100)
+    for i in range(3):
+        q.push(i, 0)
+    assert q.timeout_ns(10**12) == 0
+    assert [q.pop(10**12) for _ in range(3)] == [0, 1, 2]
+
+
+def test_retry_after_is_whole_seconds_between_1_and_the_cap() -> None:
+    assert retry_after_seconds(0, 5 * MS, 8) == 1
+    assert retry_after_seconds(10, 0, 8) == 1
+    assert retry_after_seconds(100, 5 * MS, 8) == 1
+    assert retry_after_seconds(400, 50 * MS, 4) == 5
+    assert retry_after_seconds(10**6, 1e9, 1) == RETRY_AFTER_MAX
+
+
+# ---- unit: concurrency limits ------------------------------------------------------------------
+
+
+def test_fixed_limit() -> None:
+    lim = ConcurrencyLimit("off", 3, 8)
+    assert lim.enabled and lim.admits(2) and not lim.admits(3)
+    lim.on_sample(10 * MS, 3, True)  # fixed: never moves
+    assert lim.limit == 3
+    assert not ConcurrencyLimit("off", 0, 8).enabled
+
+
+def test_aimd_backs_off_on_drops_and_grows_when_used() -> None:
+    lim = ConcurrencyLimit("aimd", 0, 4)
+    start = lim.limit
+    lim.on_sample(1 * MS, int(start), True)
+    assert lim.limit == pytest.approx(start * 0.9)
+    before = lim.limit
+    lim.on_sample(1 * MS, int(before), False)  # busy: additive increase
+    assert lim.limit == before + 1
+    lim.on_sample(1 * MS, 1, False)  # mostly idle: no reason to grow
+    assert lim.limit == before + 1
+    for _ in range(200):
+        lim.on_sample(1 * MS, 1, True)
+    assert lim.limit == 4  # never below the floor (the pool size)
+
+
+def test_gradient2_grows_at_steady_latency_and_shrinks_when_latency_rises() -> None:
+    lim = ConcurrencyLimit("gradient2", 50, 4)
+    for _ in range(100):
+        lim.on_sample(1 * MS, int(lim.limit), False)
+    grown = lim.limit
+    assert grown > 50  # gradient 1: L + queue allowance
+    for _ in range(30):
+        lim.on_sample(10 * MS, int(lim.limit), False)
+    assert lim.limit < grown * 0.7  # latency x10: gradient 0.5 pulls the limit down
+    shrunk = lim.limit
+    for _ in range(30):
+        lim.on_sample(1 * MS, int(lim.limit), False)
+    assert lim.limit > shrunk  # recovers once latency falls back
+    assert lim.floor <= lim.limit <= lim.ceiling
+
+
+def test_gradient2_ignores_samples_while_underused() -> None:
+    lim = ConcurrencyLimit("gradient2", 50, 4)
+    for _ in range(50):
+        lim.on_sample(1 * MS, int(lim.limit), False)
+    before = lim.limit
+    for _ in range(30):
+        lim.on_sample(10 * MS, 1, False)  # app-limited: inflight well below limit / 2
+    assert lim.limit == before
+
+
+def test_adaptive_limit_sheds_over_the_wire(gate: Gate) -> None:
+    with server_thread(_queue_app(gate, [], threading.Lock()), threads=1,
+                       adaptive_limit="aimd", max_inflight=2) as server:
+        a = _block_one(server, gate)
+        (b,) = _enqueue(server, ["B"])
+        c = Client(server.address)
+        status, headers, _ = c.request("GET", "/rec?i=C")
+        assert status == 503 and "retry-after" in headers
+        assert server.metrics.shed == {"limit": 1}
+        gate.release.set()
+        for x in (a, b):
+            assert x.recv()[0] == 200
+            x.close()
+        c.close()
