@@ -854,10 +854,11 @@ class Server:
         now = self.now = time.monotonic_ns()
         dl = self._deadlines
         while dl and dl[0][0] <= now:
-            _, _, conn, rid = heapq.heappop(dl)
+            at, _, conn, rid = heapq.heappop(dl)
             if conn.req_id != rid or conn.state is not DISPATCHED:
                 continue
             req = conn.request
+            self.metrics.timer_lag.observe(now - at)
             self.metrics.deadline_misses += 1
             if conn.running:
                 self._stuck.add((conn, rid))

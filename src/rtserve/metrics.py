@@ -34,6 +34,13 @@ class Histogram:
         self.count += 1
 
 
+# Methods kept as a label value; any other token becomes "_OTHER" (OpenTelemetry's rule),
+# so a client inventing methods cannot grow the number of series without bound.
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+
 def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -75,11 +82,14 @@ class Metrics:
         self.timeouts: dict[str, int] = {}
         self.requests: dict[tuple[str, str, int], Histogram] = {}
         self.queue_wait = Histogram()
+        self.timer_lag = Histogram()  # how late deadline timers fired after respond_by
         self.gauges: list[tuple[str, str, Callable[[], float]]] = []
 
     # ---- conductor side (hot path: one dict lookup and a bisect) ---------------------
 
     def observe_request(self, method: str, route: str, status: int, ns: int) -> None:
+        if method not in KNOWN_METHODS:
+            method = "_OTHER"
         key = (method, route, status)
         h = self.requests.get(key)
         if h is None:
@@ -115,6 +125,11 @@ class Metrics:
         out.append(f"# HELP {name} Time requests waited for a free worker.")
         out.append(f"# TYPE {name} histogram")
         _histogram_lines(out, name, "", self.queue_wait)
+        name = "rtserve_deadline_timer_lag_seconds"
+        out.append(f"# HELP {name} How late the conductor fired deadline timers after their "
+                   "respond-by time (GIL hand-off, epoll rounding, loop work).")
+        out.append(f"# TYPE {name} histogram")
+        _histogram_lines(out, name, "", self.timer_lag)
         for attr, (mname, help) in self.COUNTERS.items():
             out.append(f"# HELP {mname} {help}")
             out.append(f"# TYPE {mname} counter")
