@@ -161,7 +161,7 @@ def machine_info() -> dict[str, Any]:
             versions[pkg] = "absent"
     versions["nginx"] = _cmd_out(["sh", "-c", "nginx -v 2>&1"]).replace("nginx version: ", "")
     versions["wrk"] = _cmd_out(["sh", "-c", "wrk -v 2>&1 | head -1"]).split(" [")[0]
-    git = _cmd_out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    git = _cmd_out(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
     return {
         "cpu": model,
         "cpus": os.cpu_count(),
@@ -186,11 +186,10 @@ def calibrate_burn(target_ms: float = 1.0) -> int:
     try:
         iters = 10000
         best = float("inf")
-        for _ in range(7):
+        for _ in range(200):  # min of many short samples: immune to time slices lost
             t = time.perf_counter()
-            for _ in range(20):
-                logic.burn(iters)
-            best = min(best, (time.perf_counter() - t) / 20)
+            logic.burn(iters)
+            best = min(best, time.perf_counter() - t)
     finally:
         os.sched_setaffinity(0, old)
     return max(1000, round(iters * target_ms / 1000 / best))
@@ -232,6 +231,7 @@ class Server:
     extra: dict[str, list[str]] = field(default_factory=dict)
     prepare: Callable[[Path, int], None] | None = None
     note: str = ""
+    default: bool = True  # False: only when named in --servers
 
 
 def nginx_conf(tmp: Path, port: int) -> None:
@@ -247,7 +247,7 @@ http {{
   access_log off;
   client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
   uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
-  keepalive_timeout 60s; keepalive_requests 100000000;
+  keepalive_timeout 60s; keepalive_requests 100000000; sendfile on; tcp_nopush on;
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     location = /hello {{ default_type text/plain; return 200 "Hello, world!"; }}
@@ -267,6 +267,10 @@ SERVERS: list[Server] = [
     Server("rtserve-wsgi", "rtserve", ["{bin}/rtserve", "apps.wsgi_app:app", "--bind",
            "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE],
            note="WSGI app, 8 worker threads, /score deadline 50 ms + fallback from the CLI"),
+    # Opt-in variants (run only when named in --servers): the GIL hand-off cost.
+    Server("rtserve-t1", "rtserve", ["{bin}/rtserve", "apps.native_app:app", "--bind",
+           "127.0.0.1:{port}", *RT_COMMON, "--threads", "1"], default=False,
+           note="native App, 1 worker thread"),
     Server("waitress", "peer", ["{bin}/waitress-serve", "--listen=127.0.0.1:{port}",
            "--threads=8", "--connection-limit=12000", "--asyncore-use-poll", "--backlog=4096",
            "apps.wsgi_app:app"], note="threads=8"),
@@ -321,7 +325,7 @@ WORKLOADS: dict[str, Workload] = {w.key: w for w in [
              "idle"),
 ]}
 IDLE_CONNS = 10000
-E_FACTORS = (1.0, 2.0)
+E_FACTORS: tuple[float, ...] = (1.0, 2.0)
 
 
 @dataclass
@@ -336,6 +340,7 @@ class Ctx:
     warmup: float | None
     idle_conns: int
     results: dict[str, Any]
+    e_factors: tuple[float, ...] = E_FACTORS
     commands: dict[str, str] = field(default_factory=dict)
 
 
@@ -398,7 +403,10 @@ def run_wrk(w: Workload, port: int, seconds: float, ctx: Ctx, record: bool = Tru
     for line in out.stdout.splitlines():
         if line.startswith("WRK_JSON "):
             r = json.loads(line[len("WRK_JSON "):])
-            r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+            secs = r["duration_us"] / 1e6
+            r["rps"] = r["requests"] / secs
+            # Real answers: neither a fallback nor a non-2xx (a shed). E's capacity.
+            r["real_rps"] = (r["requests"] - r["errors"]["status"] - r["fallbacks"]) / secs
             return r
     raise RuntimeError(f"wrk gave no result: {out.stdout[-1000:]} {out.stderr[-1000:]}")
 
@@ -462,7 +470,7 @@ def measure(server: Server, w: Workload, ctx: Ctx) -> None:
         if cap is None:
             slot.append({"error": "no capacity measured (run C or A first)"})
             return
-        for factor in E_FACTORS:
+        for factor in ctx.e_factors:
             with running(server, w.key, ctx) as (_, port):
                 r = run_openloop(w, port, cap * factor, seconds, warmup, ctx)
             r["factor"] = factor
@@ -476,10 +484,11 @@ def measure(server: Server, w: Workload, ctx: Ctx) -> None:
 
 
 def _capacity(server: str, ctx: Ctx) -> float | None:
-    """Median rps of the server on C (else A) in this run: the 1x rate of workload E."""
+    """Median rate of real answers (not fallbacks, not sheds) of the server on C (else A)
+    in this run: the 1x rate of workload E."""
     for key in ("C", "A"):
-        runs = [r["rps"] for r in ctx.results["runs"].get(key, {}).get(server, [])
-                if "rps" in r]
+        runs = [r["real_rps"] for r in ctx.results["runs"].get(key, {}).get(server, [])
+                if "real_rps" in r]
         if runs:
             return statistics.median(runs)
     return None
@@ -508,12 +517,12 @@ def wrk_table(key: str, res: dict[str, Any]) -> list[str]:
     """Markdown rows for a wrk workload: median rps and min-max, latency, errors."""
     by_server = res["runs"].get(key, {})
     rows = ["| server | rps median | rps min-max | p50 ms | p99 ms | p99.9 ms | errors "
-            "| non-2xx | within 50 ms | fallbacks |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| non-2xx | within 50 ms | fallbacks | real answers rps |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in by_server.items():
         runs = _ok(runs)
         if not runs:
-            rows.append(f"| {name} | failed | | | | | | | | |")
+            rows.append(f"| {name} | failed | | | | | | | | | |")
             continue
         rps = [r["rps"] for r in runs]
         lat = {p: _med(runs, lambda r, p=p: r["latency_us"][p]) for p in ("p50", "p99", "p999")}
@@ -525,21 +534,22 @@ def wrk_table(key: str, res: dict[str, Any]) -> list[str]:
         fb = sum(r["fallbacks"] for r in runs)
         rows.append(f"| {name} | {statistics.median(rps):,.0f} | {min(rps):,.0f}-{max(rps):,.0f}"
                     f" | {_ms(lat['p50'])} | {_ms(lat['p99'])} | {_ms(lat['p999'])} | {errs}"
-                    f" | {non2xx} | {within:.2%} | {fb if key == 'C' else '-'} |")
+                    f" | {non2xx} | {within:.2%} | {fb if key == 'C' else '-'}"
+                    f" | {_med(runs, lambda r: r.get('real_rps', r['rps'])):,.0f} |")
     return rows
 
 
 def e_table(res: dict[str, Any]) -> list[str]:
-    """Markdown rows for the open-loop overload workload."""
-    rows = ["| server | load | offered rps | within 50 ms | goodput rps | goodput / capacity "
-            "| fallbacks | 503 shed | other non-2xx / unanswered | p50 ms | p99 ms | p99.9 ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown rows for the open-loop overload workload (medians over repeats)."""
+    rows = ["| server | load | offered rps | answered within 50 ms (any status) | 2xx within 50 ms"
+            " | goodput rps | goodput / capacity | fallbacks | 503 shed | other non-2xx or "
+            "unanswered | p50 ms | p99 ms | p99.9 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in res["runs"].get("E", {}).items():
         runs = _ok(runs)
-        for factor in E_FACTORS:
+        for factor in sorted({r["factor"] for r in runs}):
             rs = [r for r in runs if r["factor"] == factor]
-            if not rs:
-                continue
+            kept = _med(rs, lambda r: r.get("share_kept", 0.0))
             share = _med(rs, lambda r: r["share_within_deadline"])
             good = _med(rs, lambda r: r["goodput_rps"])
             cap = rs[0]["capacity_rps"]
@@ -548,10 +558,10 @@ def e_table(res: dict[str, Any]) -> list[str]:
             med = {p: (None if None in v else statistics.median(v)) for p, v in lat.items()}
             fb = _med(rs, lambda r: r["fallbacks"])
             shed = _med(rs, lambda r: r["shed_503"])
-            rows.append(f"| {name} | {factor:g}x | {rs[0]['rate']:,.0f} | {share:.1%} | "
-                        f"{good:,.0f} | {good / cap:.0%} | {fb:,.0f} | {shed:,.0f} | "
-                        f"{other:,.0f} | "
-                        f"{_ms(med['p50'])} | {_ms(med['p99'])} | {_ms(med['p999'])} |")
+            rows.append(f"| {name} | {factor:g}x | {rs[0]['rate']:,.0f} | {kept:.1%} | "
+                        f"{share:.1%} | {good:,.0f} | {good / cap:.0%} | {fb:,.0f} | "
+                        f"{shed:,.0f} | {other:,.0f} | {_ms(med['p50'])} | {_ms(med['p99'])} | "
+                        f"{_ms(med['p999'])} |")
     return rows
 
 
@@ -565,6 +575,8 @@ def f_table(res: dict[str, Any]) -> list[str]:
             rows.append(f"| {name} | failed | | | | |")
             continue
         r = runs[0]
+        if r["alive_after"] < res["idle_conns"]:
+            name += " (incomplete: figure not comparable)"
         rows.append(f"| {name} | {r['established']:,} | {r['alive_after']:,} | "
                     f"{r['rss_before_kib'] / 1024:.1f} | {r['rss_after_kib'] / 1024:.1f} | "
                     f"{r['kib_per_conn']:.1f} |")
@@ -577,7 +589,7 @@ def _metric(key: str, runs: list[dict[str, Any]]) -> float | None:
     if not runs:
         return None
     if key == "E":
-        rs = [r for r in runs if r["factor"] == max(E_FACTORS)]
+        rs = [r for r in runs if r["factor"] == max(r["factor"] for r in runs)]
         return _med(rs, lambda r: r["goodput_rps"]) if rs else None
     if key == "F":
         return runs[0]["kib_per_conn"]
@@ -592,8 +604,8 @@ def ratio_table(key: str, res: dict[str, Any]) -> list[str]:
     peers = [n for n in by_server if kinds.get(n) != "rtserve"]
     if not ours or not peers:
         return []
-    what = {"E": "goodput at 2x", "F": "KiB per idle connection (lower is better)"}.get(
-        key, "requests/s")
+    what = {"E": "goodput at the highest load",
+            "F": "KiB per idle connection, lower is better"}.get(key, "requests/s")
     rows = [f"Ratio rtserve / peer ({what}):", "",
             "| | " + " | ".join(peers) + " |", "|---|" + "---:|" * len(peers)]
     for o in ours:
@@ -601,7 +613,12 @@ def ratio_table(key: str, res: dict[str, Any]) -> list[str]:
         cells = []
         for p in peers:
             mp = _metric(key, by_server[p])
-            cells.append("n/a" if mo is None or not mp else f"{mo / mp:.2f}x")
+            if mo is None or mp is None:
+                cells.append("n/a")
+            elif not mp:
+                cells.append("peer 0")
+            else:
+                cells.append(f"{mo / mp:.2f}x")
         rows.append(f"| {o} | " + " | ".join(cells) + " |")
     return rows
 
@@ -613,7 +630,8 @@ def render(res: dict[str, Any]) -> str:
     for key, w in WORKLOADS.items():
         if key not in res["runs"]:
             continue
-        out.append(f"### {key}: {w.title}")
+        title = w.title.replace("10,000", f"{res['idle_conns']:,}")
+        out.append(f"### {key}: {title}")
         out.append("")
         if short:
             out.append(f"_Short run: {short}._")
@@ -672,9 +690,12 @@ git). Reproduce with `make bench` (3 repeats, about 30 minutes) or `make bench-q
 - E: `bench/openloop.py`, an open-loop generator: request k is due at `t0 + k/rate` and its
   latency counts from that due time (no coordinated omission; wrk's closed loop and
   h2load's bursty `--rps` both hide queueing). Rates are 1x and 2x of the server's own
-  median C rps in this run. "within 50 ms" = 2xx answers (fallbacks included) within 50 ms
-  of the due time over all requests offered; goodput = those per second. Unanswered and
-  unsent requests count as misses.
+  median C rps in this run (at 1x an open loop is at the edge of stability: any stall
+  builds a queue that a closed loop would never see). Shares are over all requests
+  offered; unanswered and unsent requests count as misses. "answered within 50 ms" counts
+  any answer (a 503 shed or a fallback too: the deadline was kept); "2xx within 50 ms"
+  includes fallbacks; goodput counts only real answers (2xx, not a fallback) within 50 ms,
+  per second, and "goodput / capacity" divides it by the 1x rate.
 - F: `bench/idle_conns.py` opens {res['idle_conns']:,} connections, one answered
   `GET /hello` on each, and holds them idle; RSS (VmRSS of the server's process tree) before
   and after, difference divided by the connections established.
@@ -703,21 +724,67 @@ Exact commands of this run (`{{port}}` varies):
 
 
 def profile(ctx: Ctx, seconds: float) -> None:
-    """py-spy flame graph of rtserve (native app) under workload A -> docs/."""
+    """py-spy flame graph of rtserve (native app) under workload A -> docs/.
+
+    A second py-spy writes collapsed stacks, summarised on stdout per thread: where the
+    conductor (main thread) and the workers spend their samples.
+    """
     server = next(s for s in SERVERS if s.name == "rtserve")
     w = WORKLOADS["A"]
+    raw = ctx.tmp / "profile.txt"
+    raw_gil = ctx.tmp / "profile-gil.txt"
+    # One py-spy at a time (two at once halve wrk's throughput): the flame graph, then
+    # collapsed stacks of all active samples, then only of samples holding the GIL.
+    phases = [("flamegraph", FLAMEGRAPH, []), ("raw", raw, []), ("raw", raw_gil, ["--gil"])]
     with running(server, "A", ctx) as (pid, port):
         run_wrk(w, port, 2, ctx, record=False)
-        spy = ["taskset", "-c", CLIENT_CPU, str(BIN / "py-spy"), "record", "--pid", str(pid),
-               "--duration", str(int(seconds)), "--rate", "200", "--threads", "--nonblocking",
-               "--format", "flamegraph", "-o", str(FLAMEGRAPH)]
-        sp = start_process(spy, BENCH, dict(os.environ), ctx.tmp / "py-spy.log")
-        try:
-            r = run_wrk(w, port, seconds, ctx, record=False)
-            sp.wait(seconds + 30)
-        finally:
-            stop_process(sp)
-    print(f"# workload A under py-spy: {r['rps']:,.0f} rps; flame graph in {FLAMEGRAPH}")
+        base = run_wrk(w, port, seconds, ctx, record=False)
+        rps = []
+        for fmt, out, extra in phases:
+            spy = ["taskset", "-c", CLIENT_CPU, str(BIN / "py-spy"), "record", "--pid",
+                   str(pid), "--duration", str(int(seconds)), "--rate", "100", "--threads",
+                   "--nonblocking", "--format", fmt, "-o", str(out), *extra]
+            sp = start_process(spy, BENCH, dict(os.environ), ctx.tmp / "py-spy.log")
+            try:
+                rps.append(run_wrk(w, port, seconds, ctx, record=False)["rps"])
+                sp.wait(seconds + 30)
+            finally:
+                stop_process(sp)
+    print(f"# workload A: {base['rps']:,.0f} rps alone, "
+          f"{', '.join(f'{x:,.0f}' for x in rps)} rps under py-spy; flame graph {FLAMEGRAPH}")
+    for title, path in (("all active samples", raw), ("samples holding the GIL", raw_gil)):
+        if path.exists():
+            print(f"## {title}")
+            print(summarise_profile(path.read_text()))
+
+
+def summarise_profile(collapsed: str, top: int = 25) -> str:
+    """Per-thread totals and the top self-time frames of the main thread (the conductor)."""
+    threads: dict[str, int] = {}
+    self_main: dict[str, int] = {}
+    incl_main: dict[str, int] = {}
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        thread = frames[0]
+        threads[thread] = threads.get(thread, 0) + n
+        if "MainThread" in thread or "main" in thread.lower():
+            self_main[frames[-1]] = self_main.get(frames[-1], 0) + n
+            for f in set(frames[1:]):
+                incl_main[f] = incl_main.get(f, 0) + n
+    total_main = sum(self_main.values()) or 1
+    out = ["samples per thread:"]
+    out += [f"  {n:7d}  {t}" for t, n in sorted(threads.items(), key=lambda x: -x[1])]
+    out.append("main thread (conductor), self time:")
+    out += [f"  {n / total_main:6.1%}  {f}"
+            for f, n in sorted(self_main.items(), key=lambda x: -x[1])[:top]]
+    out.append("main thread (conductor), inclusive time:")
+    out += [f"  {n / total_main:6.1%}  {f}"
+            for f, n in sorted(incl_main.items(), key=lambda x: -x[1])[:top]]
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -736,6 +803,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=None, help="warm-up seconds per run")
     ap.add_argument("--servers", default="", help="comma list, e.g. rtserve,uvicorn")
     ap.add_argument("--workloads", default="", help="comma list of A-F")
+    ap.add_argument("--e-factors", default="1,2",
+                    help="workload E rates as multiples of the C capacity")
+    ap.add_argument("--burn-iters", type=int, default=0,
+                    help="CPU loop size of /score (default: calibrated to ~1 ms)")
     ap.add_argument("--idle-conns", type=int, default=IDLE_CONNS, help="workload F size")
     ap.add_argument("--write-docs", action="store_true", help="rewrite docs/benchmarks.md")
     ap.add_argument("--report", type=Path, help="render an earlier results JSON, no run")
@@ -757,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat = a.repeat or 3
     keys = [k.strip().upper() for k in a.workloads.split(",") if k.strip()] or list(WORKLOADS)
     names = [n.strip() for n in a.servers.split(",") if n.strip()]
-    servers = [s for s in SERVERS if not names or s.name in names]
+    servers = [s for s in SERVERS if s.name in names or (not names and s.default)]
     if names and len(servers) != len(names):
         sys.exit(f"unknown server in {names}; known: {[s.name for s in SERVERS]}")
     if "E" in keys and "C" not in keys and "A" not in keys:
@@ -771,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
 
-    burn_iters = calibrate_burn()
+    burn_iters = a.burn_iters or calibrate_burn()
     tmp = Path(tempfile.mkdtemp(prefix="rtserve-bench-"))
     body_file = tmp / "tx.json"
     sys.path.insert(0, str(BENCH))
@@ -794,7 +865,8 @@ def main(argv: list[str] | None = None) -> int:
         "servers": [{"name": s.name, "kind": s.kind, "note": s.note} for s in servers],
         "runs": {},
     }
-    ctx = Ctx(tmp, env, body_file, repeat, a.duration, a.warmup, a.idle_conns, res)
+    ctx = Ctx(tmp, env, body_file, repeat, a.duration, a.warmup, a.idle_conns, res,
+              tuple(float(f) for f in a.e_factors.split(",")))
     res["commands"] = ctx.commands
 
     if a.profile:
