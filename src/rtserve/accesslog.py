@@ -11,7 +11,9 @@ import time
 
 from .request import Request
 
-_ESCAPES = {i: f"\\x{i:02x}" for i in list(range(0x20)) + [0x7F]}
+# C0 controls, DEL and the C1 controls (0x80-0x9f: header values arrive as latin-1, and
+# U+009B is a one-byte CSI for many terminals).
+_ESCAPES = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7F, 0xA0)]}
 _ESCAPES[ord('"')] = '\\"'
 _ESCAPES[ord("\\")] = "\\\\"
 
@@ -30,13 +32,19 @@ def _ms(ns: int) -> str:
     return f"{ns / 1e6:.3f}"
 
 
+def _span(start: int, end: int) -> str:
+    """A duration in ms, or "-" when a stage did not happen (no handler ran, 404, DOA)."""
+    return _ms(end - start) if start and end >= start else "-"
+
+
 def fields(req: Request, done_ns: int) -> dict[str, str]:
     """The named fields a format string may use (gunicorn-style atoms)."""
     headers = req.headers
     client = req.client[0] if req.client else "-"
-    queue = req.t_start - req.t_queued if req.t_start and req.t_queued else 0
-    handler = req.t_end - req.t_start if req.t_end else 0
-    write = done_ns - req.t_end if req.t_end else 0
+    # Worker threads stamp t_start/t_end; a stuck handler may stamp them after the
+    # conductor answered for it, so only a handler that finished first counts here.
+    t_queued, t_start, t_end = req.t_queued, req.t_start, req.t_end
+    ran = bool(t_start and t_end and t_end <= done_ns)
     return {
         "h": escape(str(client)),
         "t": time.strftime("%d/%b/%Y:%H:%M:%S %z"),
@@ -48,12 +56,27 @@ def fields(req: Request, done_ns: int) -> dict[str, str]:
         "b": "-",
         "f": escape(headers.get("referer", "-")),
         "a": escape(headers.get("user-agent", "-")),
-        "queue_ms": _ms(queue),
-        "handler_ms": _ms(handler),
-        "write_ms": _ms(write),
+        "queue_ms": _span(t_queued, t_start) if ran else "-",
+        "handler_ms": _span(t_start, t_end) if ran else "-",
+        "write_ms": _span(t_end, done_ns) if ran else "-",
         "total_ms": _ms(done_ns - req.start_ns),
     }
 
 
+class _Fields(dict):
+    """Unknown names in a user's format print "-" instead of raising on the conductor."""
+
+    def __missing__(self, key: str) -> str:
+        return "-"
+
+
 def format_line(req: Request, done_ns: int, fmt: str = "") -> str:
-    return (fmt or DEFAULT_FORMAT) % fields(req, done_ns)
+    """One access-log line for a finished request (`fmt` uses the names in `fields`).
+
+    Runs on the conductor, so it never raises: a broken format falls back to the default.
+    """
+    values = _Fields(fields(req, done_ns))
+    try:
+        return (fmt or DEFAULT_FORMAT) % values
+    except (TypeError, ValueError):
+        return DEFAULT_FORMAT % values
