@@ -587,6 +587,7 @@ class Server:
             if reason:
                 return Response.text(f"not ready: {reason}\n", 503)
             return Response.text("ready\n")
+        self.metrics.worker_deaths = self.pool.deaths  # counted on the dying worker thread
         return Response(self.metrics.render(), 200, None, "text/plain; version=0.0.4")
 
     # ---- completions from workers ---------------------------------------------------------
