@@ -7,6 +7,7 @@ backslashes), so a path like `/%1b[31m` cannot inject terminal escapes or fake l
 
 from __future__ import annotations
 
+import os
 import time
 
 from .request import Request
@@ -18,7 +19,7 @@ _ESCAPES[ord('"')] = '\\"'
 _ESCAPES[ord("\\")] = "\\\\"
 
 DEFAULT_FORMAT = (
-    '%(h)s - - [%(t)s] "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" '
+    '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" '
     "queue=%(queue_ms)s handler=%(handler_ms)s write=%(write_ms)s total=%(total_ms)s"
 )
 
@@ -45,9 +46,18 @@ def fields(req: Request, done_ns: int) -> dict[str, str]:
     # conductor answered for it, so only a handler that finished first counts here.
     t_queued, t_start, t_end = req.t_queued, req.t_start, req.t_end
     ran = bool(t_start and t_end and t_end <= done_ns)
+    total = done_ns - req.start_ns
     return {
         "h": escape(str(client)),
-        "t": time.strftime("%d/%b/%Y:%H:%M:%S %z"),
+        "l": "-",
+        "u": "-",
+        "t": time.strftime("[%d/%b/%Y:%H:%M:%S %z]"),  # with brackets, as in gunicorn
+        "H": escape(req.version),
+        "p": f"<{os.getpid()}>",
+        "D": str(total // 1000),
+        "M": str(total // 1_000_000),
+        "T": str(total // 1_000_000_000),
+        "L": f"{total / 1e9:.6f}",
         "r": escape(f"{req.method} {req.target} {req.version}"),
         "m": escape(req.method),
         "U": escape(req.path),
@@ -64,9 +74,14 @@ def fields(req: Request, done_ns: int) -> dict[str, str]:
 
 
 class _Fields(dict):
-    """Unknown names in a user's format print "-" instead of raising on the conductor."""
+    """Unknown names in a user's format print "-" instead of raising on the conductor;
+    gunicorn's `%({name}i)s` prints a request header."""
+
+    headers = None
 
     def __missing__(self, key: str) -> str:
+        if key.startswith("{") and key.endswith("}i") and self.headers is not None:
+            return escape(self.headers.get(key[1:-2], "-"))
         return "-"
 
 
@@ -76,6 +91,7 @@ def format_line(req: Request, done_ns: int, fmt: str = "") -> str:
     Runs on the conductor, so it never raises: a broken format falls back to the default.
     """
     values = _Fields(fields(req, done_ns))
+    values.headers = req.headers
     try:
         return (fmt or DEFAULT_FORMAT) % values
     except (TypeError, ValueError):
