@@ -111,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     from .conductor import Server
     from .server import as_dispatcher
 
+    try:
+        dispatcher = as_dispatcher(app, cfg)  # WSGI settings (route_deadline...) checked here
+    except ConfigError as exc:
+        parser.error(str(exc))
     if os.environ.get("RTSERVE_SUPERVISED"):  # a child started by supervisor.py
         from .supervisor import run_child
 
-        return run_child(as_dispatcher(app, cfg), cfg)
-    server = Server(as_dispatcher(app, cfg), cfg)
+        return run_child(dispatcher, cfg)
+    server = Server(dispatcher, cfg)
     log = logging.getLogger("rtserve.error")
     code = server.serve()
     log.info("rtserve stopped (exit %d)", code)
