@@ -485,7 +485,9 @@ class Server:
         if self._busy < self._threads and not self._queue:
             self._busy += 1
             conn.running = True
-            self.metrics.queue_wait.observe(0)
+            qw = self.metrics.queue_wait  # a zero wait: the first bucket, no bisect
+            qw.counts[0] += 1
+            qw.count += 1
             self.pool.submit(self.worker, conn, rid, req)
         else:
             self._queue.push((conn, rid, req), now)

@@ -143,35 +143,61 @@ class Response:
         return f"<Response {self.status}>"
 
 
+# Validated, encoded ordinary header lines by (name, value): handlers repeat the same few
+# headers (Content-Type above all), so most lines cost one dict lookup instead of two regex
+# matches and an encode. Bounded; read and written by workers under the GIL.
+_ENCODED: dict[tuple[str, str], bytes] = {}
+_ENCODED_MAX = 4096
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "date"})
+
+
 def encode_headers(headers: HeaderList) -> tuple[bytes, int | None, bool, bool]:
     """Validate and encode handler headers.
 
     Returns (encoded lines, Content-Length if given, Connection: close given, has Date).
     Transfer-Encoding from a handler is dropped: framing is the server's job.
     """
+    if not headers:
+        return b"", None, False, False
     out = []
     length: int | None = None
     close = False
     has_date = False
-    for name, value in headers:
+    cache = _ENCODED
+    for pair in headers:
+        if pair.__class__ is not tuple:
+            pair = tuple(pair)
+        try:
+            line = cache.get(pair)
+        except TypeError:  # an unhashable name or value: not a str, rejected below
+            line = None
+        if line is not None:
+            out.append(line)
+            continue
+        name, value = pair
         if not isinstance(name, str) or not isinstance(value, str):
             raise InvalidResponse(f"header {name!r} must be str: str")
         validate_header(name, value)
         lname = name.lower()
-        if lname == "content-length":
-            if not value.isdigit() or not value.isascii():
-                raise InvalidResponse(f"invalid Content-Length {value!r}")
-            length = int(value)
-            continue
-        if lname == "transfer-encoding":
-            continue
-        if lname == "connection":
-            if "close" in value.lower():
-                close = True
-            continue
-        if lname == "date":
+        if lname in _FRAMING:
+            if lname == "content-length":
+                if not value.isdigit() or not value.isascii():
+                    raise InvalidResponse(f"invalid Content-Length {value!r}")
+                length = int(value)
+                continue
+            if lname == "transfer-encoding":
+                continue
+            if lname == "connection":
+                if "close" in value.lower():
+                    close = True
+                continue
             has_date = True
-        out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+            out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+            continue
+        line = b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
+        if len(cache) < _ENCODED_MAX:
+            cache[pair] = line
+        out.append(line)
     return b"".join(out), length, close, has_date
 
 
