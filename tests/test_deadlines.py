@@ -433,3 +433,18 @@ def test_handler_can_read_its_remaining_budget() -> None:
         assert 0 < seen["after"] < seen["before"] <= 0.040
         assert abs(seen["deadline"] - time.monotonic() - seen["after"]) < 5  # same clock
         c.close()
+
+
+def test_fraud_example_scores_and_falls_back() -> None:
+    from examples.fraud import app
+
+    tx = json.dumps({"amount": 42.0, "country": "FR", "card_country": "FR", "hour": 14})
+    with server_thread(app) as server:
+        c = Client(server.address)
+        status, headers, body = c.request("POST", "/score", None, tx.encode())
+        assert status == 200 and "x-rtserve-fallback" not in headers
+        assert json.loads(body)["decision"] in ("approve", "review", "decline")
+        status, headers, body = c.request("POST", "/score?stall_ms=200", None, tx.encode())
+        assert status == 200 and headers["x-rtserve-fallback"] == "deadline"
+        assert json.loads(body) == REVIEW
+        c.close()
