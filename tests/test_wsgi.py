@@ -774,3 +774,133 @@ def _request(method: str, path: str) -> Request:
     req = Request(method, path, path, "", "HTTP/1.1", [("host", "h")])
     req.client = ("127.0.0.1", 5555)
     return req
+
+
+# ---- the command line: module:app, module:factory(), logging ----------------------------
+
+WSGI_MODULE = '''
+import threading
+
+release = threading.Event()
+
+
+def create_app():
+    def app(environ, start_response):
+        if environ["PATH_INFO"].startswith("/slow"):
+            release.wait(5)
+        body = ("%s|%s" % (environ["SCRIPT_NAME"], environ["PATH_INFO"])).encode()
+        start_response("200 OK", [("Content-Type", "text/plain"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+    return app
+
+
+app = create_app()
+'''
+
+
+@pytest.fixture
+def wsgi_module(tmp_path, monkeypatch):
+    name = "rtserve_test_wsgi_mod"
+    (tmp_path / f"{name}.py").write_text(WSGI_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, tmp_path
+    sys.modules.pop(name, None)
+
+
+def test_load_app_attribute_and_factory(wsgi_module):
+    from rtserve.cli import AppImportError, load_app
+
+    name, _ = wsgi_module
+    plain_app = load_app(f"{name}:app")
+    made = load_app(f"{name}:create_app()")
+    assert callable(plain_app) and callable(made) and made is not plain_app
+    assert load_app(name) is plain_app  # MODULE alone means MODULE:app
+    with pytest.raises(AppImportError):
+        load_app(f"{name}:nope")
+    with running_server(made) as addr:  # the factory's product is served as WSGI
+        assert requests.get(url(addr, "/x")).text == "|/x"
+
+
+def test_log_config_dictconfig_file(tmp_path):
+    from rtserve.cli import configure_logging
+
+    logfile = tmp_path / "errors.log"
+    conf = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(levelname)s %(name)s %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(logfile),
+                              "formatter": "plain"}},
+        "loggers": {"rtserve.error": {"handlers": ["file"], "level": "INFO",
+                                      "propagate": False}},
+    }
+    path = tmp_path / "logging.json"
+    path.write_text(json.dumps(conf))
+    logger = logging.getLogger("rtserve.error")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    try:
+        configure_logging(Config(_env={}, log_config=str(path)))
+        logger.info("hello from the %s", "config")
+        for h in logger.handlers:
+            h.flush()
+        assert logfile.read_text() == "INFO rtserve.error hello from the config\n"
+    finally:
+        for h in logger.handlers:
+            h.close()
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_cli_serves_a_wsgi_factory_with_deadlines_and_an_access_log(wsgi_module):
+    import re
+    import signal
+    import subprocess
+
+    name, cwd = wsgi_module
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtserve", f"{name}:create_app()", "--bind", "127.0.0.1:0",
+         "--root-path", "/svc", "--access-log", "--route-deadline", "/svc/slow=50",
+         "--fallback", '/svc/slow=200:{"decision":"review"}', "--log-level", "info"],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RTSERVE_")},
+    )
+    try:
+        addr = None
+        for line in proc.stderr:
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if m:
+                addr = ("127.0.0.1", int(m.group(1)))
+                break
+        assert addr, "the server did not start"
+        r = requests.get(url(addr, "/svc/hello?q=1"), headers={"User-Agent": "ua/1",
+                                                                "Referer": "http://r/"})
+        slow = requests.get(url(addr, "/svc/slow"))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert r.text == "/svc|/hello"
+    assert slow.json() == {"decision": "review"}
+    assert slow.headers["X-Rtserve-Fallback"] == "deadline"
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    combined = re.compile(
+        r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+        r'"GET /svc/hello\?q=1 HTTP/1\.1" 200 \S+ "http://r/" "ua/1"'
+    )
+    assert any(combined.match(line) for line in lines), lines
+
+
+def test_cli_rejects_a_bad_fallback(wsgi_module):
+    import subprocess
+
+    name, cwd = wsgi_module
+    proc = subprocess.run(
+        [sys.executable, "-m", "rtserve", f"{name}:app", "--bind", "127.0.0.1:0",
+         "--fallback", "/x=oops"],
+        cwd=cwd, capture_output=True, text=True, timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RTSERVE_")},
+    )
+    assert proc.returncode == 2 and "fallback" in proc.stderr
