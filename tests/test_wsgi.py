@@ -488,6 +488,37 @@ def test_app_without_start_response_is_a_500():
         assert requests.get(url(addr, "/")).status_code == 500
 
 
+@pytest.mark.parametrize("length", ["4", None])
+def test_close_raising_runs_once(length):
+    """Closed before the head went out (bytes path): a 500; while streaming: logged only."""
+    calls = []
+    closed = threading.Event()
+
+    class Body:
+        def __iter__(self):
+            return iter([b"data"])
+
+        def close(self):
+            calls.append(1)
+            closed.set()
+            raise RuntimeError("close failed")
+
+    def app(environ, start_response):
+        headers = [("Content-Type", "text/plain")]
+        if length:
+            headers.append(("Content-Length", length))
+        start_response("200 OK", headers)
+        return Body()
+
+    with running_server(app) as addr:
+        r = requests.get(url(addr, "/"))
+    if length:
+        assert r.status_code == 500
+    else:
+        assert (r.status_code, r.content) == (200, b"data")
+    assert closed.wait(10) and calls == [1]
+
+
 @pytest.mark.parametrize("value", ["a\r\nSet-Cookie: evil=1", "a\nb", "a\x00b"])
 def test_header_injection_from_the_app_is_a_500(value):
     def app(environ, start_response):

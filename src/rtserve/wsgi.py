@@ -128,13 +128,15 @@ class FileWrapper:
 class _Call:
     """Per-request state shared by start_response, write() and the handler."""
 
-    __slots__ = ("status", "headers", "headers_sent", "written")
+    __slots__ = ("status", "headers", "headers_sent", "written", "closed", "done")
 
     def __init__(self) -> None:
         self.status = 0
         self.headers: list[tuple[str, str]] = []
         self.headers_sent = False
         self.written: list[bytes] = []
+        self.closed = False  # the app's iterable was closed (never close it twice)
+        self.done = False  # the Response is built: write() can no longer be honoured
 
     def start_response(self, status: str, headers: list, exc_info: Any = None):
         """PEP 3333 start_response: a second call is an error unless it carries exc_info,
@@ -165,6 +167,8 @@ class _Call:
         (buffered for transmission, as PEP 3333 allows); the headers count as sent."""
         if not self.status:
             raise AssertionError("write() before start_response")
+        if self.done:
+            raise RuntimeError("write() while the returned iterable is being sent")
         if data.__class__ is not bytes:
             if isinstance(data, str):
                 raise TypeError("write() takes bytes, not str")
@@ -435,10 +439,13 @@ class WSGIApp:
             response = self._response(request, call, result, errors)
         except BaseException:
             try:
-                _close(result)
+                if not call.closed:
+                    call.closed = True
+                    _close(result)
             finally:
                 errors.flush()
             raise
+        call.done = True
         return response
 
     def _response(
@@ -484,6 +491,7 @@ class WSGIApp:
         self, request: Request, call: _Call, result: Any, body: bytes, errors: ErrorStream
     ) -> Response:
         """A fully produced body: close the app's iterable now and answer with bytes."""
+        call.closed = True
         try:
             _close(result)
         finally:
