@@ -614,9 +614,9 @@ def test_close_is_called_when_the_client_disconnects_mid_stream():
         assert closed.wait(10), "close() of the app iterable was not called"
         assert lint.wait_closed(1)
         # and the server is fine afterwards
-        lint2 = requests.get(url(addr, "/"), stream=True)
-        assert lint2.status_code == 200
-        lint2.close()
+        again = requests.get(url(addr, "/"), stream=True)
+        assert again.status_code == 200
+        again.close()
     assert not lint.errors
 
 
