@@ -176,6 +176,13 @@ def test_root_path_sets_script_name_and_strips_path_info():
     lint.check(4)
 
 
+def test_non_ascii_root_path_matches_the_decoded_path():
+    w = WSGIApp(environ_app, Config(_env={}, root_path="/café"))
+    env = w.environ(_request("GET", "/caf%C3%A9/x"))
+    assert env["SCRIPT_NAME"] == "/café".encode().decode("latin-1")
+    assert env["PATH_INFO"] == "/x"
+
+
 def test_http10_without_host_uses_the_bound_address():
     lint = Linted(environ_app)
     with running_server(lint) as addr:

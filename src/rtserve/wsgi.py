@@ -301,7 +301,7 @@ class WSGIApp:
         root = cfg.root_path.rstrip("/")
         if root and not root.startswith("/"):
             raise ConfigError(f"invalid value for root_path: {cfg.root_path!r} (starts with /)")
-        self.root_path = _as_path_info(root)
+        self.root_path = _as_path_info(root.encode("utf-8").decode("latin-1"))
         try:
             self.proxies = ForwardedPolicy(cfg.forwarded_allow_ips)
         except ValueError as exc:
