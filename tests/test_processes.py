@@ -387,3 +387,24 @@ def test_child_drains_when_its_supervisor_is_killed(supervised):
     while time.monotonic() < deadline and any(alive(p) for p in children):
         time.sleep(0.05)
     assert not any(alive(p) for p in children)
+
+
+def test_children_get_the_supervisors_settings_as_flags():
+    """child_args round-trips every non-default setting, including lists with commas."""
+    from rtserve.cli import build_parser
+    from rtserve.config import Config
+    from rtserve.supervisor import child_args
+
+    cfg = Config(
+        _env={}, processes="4", threads=3, deadline_ms=25.5, access_log=True,
+        health_endpoints=False, root_path="-odd", heartbeat_timeout=7,
+        fallback=['/score=200:{"decision":"review","score":0}', "/x=503:busy"],
+        route_deadline=["/score=20"],
+    )
+    argv = child_args("pkg.mod:app", cfg)
+    assert argv[1:4] == ["-m", "rtserve", "pkg.mod:app"]
+    args = build_parser().parse_args(argv[3:])
+    child = Config(_env={}, **{k: v for k, v in vars(args).items()
+                               if k != "app" and v is not None})
+    expected = cfg.as_dict() | {"processes": "1"}
+    assert child.as_dict() == expected
