@@ -125,7 +125,8 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative, section="deadlines"),
     Setting("adaptive_limit", str, "off", "adaptive concurrency limit", None,
             ("off", "aimd", "gradient2"), section="deadlines"),
-    Setting("switch_interval_ms", float, 1.0, "sys.setswitchinterval in ms (GIL hand-off)",
+    Setting("switch_interval_ms", float, 0.5,
+            "sys.setswitchinterval in ms (GIL hand-off; see docs/deadlines.md)",
             _positive, section="deadlines"),
     # -- WSGI and proxies
     Setting("root_path", str, "", "SCRIPT_NAME for WSGI apps mounted below /", section="wsgi"),
