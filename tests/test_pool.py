@@ -82,6 +82,12 @@ def test_a_dead_worker_is_replaced():
         for i in range(4):
             pool.submit(lambda c, r, a: a, "c", 10 + i, i)
         assert len(wait_completions(pool, 4)) == 4
+        # The dying thread posts its result before it counts itself and spawns a successor.
+        settled = threading.Event()
+        for _ in range(100):
+            if pool.deaths == 1 and pool.alive() == 2:
+                break
+            settled.wait(0.05)
         assert pool.deaths == 1
         assert pool.alive() == 2
     finally:
