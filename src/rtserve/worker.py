@@ -125,6 +125,8 @@ class Worker:
             if no_body:
                 body = b""
                 clen = b""
+            elif head_only and length is not None and not body:
+                clen = b"Content-Length: %d\r\n" % length  # HEAD: the length a GET would have
             else:
                 clen = b"Content-Length: %d\r\n" % len(body)
             request.status = status
