@@ -448,3 +448,32 @@ def test_fraud_example_scores_and_falls_back() -> None:
         assert status == 200 and headers["x-rtserve-fallback"] == "deadline"
         assert json.loads(body) == REVIEW
         c.close()
+
+
+def test_a_stream_whose_head_went_out_before_respond_by_is_no_longer_bounded(
+    gate: Gate,
+) -> None:
+    """Documented behaviour: once the head is sent a fallback can't replace the response,
+    so the deadline stops applying; the stream finishes whenever the handler does."""
+    app = App()
+
+    @app.get("/stream", deadline_ms=20, fallback=Response.json(REVIEW))
+    def stream(request: Request) -> Response:
+        def body() -> Iterator[bytes]:
+            yield b"first;"
+            gate.hold("stream")
+            yield b"second;"
+
+        return Response(body(), 200, None, "text/plain")
+
+    with server_thread(app) as server:
+        c = Client(server.address)
+        c.send("GET", "/stream")
+        gate.wait_entered()  # head and first chunk are out; the body is now blocked
+        time.sleep(0.05)  # well past respond_by
+        assert server.metrics.deadline_misses == 0 and server.metrics.fallbacks == 0
+        gate.release.set()
+        status, headers, body = c.recv()
+        assert status == 200 and "x-rtserve-fallback" not in headers
+        assert body == b"first;second;"
+        c.close()
