@@ -176,7 +176,7 @@ CHUNKED = (
     b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"5\r\nhello\r\n"
     b"1;name=value;flag\r\n \r\n"
-    b'0000A ; q="quoted \\" str" ; x = y\r\n0123456789\r\n'
+    b'0000A;q="quoted \\" str";x=y\r\n0123456789\r\n'
     b"0\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n"
 )
 
@@ -454,6 +454,8 @@ REJECTIONS: dict[str, tuple[bytes, int]] = {
     "chunk_ext_no_name": (req(TE, b"1;=b\r\nx\r\n0\r\n\r\n"), 400),
     "chunk_ext_bad_name": (req(TE, b"1;a b\r\nx\r\n0\r\n\r\n"), 400),
     "chunk_ext_nul": (req(TE, b"1;a=\x00\r\nx\r\n0\r\n\r\n"), 400),
+    "chunk_ext_bws_before_semicolon": (req(TE, b"1 ;a=b\r\nx\r\n0\r\n\r\n"), 400),
+    "chunk_ext_bws_around_equals": (req(TE, b"1;a = b\r\nx\r\n0\r\n\r\n"), 400),
     "chunk_ext_too_long_line": (req(TE, b"1;a=" + b"b" * 5000 + b"\r\nx\r\n0\r\n\r\n"), 400),
     "chunk_ext_total_too_long": (
         req(TE, b"".join(b"1;a=" + b"b" * 4000 + b"\r\nx\r\n" for _ in range(5)) + b"0\r\n\r\n"),

@@ -65,22 +65,27 @@ _LINE_PREFIX_BAD_RE = re.compile(rb"[^\x21-\x7e \r]|\r(?=[^\n])")
 # Partial field line (no CRLF in it yet): a CTL other than HTAB, or a CR that is not last.
 _FIELD_PREFIX_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x0c\x0e-\x1f\x7f]|\r(?=[\x00-\xff])")
 
+# Host values already validated: clients repeat the same few, so a set lookup replaces the
+# regex. Only valid values enter; the set is emptied when full, so it stays small.
+_VALID_HOSTS: set[str] = set()
+_VALID_HOSTS_MAX = 256
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
 _HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]*+")
 _ABSOLUTE_RE = re.compile(
     r"(?i:https?)://[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]++(/[^?]*+)?(?:\?(.*+))?"
 )
 _QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+"'
-# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
-_CHUNK_LINE_RE = re.compile(
-    f"([0-9A-Fa-f]{{1,16}})((?:[ \\t]*+;[ \\t]*+{_TOKEN}"
-    f"(?:[ \\t]*+=[ \\t]*+(?:{_TOKEN}|{_QUOTED}))?)*+)"
-)
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] ).
+# BWS ("bad" whitespace senders must not generate) is rejected, as llhttp does: one less
+# way for a proxy and us to read the same chunk line differently.
+_CHUNK_LINE_RE = re.compile(f"([0-9A-Fa-f]{{1,16}})((?:;{_TOKEN}(?:=(?:{_TOKEN}|{_QUOTED}))?)*+)")
 
 _MAX_CHUNK_LINE = 4096  # one chunk-size line, extensions included
 _MAX_CHUNK_EXT_TOTAL = 16384  # all chunk extensions of one request (they cost parse time)
 _MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
 
+# Fields the parser itself interprets.
+_SPECIAL = frozenset(("host", "content-length", "transfer-encoding", "connection", "expect"))
 # Fields that must not repeat; a repeated Connection or Expect is merged instead.
 _SINGLETONS = frozenset(("host", "content-length", "transfer-encoding"))
 _FORBIDDEN_TRAILERS = frozenset(("content-length", "transfer-encoding", "host"))
@@ -200,8 +205,11 @@ class RequestParser:
             hend = end + 4
             m = _HEAD_RE.match(buf)  # None or ending at hend: field lines contain no CR
         if hend > self.max_header_block:
-            if buf.find(b"\r\n") > self.max_request_line:
+            # Same order as the incremental path: the request line's verdict comes first.
+            le = buf.find(b"\r\n")
+            if le > self.max_request_line:
                 raise URITooLong("request line too long")
+            _check_request_line(buf[:le].decode("latin-1"))
             raise HeaderFieldsTooLarge("header section too large")
         # Consume the head now (an error kills the parser anyway); decode it in one call.
         if hend == len(buf):
@@ -223,12 +231,16 @@ class RequestParser:
 
         raw_headers: list[tuple[str, str]] = []
         append = raw_headers.append
+        specials: list[tuple[str, str]] = []  # the few fields that decide framing
         for line in lines[1:-2]:
             name, _, value = line.partition(":")
-            append((name.lower(), value.strip(" \t")))
-        fields = dict(raw_headers)
-        if len(fields) != len(raw_headers):
-            _check_duplicates(raw_headers, fields)
+            field = (name.lower(), value.strip(" \t"))
+            append(field)
+            if field[0] in _SPECIAL:
+                specials.append(field)
+        fields = dict(specials)
+        if len(fields) != len(specials):
+            _check_duplicates(specials, fields)
 
         if target[0] == "/":
             path, _, query = target.partition("?")
@@ -242,8 +254,12 @@ class RequestParser:
         if host is None:
             if http11:
                 raise BadRequest("missing Host")
-        elif _HOST_RE.fullmatch(host) is None:
-            raise BadRequest("invalid Host")
+        elif host not in _VALID_HOSTS:
+            if _HOST_RE.fullmatch(host) is None:
+                raise BadRequest("invalid Host")
+            if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
+                _VALID_HOSTS.clear()
+            _VALID_HOSTS.add(host)
 
         conn = fields.get("connection")
         if conn is None:
@@ -550,13 +566,13 @@ def _diagnose_fields(lines: list[str]) -> None:
     raise BadRequest("invalid header section")
 
 
-def _check_duplicates(raw_headers: list[tuple[str, str]], fields: dict[str, str]) -> None:
+def _check_duplicates(specials: list[tuple[str, str]], fields: dict[str, str]) -> None:
     """Repeated fields: singletons are a 400; Connection values are merged into `fields`.
 
     Expect keeps `100-continue` only if every Expect value says so.
     """
     seen: set[str] = set()
-    for name, value in raw_headers:
+    for name, value in specials:
         if name in seen:
             if name in _SINGLETONS:
                 raise BadRequest("duplicate " + name)
