@@ -239,10 +239,19 @@ class Server:
         on_readable = self._on_readable
         on_writable = self._on_writable
         monotonic_ns = time.monotonic_ns
+        select_select = select.select
+        epfd = (ep.fileno(),)
         while not self._force_exit:
             timeout = self._poll_timeout()
             try:
-                events = ep.poll(timeout)
+                if 0 < timeout < 0.002:
+                    # epoll counts whole milliseconds, rounded up: a timer due in 0.3 ms
+                    # would fire up to 1 ms late. select() waits in microseconds.
+                    select_select(epfd, (), (), timeout)
+                    events = ep.poll(0)
+                else:
+                    # Wake up to 1 ms early; the select above finishes the wait precisely.
+                    events = ep.poll(timeout - 0.001 if timeout >= 0.002 else timeout)
             except InterruptedError:
                 events = []
             self.now = monotonic_ns()
