@@ -44,7 +44,7 @@ def seeds() -> list[bytes]:
     """Starting inputs: the conformance corpus and the unit tests' valid and invalid cases."""
     out: list[bytes] = []
     try:
-        from tests.conformance.cases import load_cases
+        from tests.conformance.corpus import load_cases
 
         out += [case.raw for case in load_cases()]
     except Exception:  # the corpus is optional for fuzzing
