@@ -69,3 +69,12 @@ def test_load_app_forms(tmp_path, monkeypatch):
     assert callable(mod_app)
     assert load_app("someapp:make()") is mod_app
     assert load_app("someapp:ns.inner") is mod_app
+
+
+def test_configuration_doc_is_generated_from_the_table():
+    import pathlib
+
+    from rtserve.config import settings_markdown
+
+    doc = pathlib.Path(__file__).parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == settings_markdown(), "run: python -m rtserve.config > " + str(doc)

@@ -201,3 +201,37 @@ class Config:
 
 def settings_in(section: str) -> Iterable[Setting]:
     return (s for s in SETTINGS if s.section == section)
+
+
+def settings_markdown() -> str:
+    """The settings reference (docs/configuration.md), generated from the table."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting is a keyword argument (`Config(threads=4)`, `serve(app, threads=4)`),",
+        "a command-line flag (`--threads 4`) and an environment variable",
+        "(`RTSERVE_THREADS=4`). Precedence: flag or keyword, then environment, then default.",
+        "An unknown setting or an invalid value is an error that names it.",
+        "This page is generated from `src/rtserve/config.py`"
+        " (`python -m rtserve.config > docs/configuration.md`).",
+        "",
+    ]
+    sections: dict[str, list[Setting]] = {}
+    for s in SETTINGS:
+        sections.setdefault(s.section, []).append(s)
+    for section, rows in sections.items():
+        lines += [f"## {section}", "", "| flag | environment | default | meaning |",
+                  "|---|---|---|---|"]
+        for s in rows:
+            default = s.default if s.default not in ("", []) else "—"
+            choices = f" ({', '.join(s.choices)})" if s.choices else ""
+            again = " (repeatable)" if s.repeatable else ""
+            lines.append(
+                f"| `{s.flag}` | `{s.env}` | `{default}` | {s.help}{choices}{again} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")
