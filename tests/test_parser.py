@@ -690,6 +690,16 @@ def test_trailers_share_the_header_block_limit(delta: int, status: int | None) -
     assert error_status(head + body, bytewise=True, max_header_block=limit) == status
 
 
+def test_trailer_fields_do_not_count_against_the_next_head() -> None:
+    """Regression (found by fuzz/fuzz_parser.py): the trailer scan's field counter leaked
+    into the next pipelined head, which then got a 431 with fewer fields than the limit."""
+    first = req(TE, b"0\r\nX: t\r\nY: u\r\n\r\n")
+    fields = b"Host: h\r\n" + b"".join(b"F%d: v\r\n" % i for i in range(9))
+    second = b"GET / HTTP/1.1\r\n" + fields + b"\r\n"
+    assert len(parse_all(first + second, max_header_count=10)) == 2
+    assert len(parse_bytewise(first + second, max_header_count=10)) == 2
+
+
 def test_trailer_count_limit() -> None:
     trailers = b"".join(b"T%d: v\r\n" % i for i in range(11))
     data = req(TE, b"0\r\n" + trailers + b"\r\n")

@@ -456,7 +456,7 @@ class RequestParser:
         """Reset to read the next head and hand out the completed request."""
         self.pending = None
         self._state = _HEAD
-        self._seen = 0
+        self._reset_head_scan()  # the trailer scan shares these offsets and counters
         return request
 
     def _read_chunk_size(self) -> bool:
