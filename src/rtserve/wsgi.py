@@ -35,17 +35,17 @@ log = logging.getLogger("rtserve.error")
 
 WSGICallable = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
 
-_NO_HTTP_KEY = frozenset({"content-type", "content-length"})
-_http_keys: dict[str, str] = {}  # header name -> HTTP_* key, filled as names are seen
+# Header name (lower case, as parsed) -> environ key; "" for names never mapped:
+# Content-Length (CONTENT_LENGTH comes from the parsed length) and names with "_"
+# (X_Forwarded_For would collide with X-Forwarded-For).
+_header_keys: dict[str, str] = {"content-type": "CONTENT_TYPE", "content-length": ""}
 
 
-def _http_key(name: str) -> str:
+def _header_key(name: str) -> str:
     """`user-agent` -> `HTTP_USER_AGENT` (cached; the set of names seen is small)."""
-    key = _http_keys.get(name)
-    if key is None:
-        key = "HTTP_" + name.upper().replace("-", "_")
-        if len(_http_keys) < 4096:
-            _http_keys[name] = key
+    key = "" if "_" in name else "HTTP_" + name.upper().replace("-", "_")
+    if len(_header_keys) < 4096:
+        _header_keys[name] = key
     return key
 
 
@@ -319,7 +319,10 @@ class WSGIApp:
             "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper,
             "wsgi.input_terminated": True,  # the whole body was read before the app runs
+            "wsgi.url_scheme": "http",
         }
+        self._peer: tuple[Any, str, str] = (object(), "", "0")  # the last client's strings
+        self._hosts: dict[str, tuple[str, str]] = {}  # Host value -> (name, port or "")
         deadlines = parse_route_deadlines(cfg.route_deadline)
         fallbacks = parse_fallbacks(cfg.fallback)
         handler = self.handle
@@ -360,9 +363,33 @@ class WSGIApp:
 
     def environ(self, request: Request, errors: Any = None) -> dict[str, Any]:
         """The PEP 3333 environ for a request."""
-        env = self._base.copy()
+        env = self._base.copy()  # the per-server constants, url_scheme "http" included
+        # Headers first: one cached lookup per name gives its key ("HTTP_USER_AGENT",
+        # "CONTENT_TYPE", or "" for names never mapped); a repeated name is the rare case.
+        keys = _header_keys
+        for name, value in request.raw_headers:
+            key = keys.get(name)
+            if key is None:
+                key = _header_key(name)
+            if not key:
+                continue
+            if key in env:
+                if key == "CONTENT_TYPE":
+                    env[key] = value  # the last one, as before
+                else:
+                    env[key] += ("; " if key == "HTTP_COOKIE" else ",") + value
+            else:
+                env[key] = value
+        if request.content_length is not None:
+            env["CONTENT_LENGTH"] = str(request.content_length)
+        elif request.chunked:
+            env["CONTENT_LENGTH"] = str(len(request.body))  # de-chunked by the server
+        if request.chunked:
+            env.pop("HTTP_TRANSFER_ENCODING", None)  # the app sees the de-chunked body
         env["REQUEST_METHOD"] = request.method
-        path = _as_path_info(request.path)
+        path = request.path
+        if "%" in path:
+            path = unquote_to_bytes(path).decode("latin-1")
         root = self.root_path
         if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
             path = path[len(root):]
@@ -370,60 +397,50 @@ class WSGIApp:
         env["QUERY_STRING"] = request.query_string
         env["SERVER_PROTOCOL"] = request.version
         env["RAW_URI"] = env["REQUEST_URI"] = request.target
-        body = request.body
-        if request.content_length is not None:
-            env["CONTENT_LENGTH"] = str(request.content_length)
-        elif request.chunked:
-            env["CONTENT_LENGTH"] = str(len(body))  # de-chunked by the server
-        env["wsgi.input"] = io.BytesIO(body)
+        env["wsgi.input"] = io.BytesIO(request.body)
         env["wsgi.errors"] = errors if errors is not None else ErrorStream()
         env["rtserve.request"] = request
 
-        forwarded = xff = xfp = host = None
-        for name, value in request.raw_headers:
-            if "_" in name:
-                continue  # X_Forwarded_For would collide with X-Forwarded-For: never map it
-            if name in _NO_HTTP_KEY:
-                if name == "content-type":
-                    env["CONTENT_TYPE"] = value
-                continue
-            if name == "host":
-                host = value
-            elif name == "x-forwarded-for":
-                xff = value if xff is None else xff + "," + value
-            elif name == "x-forwarded-proto":
-                xfp = value if xfp is None else xfp + "," + value
-            elif name == "forwarded":
-                forwarded = value if forwarded is None else forwarded + "," + value
-            elif name == "transfer-encoding" and request.chunked:
-                continue  # the app sees the de-chunked body and its CONTENT_LENGTH
-            key = _http_key(name)
-            old = env.get(key)
-            if old is None:
-                env[key] = value
-            else:
-                env[key] = old + ("; " if name == "cookie" else ",") + value
-
         client = request.client
-        peer = str(client[0]) if client else ""
-        if peer == "unix":
-            peer = ""
-        env["REMOTE_ADDR"] = peer
-        env["REMOTE_PORT"] = str(client[1]) if client and len(client) > 1 else "0"
-        scheme = "http"
-        if forwarded or xff or xfp:
-            fhost, fport, fscheme = self.proxies.resolve(peer or "unix", forwarded, xff, xfp)
-            if fhost is not None:
-                env["REMOTE_ADDR"] = fhost
-                env["REMOTE_PORT"] = str(fport) if fport is not None else "0"
-            if fscheme is not None:
-                scheme = fscheme
-        env["wsgi.url_scheme"] = scheme
+        peer = self._peer
+        if client is not peer[0]:  # a new connection: one entry, swapped atomically
+            addr = str(client[0]) if client else ""
+            if addr == "unix":
+                addr = ""
+            port = str(client[1]) if client and len(client) > 1 else "0"
+            peer = self._peer = (client, addr, port)
+        env["REMOTE_ADDR"] = peer[1]
+        env["REMOTE_PORT"] = peer[2]
+        if "HTTP_X_FORWARDED_FOR" in env or "HTTP_X_FORWARDED_PROTO" in env or (
+            "HTTP_FORWARDED" in env
+        ):
+            self._forwarded(env, peer[1])
+        host = env.get("HTTP_HOST")
         if host:
-            name, port = _split_host(host)
-            env["SERVER_NAME"] = name
-            env["SERVER_PORT"] = port or ("443" if scheme == "https" else "80")
+            split = self._hosts.get(host)
+            if split is None:
+                split = _split_host(host)
+                if len(self._hosts) < 1024:
+                    self._hosts[host] = split
+            env["SERVER_NAME"] = split[0]
+            env["SERVER_PORT"] = split[1] or (
+                "443" if env["wsgi.url_scheme"] == "https" else "80"
+            )
         return env
+
+    def _forwarded(self, env: dict[str, Any], peer: str) -> None:
+        """Trusted proxy headers: the client's address and port, and the scheme."""
+        fhost, fport, fscheme = self.proxies.resolve(
+            peer or "unix",
+            env.get("HTTP_FORWARDED"),
+            env.get("HTTP_X_FORWARDED_FOR"),
+            env.get("HTTP_X_FORWARDED_PROTO"),
+        )
+        if fhost is not None:
+            env["REMOTE_ADDR"] = fhost
+            env["REMOTE_PORT"] = str(fport) if fport is not None else "0"
+        if fscheme is not None:
+            env["wsgi.url_scheme"] = fscheme
 
     def handle(self, request: Request) -> Response:
         """The Route handler (worker thread): call the app, build the Response."""
