@@ -1,0 +1,523 @@
+"""Soak test: minutes of mixed hostile and normal traffic against one rtserve process.
+
+    nice -n 10 .venv/bin/python bench/soak.py --minutes 10
+
+Starts `python -m rtserve bench.soak:app` (the app below) on 127.0.0.1 port 0 and runs a
+few client threads for `--minutes`. Each client picks, request after request, one of:
+
+- ``valid``      GET /id on its keep-alive connection
+- ``post``       POST /echo with a body on its keep-alive connection
+- ``pipelined``  3-6 requests written in one send, answers read in order
+- ``stream``     a chunked streamed response, every chunk carries the id
+- ``slow``       a request written in pieces with pauses (slow sender), or a slow reader
+- ``malformed``  a request the parser must refuse (bare LF, CL+TE, bad Content-Length ...)
+- ``aborted``    a request abandoned mid-head, mid-body, while the handler runs, or with a
+                 reset (SO_LINGER 0)
+
+Every request carries an id (the ``X-Request-Id`` header and the ``id`` query parameter)
+that the handler echoes in the ``X-Echo-Id`` header and the body. The client checks every
+response it reads against the request it sent: a response carrying another id is a
+``wrong_client`` error, the one figure that must be zero.
+
+The report (text and, with ``--json``, a JSON line) gives requests completed by kind,
+errors by kind, the server's RSS and open fds after warm-up and at the end, and the
+server's own counters from /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from rtserve import App, Request, Response
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ======================================================================================
+# The server side: an app whose every answer names the request it answers.
+# ======================================================================================
+
+app = App()
+
+
+def _rid(request: Request) -> str:
+    rid = request.headers.get("x-request-id") or request.query_param("id", "")
+    return rid[:64]
+
+
+@app.get("/id")
+def echo_id(request: Request) -> Response:
+    rid = _rid(request)
+    return Response.text(f"id={rid}\n", headers={"X-Echo-Id": rid})
+
+
+@app.post("/echo")
+def echo_body(request: Request) -> Response:
+    rid = _rid(request)
+    return Response(request.body, 200, {"X-Echo-Id": rid}, "application/octet-stream")
+
+
+@app.get("/sleep")
+def sleep(request: Request) -> Response:
+    rid = _rid(request)
+    time.sleep(min(float(request.query_param("ms", "10")), 1000.0) / 1000.0)
+    return Response.text(f"id={rid}\n", headers={"X-Echo-Id": rid})
+
+
+@app.get("/stream")
+def stream(request: Request) -> Response:
+    rid = _rid(request)
+    n = min(int(request.query_param("n", "8")), 10_000)
+    size = min(int(request.query_param("size", "64")), 1 << 16)
+    pad = b"." * size
+
+    def chunks():
+        for i in range(n):
+            yield b"[%s:%d]%s" % (rid.encode(), i, pad)
+
+    return Response(chunks(), 200, {"X-Echo-Id": rid}, "application/octet-stream")
+
+
+# ======================================================================================
+# The client side.
+# ======================================================================================
+
+MALFORMED = [
+    b"GET /id HTTP/1.1\nHost: x\n\n",  # bare LF
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # CL + TE
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"GET /id HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n",  # obs-fold
+    b"GET /id HTTP/1.1\r\nHost : x\r\n\r\n",  # space before colon
+    b"GET /id HTTP/1.1\r\n\r\n",  # no Host
+    b"GET /id HTTP/2.0\r\nHost: x\r\n\r\n",
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0x5\r\nhello\r\n0\r\n\r\n",  # chunk size with 0x
+    b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # 414
+    b"GET /id HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",
+]
+
+_STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
+
+
+class ProtocolError(Exception):
+    """The server's answer is not what the request called for (the kind names why)."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+def read_response(f: Any) -> tuple[int, dict[str, str], bytes]:
+    """One response from a buffered socket file (Content-Length, chunked or to-close)."""
+    line = f.readline()
+    if not line:
+        raise ConnectionError("closed before a response")
+    m = _STATUS.match(line)
+    if not m:
+        raise ProtocolError("bad_status_line", repr(line[:60]))
+    status = int(m.group(1))
+    headers: dict[str, str] = {}
+    while True:
+        h = f.readline()
+        if not h:
+            raise ConnectionError("closed inside a response head")
+        if h == b"\r\n":
+            break
+        name, _, value = h.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        body = f.read(n)
+        if len(body) != n:
+            raise ConnectionError("closed inside a body")
+    elif headers.get("transfer-encoding") == "chunked":
+        parts = []
+        while True:
+            size_line = f.readline()
+            if not size_line:
+                raise ConnectionError("closed inside a chunked body")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                f.readline()
+                break
+            parts.append(f.read(size))
+            f.readline()
+        body = b"".join(parts)
+    else:
+        body = f.read()
+    return status, headers, body
+
+
+class Client(threading.Thread):
+    """One client thread: a keep-alive connection plus throw-away hostile connections."""
+
+    KINDS = ("valid", "post", "pipelined", "stream", "slow", "malformed", "aborted")
+    WEIGHTS = (40, 12, 12, 8, 6, 12, 10)
+
+    def __init__(self, n: int, addr: tuple[str, int], stop: threading.Event, seed: int) -> None:
+        super().__init__(name=f"soak-client-{n}", daemon=True)
+        self.n = n
+        self.addr = addr
+        self.stop_event = stop
+        self.rng = random.Random(seed)
+        self.seq = 0
+        self.done: Counter = Counter()  # requests answered correctly, by kind
+        self.errors: Counter = Counter()  # by kind of error
+        self.wrong_client = 0
+        self.sock: socket.socket | None = None
+        self.file: Any = None
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def next_id(self) -> str:
+        self.seq += 1
+        return f"c{self.n}-{self.seq}"
+
+    def new_socket(self, timeout: float = 10.0) -> socket.socket:
+        s = socket.create_connection(self.addr, timeout=timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+    def keepalive(self) -> tuple[socket.socket, Any]:
+        if self.sock is None:
+            self.sock = self.new_socket()
+            self.file = self.sock.makefile("rb")
+        return self.sock, self.file
+
+    def drop_keepalive(self) -> None:
+        if self.sock is not None:
+            try:
+                self.file.close()
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = self.file = None
+
+    def check(self, rid: str, status: int, headers: dict[str, str], body: bytes,
+              expect_body: bytes | None = None) -> None:
+        echoed = headers.get("x-echo-id")
+        if echoed != rid:
+            self.wrong_client += 1
+            raise ProtocolError("wrong_client", f"sent {rid}, got {echoed}")
+        if status != 200:
+            raise ProtocolError(f"status_{status}")
+        if expect_body is not None and body != expect_body:
+            raise ProtocolError("wrong_body", f"{rid}: {body[:60]!r}")
+
+    @staticmethod
+    def get(path: str, rid: str) -> bytes:
+        sep = "&" if "?" in path else "?"
+        return (f"GET {path}{sep}id={rid} HTTP/1.1\r\nHost: soak\r\n"
+                f"X-Request-Id: {rid}\r\n\r\n").encode()
+
+    # ---- traffic kinds ------------------------------------------------------------------
+
+    def do_valid(self) -> None:
+        s, f = self.keepalive()
+        rid = self.next_id()
+        s.sendall(self.get("/id", rid))
+        st, h, body = read_response(f)
+        self.check(rid, st, h, body, f"id={rid}\n".encode())
+
+    def do_post(self) -> None:
+        s, f = self.keepalive()
+        rid = self.next_id()
+        payload = (rid.encode() + b":") * self.rng.randint(1, 2000)
+        s.sendall((f"POST /echo HTTP/1.1\r\nHost: soak\r\nX-Request-Id: {rid}\r\n"
+                   f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload)
+        st, h, body = read_response(f)
+        self.check(rid, st, h, body, payload)
+
+    def do_pipelined(self) -> None:
+        s, f = self.keepalive()
+        ids = [self.next_id() for _ in range(self.rng.randint(3, 6))]
+        s.sendall(b"".join(self.get("/id", rid) for rid in ids))
+        for rid in ids:
+            st, h, body = read_response(f)
+            self.check(rid, st, h, body, f"id={rid}\n".encode())
+            self.done["pipelined_each"] += 1
+
+    def do_stream(self) -> None:
+        s, f = self.keepalive()
+        rid = self.next_id()
+        n = self.rng.randint(1, 50)
+        s.sendall(self.get(f"/stream?n={n}&size=100", rid))
+        st, h, body = read_response(f)
+        want = b"".join(b"[%s:%d]%s" % (rid.encode(), i, b"." * 100) for i in range(n))
+        self.check(rid, st, h, body, want)
+
+    def do_slow(self) -> None:
+        rid = self.next_id()
+        if self.rng.random() < 0.5:  # slow sender: the head in pieces
+            s, f = self.keepalive()
+            data = self.get("/id", rid)
+            cuts = sorted(self.rng.sample(range(1, len(data)), 4))
+            prev = 0
+            for c in cuts + [len(data)]:
+                s.sendall(data[prev:c])
+                prev = c
+                time.sleep(0.02)
+            st, h, body = read_response(f)
+            self.check(rid, st, h, body, f"id={rid}\n".encode())
+        else:  # slow reader of a streamed response, on its own connection
+            s = self.new_socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            try:
+                s.sendall(self.get("/stream?n=50&size=1000", rid).replace(
+                    b"Host: soak\r\n", b"Host: soak\r\nConnection: close\r\n"))
+                got = bytearray()
+                while True:
+                    chunk = s.recv(8192)
+                    if not chunk:
+                        break
+                    got += chunk
+                    time.sleep(0.002)
+            finally:
+                s.close()
+            head, _, _ = bytes(got).partition(b"\r\n\r\n")
+            if f"X-Echo-Id: {rid}".encode() not in head:
+                if b"X-Echo-Id:" in head:
+                    self.wrong_client += 1
+                    raise ProtocolError("wrong_client", rid)
+                raise ProtocolError("slow_reader_bad_head", repr(head[:80]))
+            if got.count(rid.encode() + b":") != 50 or not got.endswith(b"0\r\n\r\n"):
+                raise ProtocolError("slow_reader_short_body", rid)
+
+    def do_malformed(self) -> None:
+        s = self.new_socket()
+        try:
+            s.sendall(self.rng.choice(MALFORMED))
+            # Whatever follows in the same segment must never get an answer: add a smuggled
+            # request and check only one response comes back before the close.
+            try:
+                s.sendall(b"GET /id?id=smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+            except OSError:
+                pass
+            data = bytearray()
+            try:
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            except ConnectionResetError:
+                pass
+        finally:
+            s.close()
+        statuses = _STATUS.findall(bytes(data))
+        if not statuses:
+            raise ProtocolError("malformed_no_answer")
+        if len(statuses) != 1:
+            raise ProtocolError("malformed_answered_twice", repr(statuses))
+        code = int(statuses[0])
+        if not 400 <= code < 600:
+            raise ProtocolError("malformed_accepted", str(code))
+
+    def do_aborted(self) -> None:
+        rid = self.next_id()
+        s = self.new_socket()
+        stage = self.rng.choice(("head", "body", "handler", "response", "reset"))
+        try:
+            if stage == "head":
+                s.sendall(self.get("/id", rid)[: self.rng.randint(1, 30)])
+            elif stage == "body":
+                s.sendall((f"POST /echo HTTP/1.1\r\nHost: soak\r\nX-Request-Id: {rid}\r\n"
+                           "Content-Length: 1000\r\n\r\n").encode() + b"x" * 100)
+            elif stage == "handler":
+                s.sendall(self.get("/sleep?ms=30", rid))
+            elif stage == "response":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(self.get("/stream?n=2000&size=1000", rid))
+                s.recv(100)
+            else:
+                s.sendall(self.get("/sleep?ms=20", rid))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            s.close()
+        self.done["aborted_" + stage] += 1
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        kinds = self.KINDS
+        weights = self.WEIGHTS
+        while not self.stop_event.is_set():
+            kind = self.rng.choices(kinds, weights)[0]
+            try:
+                getattr(self, "do_" + kind)()
+                if kind != "aborted":
+                    self.done[kind] += 1
+            except ProtocolError as exc:
+                self.errors[exc.kind] += 1
+                self.drop_keepalive()
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                self.errors[f"{kind}_{type(exc).__name__}"] += 1
+                self.drop_keepalive()
+        self.drop_keepalive()
+
+
+# ======================================================================================
+# The driver.
+# ======================================================================================
+
+
+def proc_figures(pid: int) -> dict[str, int]:
+    """RSS (KiB), open fds and threads of a process, from /proc."""
+    out = {"rss_kib": 0, "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": 0}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                out["rss_kib"] = int(line.split()[1])
+            elif line.startswith("Threads:"):
+                out["threads"] = int(line.split()[1])
+    return out
+
+
+def scrape(addr: tuple[str, int]) -> dict[str, float]:
+    """The server's /metrics as {series: value} (histograms summed to their _count)."""
+    s = socket.create_connection(addr, timeout=10)
+    try:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")
+        _, _, body = read_response(s.makefile("rb"))
+    finally:
+        s.close()
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        if name.startswith("http_server_request_duration_seconds_count"):
+            code = re.search(r'status_code="(\d+)"', name)
+            key = f"responses_{code.group(1) if code else '?'}"
+            out[key] = out.get(key, 0) + float(value)
+        elif "_bucket" not in name and "_sum" not in name and "_count" not in name:
+            out[name] = float(value)
+    return out
+
+
+def start_server(threads: int, log_path: str) -> tuple[subprocess.Popen, tuple[str, int]]:
+    """`python -m rtserve bench.soak:app` on an ephemeral port; returns it and its address.
+
+    The server's stderr goes to `log_path` (a pipe nobody drains could block the server).
+    """
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rtserve", "bench.soak:app", "--bind", "127.0.0.1:0",
+             "--threads", str(threads), "--keepalive-timeout", "30", "--header-timeout", "5",
+             "--body-timeout", "5"],
+            cwd=ROOT, stderr=log, stdout=subprocess.DEVNULL,
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with open(log_path) as f:
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", f.read())
+        if m:
+            return proc, ("127.0.0.1", int(m.group(1)))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(5)
+    with open(log_path) as f:
+        raise RuntimeError("server did not start: " + f.read())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="how long to run (default 10)")
+    p.add_argument("--clients", type=int, default=4, help="client threads (default 4)")
+    p.add_argument("--threads", type=int, default=4, help="server worker threads (default 4)")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--json", action="store_true", help="also print the report as JSON")
+    p.add_argument("--log", default="/tmp/rtserve-soak-server.log", help="server stderr file")
+    args = p.parse_args(argv)
+
+    proc, addr = start_server(args.threads, args.log)
+    stop = threading.Event()
+    clients: list[Client] = []
+    try:
+        # Warm up (imports, first allocations) before the baseline figures.
+        warm = Client(-1, addr, threading.Event(), args.seed)
+        for _ in range(200):
+            warm.do_valid()
+            warm.do_stream()
+        warm.drop_keepalive()
+        time.sleep(0.5)
+        before = proc_figures(proc.pid)
+        t0 = time.monotonic()
+        clients = [Client(i, addr, stop, args.seed + i) for i in range(args.clients)]
+        for c in clients:
+            c.start()
+        end = t0 + args.minutes * 60
+        samples = []
+        while time.monotonic() < end:
+            time.sleep(min(60.0, max(0.0, end - time.monotonic())))
+            if proc.poll() is not None:
+                print("server exited with", proc.returncode, file=sys.stderr)
+                break
+            fig = proc_figures(proc.pid)
+            done = sum(sum(c.done.values()) for c in clients)
+            errs = sum(sum(c.errors.values()) for c in clients)
+            samples.append(fig)
+            print(f"[{time.monotonic() - t0:6.0f} s] rss {fig['rss_kib']} KiB, fds {fig['fds']}, "
+                  f"threads {fig['threads']}, done {done}, errors {errs}", flush=True)
+        stop.set()
+        for c in clients:
+            c.join(30)
+        elapsed = time.monotonic() - t0
+        time.sleep(1.0)  # let lingering closes finish
+        after = proc_figures(proc.pid)
+        metrics = scrape(addr)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    done: Counter = Counter()
+    errors: Counter = Counter()
+    for c in clients:
+        done.update(c.done)
+        errors.update(c.errors)
+    wrong = sum(c.wrong_client for c in clients)
+    report = {
+        "minutes": round(elapsed / 60, 2),
+        "clients": args.clients,
+        "server_threads": args.threads,
+        "completed": sum(v for k, v in done.items() if k != "pipelined_each"),
+        "completed_by_kind": dict(sorted(done.items())),
+        "errors_by_kind": dict(sorted(errors.items())),
+        "wrong_client": wrong,
+        "server_before": before,
+        "server_after": after,
+        "rss_samples_kib": [s["rss_kib"] for s in samples],
+        "server_metrics": {k: v for k, v in sorted(metrics.items()) if v},
+        "server_exit_code": proc.returncode,
+    }
+    print("\n== soak report ==")
+    for k, v in report.items():
+        print(f"{k}: {v}")
+    if args.json:
+        print(json.dumps(report))
+    return 0 if wrong == 0 and proc.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
