@@ -125,6 +125,35 @@ class FileWrapper:
 # ---- start_response -----------------------------------------------------------------
 
 
+_status_codes: dict[str, int] = {}  # "200 OK" -> 200: the status strings apps use are few
+
+
+def _status_code(status: Any) -> int:
+    """The code of a WSGI status string ("200 OK"); ValueError for anything else."""
+    if not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit() or (
+        len(status) > 3 and status[3] != " "
+    ):
+        raise ValueError(f"invalid WSGI status {status!r}")
+    code = int(status[:3])
+    if code < 100:
+        raise ValueError(f"invalid WSGI status {status!r}")
+    if status.__class__ is str and len(_status_codes) < 1024:
+        _status_codes[status] = code
+    return code
+
+
+def _response_of(body: Any, status: int, headers: list[tuple[str, str]]) -> Response:
+    """A Response around the app's own (already copied) header list: no second copy."""
+    response = _new_response(Response)
+    response.status = status
+    response.headers = headers
+    response.body = body
+    return response
+
+
+_new_response = object.__new__
+
+
 class _Call:
     """Per-request state shared by start_response, write() and the handler."""
 
@@ -149,17 +178,13 @@ class _Call:
                 exc_info = None  # no traceback cycle
         elif self.status:
             raise AssertionError("start_response called a second time without exc_info")
-        if not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit() or (
-            len(status) > 3 and status[3] != " "
-        ):
-            raise ValueError(f"invalid WSGI status {status!r}")
-        code = int(status[:3])
-        if code < 100:
-            raise ValueError(f"invalid WSGI status {status!r}")
-        if not isinstance(headers, list):
+        code = _status_codes.get(status) if status.__class__ is str else None
+        if code is None:
+            code = _status_code(status)
+        if headers.__class__ is not list and not isinstance(headers, list):
             raise TypeError("WSGI response headers must be a list of (name, value) tuples")
         self.status = code
-        self.headers = list(headers)  # names/values are validated when encoded (CR/LF/NUL)
+        self.headers = headers[:]  # names/values are validated when encoded (CR/LF/NUL)
         return self.write
 
     def write(self, data: bytes) -> None:
@@ -452,6 +477,15 @@ class WSGIApp:
         except BaseException:
             errors.flush()
             raise
+        if result.__class__ is list and call.status and not call.written:
+            # The common case, a list of bytes: one join, nothing to close.
+            try:
+                body = b"".join(result)
+            except TypeError:
+                body = None
+            if body and (not errors._buf):
+                call.closed = call.headers_sent = call.done = True
+                return _response_of(body, call.status, call.headers)
         try:
             response = self._response(request, call, result, errors)
         except BaseException:
@@ -473,7 +507,7 @@ class WSGIApp:
             if fbody is not None:
                 errors.flush()
                 call.headers_sent = True
-                return Response(fbody, call.status, call.headers)
+                return _response_of(fbody, call.status, call.headers)
         written = call.written
         if isinstance(result, list | tuple):
             body = _join(written + list(result) if written else result)
@@ -502,7 +536,7 @@ class WSGIApp:
             return self._complete(request, call, result, body[:length], errors)
         call.headers_sent = True
         body = _StreamBody(written + [first], it, result, errors)
-        return Response(body, call.status, call.headers)
+        return _response_of(body, call.status, call.headers)
 
     def _complete(
         self, request: Request, call: _Call, result: Any, body: bytes, errors: ErrorStream
@@ -518,8 +552,8 @@ class WSGIApp:
         call.headers_sent = True
         if request.method == "HEAD" and not body and _content_length(call.headers) is not None:
             # An empty iterable keeps the app's Content-Length on the HEAD answer.
-            return Response((), call.status, call.headers)
-        return Response(body, call.status, call.headers)
+            return _response_of((), call.status, call.headers)
+        return _response_of(body, call.status, call.headers)
 
 
 def _split_host(host: str) -> tuple[str, str]:
