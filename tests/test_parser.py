@@ -710,7 +710,8 @@ def test_trailer_count_limit() -> None:
 # --- linear time (ReDoS and rescanning) ----------------------------------------------------
 
 
-def _best_time(fn, repeat: int = 3) -> float:
+def _best_time(fn, repeat: int = 5) -> float:
+    """Best of `repeat` wall times: the minimum filters out a busy machine's noise."""
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -743,7 +744,7 @@ def test_byte_by_byte_head_is_linear_not_quadratic() -> None:
 
     small = _best_time(lambda: run(4000))
     large = _best_time(lambda: run(16000))
-    assert large / small < 8, (small, large)
+    assert large / small < 10, (small, large)  # linear: ~4-5x; quadratic: ~16x
 
 
 def test_byte_by_byte_chunked_body_is_linear() -> None:
@@ -753,4 +754,4 @@ def test_byte_by_byte_chunked_body_is_linear() -> None:
 
     small = _best_time(lambda: run(4000))
     large = _best_time(lambda: run(16000))
-    assert large / small < 8, (small, large)
+    assert large / small < 10, (small, large)  # linear: ~4-5x; quadratic: ~16x

@@ -238,9 +238,16 @@ class RequestParser:
             append(field)
             if field[0] in _SPECIAL:
                 specials.append(field)
-        fields = dict(specials)
-        if len(fields) != len(specials):
-            _check_duplicates(specials, fields)
+        host = cl = te = conn = expect = None
+        if specials:
+            fields = dict(specials)
+            if len(fields) != len(specials):
+                _check_duplicates(specials, fields)
+            host = fields.get("host")
+            cl = fields.get("content-length")
+            te = fields.get("transfer-encoding")
+            conn = fields.get("connection")
+            expect = fields.get("expect")
 
         if target[0] == "/":
             path, _, query = target.partition("?")
@@ -250,7 +257,6 @@ class RequestParser:
             raise NotImplementedFraming("CONNECT not implemented")
 
         http11 = version == "HTTP/1.1"
-        host = fields.get("host")
         if host is None:
             if http11:
                 raise BadRequest("missing Host")
@@ -261,7 +267,6 @@ class RequestParser:
                 _VALID_HOSTS.clear()
             _VALID_HOSTS.add(host)
 
-        conn = fields.get("connection")
         if conn is None:
             keep_alive = http11
         else:
@@ -276,8 +281,6 @@ class RequestParser:
 
         chunked = False
         length = 0
-        cl = fields.get("content-length")
-        te = fields.get("transfer-encoding")
         if te is not None:
             if cl is not None:
                 raise BadRequest("both Content-Length and Transfer-Encoding")
@@ -294,8 +297,8 @@ class RequestParser:
                 raise PayloadTooLarge("Content-Length exceeds the body limit")
 
         expect_continue = False
-        if http11 and "expect" in fields:
-            if fields["expect"].lower() != "100-continue":
+        if expect is not None and http11:
+            if expect.lower() != "100-continue":
                 raise ExpectationFailed("unsupported expectation")
             expect_continue = True
 
