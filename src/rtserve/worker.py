@@ -15,6 +15,7 @@ from typing import Any
 from .pool import WorkerPool
 from .request import Request
 from .response import (
+    STATUS_LINES,
     FileBody,
     InvalidResponse,
     Response,
@@ -33,6 +34,9 @@ _KEEP_ALIVE = b"Connection: keep-alive\r\n"
 _CLOSE = b"Connection: close\r\n"
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
 _NO_BODY_STATUSES = frozenset({204, 304})
+_CLEN_CACHED = 4096  # Content-Length lines of small bodies, pre-encoded
+_CLEN = tuple(b"Content-Length: %d\r\n" % n for n in range(_CLEN_CACHED))
+_monotonic_ns = time.monotonic_ns
 
 INTERNAL_ERROR = Response(b"Internal Server Error\n", 500, None, "text/plain; charset=utf-8")
 
@@ -91,14 +95,16 @@ class Worker:
 
     def __call__(self, conn: Any, req_id: int, request: Request) -> Any:
         route = request.route
-        t0 = time.monotonic_ns()
+        t0 = _monotonic_ns()
         request.t_start = t0
         try:
-            response = coerce(route.handler(request))
+            response = route.handler(request)
+            if response.__class__ is not Response:
+                response = coerce(response)
         except Exception:
             log.exception("handler for %s %s raised", request.method, request.path)
             response = INTERNAL_ERROR
-        t1 = time.monotonic_ns()
+        t1 = _monotonic_ns()
         request.t_end = t1
         elapsed = t1 - t0
         if request.deadline_ns:  # past its budget a handler only says "too slow": cap it,
@@ -114,12 +120,12 @@ class Worker:
     def serialize(self, conn: Any, req_id: int, request: Request, response: Response) -> Any:
         """Build the reply; the chosen status and keep-alive land on `request`."""
         status = response.status
-        sline = status_line(status)
+        sline = STATUS_LINES.get(status) or status_line(status)
         extra, length, app_close, has_date = encode_headers(response.headers)
         close = app_close or not request.keep_alive or self.is_draining()
         body = response.body
         head_only = request.method == "HEAD"
-        no_body = status in _NO_BODY_STATUSES or status < 200
+        no_body = status < 200 or status in _NO_BODY_STATUSES
         date = b"" if has_date else date_header()
         if body.__class__ is bytes:
             if no_body:
@@ -128,7 +134,8 @@ class Worker:
             elif head_only and length is not None and not body:
                 clen = b"Content-Length: %d\r\n" % length  # HEAD: the length a GET would have
             else:
-                clen = b"Content-Length: %d\r\n" % len(body)
+                n = len(body)
+                clen = _CLEN[n] if n < _CLEN_CACHED else b"Content-Length: %d\r\n" % n
             request.status = status
             request.keep_alive = not close
             conn_hdr = _CLOSE if close else (_KEEP_ALIVE if request.version == "HTTP/1.0" else b"")
