@@ -742,8 +742,8 @@ def test_byte_by_byte_head_is_linear_not_quadratic() -> None:
         data = b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"v" * n + b"\r\n\r\n"
         assert len(parse_bytewise(data, max_header_block=1 << 20)) == 1
 
-    small = _best_time(lambda: run(4000))
-    large = _best_time(lambda: run(32000))
+    small = _best_time(lambda: run(16000))  # big enough that timer noise is small
+    large = _best_time(lambda: run(128000))
     assert large / small < 25, (small, large)  # 8x the input: linear ~8-10x, quadratic ~64x
 
 
@@ -752,6 +752,6 @@ def test_byte_by_byte_chunked_body_is_linear() -> None:
         data = req(TE, b"%x\r\n" % n + b"x" * n + b"\r\n0\r\n\r\n")
         assert len(parse_bytewise(data)) == 1
 
-    small = _best_time(lambda: run(4000))
-    large = _best_time(lambda: run(32000))
+    small = _best_time(lambda: run(16000))  # big enough that timer noise is small
+    large = _best_time(lambda: run(128000))
     assert large / small < 25, (small, large)  # 8x the input: linear ~8-10x, quadratic ~64x
