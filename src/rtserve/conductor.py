@@ -722,6 +722,7 @@ class Server:
                     conn.stream = None
                     if stream.failed:
                         conn.close_after = True  # the body broke: never look complete
+                        self.metrics.handler_errors += 1
                     break
                 # Nothing buffered: the worker wakes us when it has more.
                 if conn.mask & EPOLLOUT:

@@ -64,7 +64,9 @@ class Metrics:
         "connections_accepted": ("rtserve_connections_accepted_total", "Connections accepted."),
         "accept_pauses": ("rtserve_accept_pauses_total",
                           "Times accepting paused (fd exhaustion or connection cap)."),
-        "handler_errors": ("rtserve_handler_errors_total", "Handlers that raised (answered 500)."),
+        "handler_errors": ("rtserve_handler_errors_total",
+                           "Handlers that raised or returned an invalid response (answered "
+                           "500, or a streamed body cut short)."),
     }
 
     def __init__(self) -> None:
