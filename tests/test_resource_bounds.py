@@ -399,7 +399,12 @@ def test_non_reading_clients_of_streamed_responses_do_not_grow_memory():
             # plus the conductor's unsent tail (<= what one take() returned), and a thread.
             per_stream_bound = 2 * (high_water + chunk) + 256 * 1024
             assert grown < n * per_stream_bound
-            assert produced < n * total / 10  # production stopped long before the end
+            # Production stopped once the kernel buffers (send buffer up to tcp_wmem's max,
+            # the small receive window) and the channel were full: far before the end.
+            with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+                wmem_max = int(f.read().split()[2])
+            assert produced <= n * (wmem_max + 256 * 1024 + high_water + 2 * chunk)
+            assert produced < n * total / 2
             # The server still answers others while n streams are stalled.
             assert srv.get("/hello") == (200, b"Hello, world!\n")
         finally:
