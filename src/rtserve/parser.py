@@ -65,6 +65,10 @@ _LINE_PREFIX_BAD_RE = re.compile(rb"[^\x21-\x7e \r]|\r(?=[^\n])")
 # Partial field line (no CRLF in it yet): a CTL other than HTAB, or a CR that is not last.
 _FIELD_PREFIX_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x0c\x0e-\x1f\x7f]|\r(?=[\x00-\xff])")
 
+# Field lines already split (see _split_field): at most 1024 lines of at most 256 chars.
+_FIELD_CACHE: dict[str, tuple[str, str]] = {}
+_FIELD_CACHE_MAX = 1024
+_FIELD_CACHE_LINE = 256
 # Host values already validated: clients repeat the same few, so a set lookup replaces the
 # regex. Only valid values enter; the set is emptied when full, so it stays small.
 _VALID_HOSTS: set[str] = set()
@@ -232,9 +236,11 @@ class RequestParser:
         raw_headers: list[tuple[str, str]] = []
         append = raw_headers.append
         specials: list[tuple[str, str]] = []  # the few fields that decide framing
+        cached = _FIELD_CACHE.get
         for line in lines[1:-2]:
-            name, _, value = line.partition(":")
-            field = (name.lower(), value.strip(" \t"))
+            field = cached(line)
+            if field is None:
+                field = _split_field(line)
             append(field)
             if field[0] in _SPECIAL:
                 specials.append(field)
@@ -529,6 +535,23 @@ class RequestParser:
         del buf[: end + 4]
         self._seen = 0
         return True
+
+
+def _split_field(line: str) -> tuple[str, str]:
+    """(lower-case name, value without OWS) of a validated field line; remembers short ones.
+
+    Clients repeat most field lines verbatim (Host, User-Agent, Accept...), so a dict hit
+    replaces partition + lower + strip + tuple. The mapping is a pure function of the line
+    (validation already happened), the cache only holds short lines and is emptied when
+    full, so a client sending unique lines only costs itself the miss.
+    """
+    name, _, value = line.partition(":")
+    field = (name.lower(), value.strip(" \t"))
+    if len(line) <= _FIELD_CACHE_LINE:
+        if len(_FIELD_CACHE) >= _FIELD_CACHE_MAX:
+            _FIELD_CACHE.clear()
+        _FIELD_CACHE[line] = field
+    return field
 
 
 # --- error paths (not hot): work out which rule failed and raise with its status ------------
