@@ -69,6 +69,7 @@ LINGER_NS = 2_000_000_000
 ACCEPT_PAUSE_NS = 100_000_000
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_NEVER = 1 << 62  # a monotonic_ns value no timer reaches
 HEALTH_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
 
 
@@ -107,6 +108,7 @@ class Server:
         self._timers: list = []  # (at_ns, seq, conn)  connection timers, lazily deleted
         self._deadlines: list = []  # (respond_by_ns, seq, conn, req_id)
         self._seq = 0
+        self._due = 0  # ns when the nearest timer is due (set by _poll_timeout)
         self._queue = CoDelQueue(cfg.codel_target_ms, cfg.codel_interval_ms)
         self._limit = ConcurrencyLimit(cfg.adaptive_limit, cfg.max_inflight, cfg.threads)
         self._busy = 0
@@ -274,15 +276,20 @@ class Server:
                     self._on_control()
             if self._signals:
                 self._handle_signals()
-            self._run_timers()
-            if self.heartbeat is not None and self.now >= self._beat_at:
-                self._beat_at = self.now + 1_000_000_000
-                self.heartbeat()
-            if self._drain_at and self.now >= self._drain_at:
-                self._drain_at = 0
-                self._begin_drain()
+            if monotonic_ns() >= self._due:  # the nearest timer _poll_timeout saw is due
+                self._run_due()
             if self.draining and self._drained():
                 return
+
+    def _run_due(self) -> None:
+        """Timers, heartbeat and a delayed drain: run only when the nearest one is due."""
+        self._run_timers()
+        if self.heartbeat is not None and self.now >= self._beat_at:
+            self._beat_at = self.now + 1_000_000_000
+            self.heartbeat()
+        if self._drain_at and self.now >= self._drain_at:
+            self._drain_at = 0
+            self._begin_drain()
 
     def _poll_timeout(self) -> float:
         nxt = 0
@@ -295,7 +302,9 @@ class Server:
             if t and (not nxt or t < nxt):
                 nxt = t
         if not nxt:
+            self._due = _NEVER
             return -1
+        self._due = nxt
         delta = nxt - time.monotonic_ns()
         return delta / 1e9 if delta > 0 else 0
 
