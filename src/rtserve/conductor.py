@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from bisect import bisect_left
 from typing import Any
 
 from .app import Route
@@ -39,7 +40,7 @@ from .deadlines import (
     retry_after_seconds,
 )
 from .errors import HTTPError, ParseError
-from .metrics import Metrics
+from .metrics import BUCKETS_NS, Metrics
 from .parser import NEED_DATA, RequestParser
 from .pool import WorkerPool
 from .request import Request
@@ -93,6 +94,7 @@ class Server:
         self.cfg = cfg
         self.app = app
         self.metrics = Metrics()
+        self._histograms = self.metrics.requests  # (method, route, status) -> Histogram
         self.pool = WorkerPool(cfg.threads)
         self.worker = Worker(self.pool, cfg.stream_high_water, lambda: self.draining)
         self._sock = sock
@@ -766,10 +768,15 @@ class Server:
         if req is not None:
             done = time.monotonic_ns()
             route = req.route
-            self.metrics.observe_request(
-                req.method, route.name if route is not None else _unrouted(req), req.status,
-                done - req.start_ns,
-            )
+            name = route.name if route is not None else _unrouted(req)
+            # Metrics.observe_request, inlined: this runs once per request.
+            h = self._histograms.get((req.method, name, req.status))
+            if h is None:
+                h = self.metrics.request_histogram(req.method, name, req.status)
+            ns = done - req.start_ns
+            h.counts[bisect_left(BUCKETS_NS, ns)] += 1
+            h.sum_ns += ns
+            h.count += 1
             if self._access_log:
                 self._log_access(req, done)
             conn.request = None
@@ -780,8 +787,15 @@ class Server:
             return
         conn.to(READING_HEAD)
         conn.timer_at = 0
-        if self._in_advance is not conn:
-            self._advance(conn)
+        if self._in_advance is conn:
+            return  # the parse loop that sent this answer goes on by itself
+        if conn.parser.buffered or conn.eof:
+            self._advance(conn)  # a pipelined request is waiting (or the client left)
+            return
+        # The common keep-alive case: nothing buffered, wait idle for the next request.
+        self._arm(conn, self.now + self._idle_ns, T_IDLE)
+        if not conn.mask & EPOLLIN:
+            self._set_mask(conn, conn.mask | READ_MASK)
 
     def _close_after_response(self, conn: Connection) -> None:
         """Shut our write side and discard input until EOF (lingering close), so unread

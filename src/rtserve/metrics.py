@@ -15,7 +15,8 @@ DURATION_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05,
     0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
-_BUCKETS_NS = tuple(int(b * 1e9) for b in DURATION_BUCKETS)
+BUCKETS_NS = tuple(int(b * 1e9) for b in DURATION_BUCKETS)
+_BUCKETS_NS = BUCKETS_NS  # (the conductor inlines Histogram.observe with it)
 
 
 class Histogram:
@@ -89,14 +90,18 @@ class Metrics:
 
     # ---- conductor side (hot path: one dict lookup and a bisect) ---------------------
 
-    def observe_request(self, method: str, route: str, status: int, ns: int) -> None:
+    def request_histogram(self, method: str, route: str, status: int) -> Histogram:
+        """The duration histogram for one label set (unknown methods share `_OTHER`)."""
         if method not in KNOWN_METHODS:
             method = "_OTHER"
         key = (method, route, status)
         h = self.requests.get(key)
         if h is None:
             h = self.requests[key] = Histogram()
-        h.observe(ns)
+        return h
+
+    def observe_request(self, method: str, route: str, status: int, ns: int) -> None:
+        self.request_histogram(method, route, status).observe(ns)
 
     def count_shed(self, reason: str) -> None:
         self.shed[reason] = self.shed.get(reason, 0) + 1
