@@ -96,6 +96,7 @@ class Server:
         self.metrics = Metrics()
         self._histograms = self.metrics.requests  # (method, route, status) -> Histogram
         self.pool = WorkerPool(cfg.threads)
+        self._submit = self.pool.task_put  # the hand-off to workers: one C call
         self.worker = Worker(self.pool, cfg.stream_high_water, lambda: self.draining)
         self._sock = sock
         self.listener: socket.socket | None = None
@@ -465,7 +466,7 @@ class Server:
         req.client = conn.addr
         start = conn.req_start or now
         req.start_ns = start
-        conn.req_start = now if conn.parser.has_partial() else 0
+        conn.req_start = now if conn.parser.buffered else 0  # a pipelined request began
         conn.request = req
         conn.to(DISPATCHED)
         conn.timer_at = 0
@@ -508,7 +509,7 @@ class Server:
             qw = self.metrics.queue_wait  # a zero wait: the first bucket, no bisect
             qw.counts[0] += 1
             qw.count += 1
-            self.pool.submit(self.worker, conn, rid, req)
+            self._submit((self.worker, conn, rid, req))  # pool.submit, without the call
         else:
             self._queue.push((conn, rid, req), now)
 

@@ -32,6 +32,7 @@ class WorkerPool:
         self.size = threads
         self.name = name
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.task_put = self._tasks.put  # takes (fn, conn, req_id, arg): submit without a call
         self._completions: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_pending = False
