@@ -90,6 +90,34 @@ def stream(request: Request) -> Response:
     return Response(chunks(), 200, {"X-Echo-Id": rid}, "application/octet-stream")
 
 
+@app.get("/_soak/heap")
+def heap(request: Request) -> Response:
+    """Live Python heap (blocks, gc objects) and RSS before/after glibc's malloc_trim(0).
+
+    Tells a leak (live blocks grow) from allocator retention (RSS falls after the trim).
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    out = {"py_blocks": sys.getallocatedblocks(), "gc_objects": len(gc.get_objects()),
+           "rss_kib": _self_rss_kib()}
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    out["rss_after_trim_kib"] = _self_rss_kib()
+    return Response.json(out)
+
+
+def _self_rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 # ======================================================================================
 # The client side.
 # ======================================================================================
@@ -409,6 +437,15 @@ def scrape(addr: tuple[str, int]) -> dict[str, float]:
     return out
 
 
+def get_json(addr: tuple[str, int], path: str) -> Any:
+    s = socket.create_connection(addr, timeout=30)
+    try:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n".encode())
+        return json.loads(read_response(s.makefile("rb"))[2])
+    finally:
+        s.close()
+
+
 def start_server(threads: int, log_path: str) -> tuple[subprocess.Popen, tuple[str, int]]:
     """`python -m rtserve bench.soak:app` on an ephemeral port; returns it and its address.
 
@@ -458,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         warm.drop_keepalive()
         time.sleep(0.5)
         before = proc_figures(proc.pid)
+        heap_before = get_json(addr, "/_soak/heap")  # trims: take the RSS figure first
         t0 = time.monotonic()
         clients = [Client(i, addr, stop, args.seed + i) for i in range(args.clients)]
         for c in clients:
@@ -482,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)  # let lingering closes finish
         after = proc_figures(proc.pid)
         metrics = scrape(addr)
+        heap_after = get_json(addr, "/_soak/heap")
     finally:
         stop.set()
         if proc.poll() is None:
@@ -508,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         "server_before": before,
         "server_after": after,
         "rss_samples_kib": [s["rss_kib"] for s in samples],
+        "server_heap_before": heap_before,
+        "server_heap_after": heap_after,
         "server_metrics": {k: v for k, v in sorted(metrics.items()) if v},
         "server_exit_code": proc.returncode,
     }
