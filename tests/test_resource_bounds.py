@@ -484,11 +484,12 @@ def test_connect_and_reset_flood_keeps_serving_without_leaking_fds():
             c.close()
         took = time.monotonic() - t0
         wait_for(lambda: srv.fds() <= fds0, 30, "fds back to the baseline")
+        fds1 = srv.fds()
         m = srv.metrics()
         accepted, aborts = (m[k] - m0[k] for k in ("rtserve_connections_accepted_total",
                                                    "rtserve_client_aborts_total"))
         print(f"\nreset flood: {n} connect+RST in {took:.1f} s, accepted {accepted:.0f}, "
-              f"client aborts {aborts:.0f}, fds {fds0} -> {srv.fds()}")
+              f"client aborts {aborts:.0f}, fds {fds0} -> {fds1}")
         # Counters sane: nothing counted twice, nothing out of thin air.
         assert n * 0.5 <= accepted <= n + 2
         assert aborts <= n * 2 / 3 + 1
