@@ -431,10 +431,12 @@ def test_fd_exhaustion_does_not_busy_loop_and_recovers():
                 s.settimeout(1.0)
                 try:
                     answered = s.recv(4096).startswith(b"HTTP/1.1 200 ")
-                except TimeoutError:
-                    answered = False
-                if not answered:
-                    break
+                except TimeoutError:  # exhausted, or only slow (a busy machine)?
+                    if "Too many open files" in srv.log_text():
+                        break
+                    s.settimeout(10.0)
+                    answered = s.recv(4096).startswith(b"HTTP/1.1 200 ")
+                assert answered
             else:
                 pytest.fail("200 connections accepted with RLIMIT_NOFILE 64")
             held = len(socks) - 1
