@@ -332,7 +332,8 @@ SERVERS: list[Server] = [
            "--backlog", "4096"], note="uvloop + httptools, ASGI, /score in 8 threads"),
     Server("granian", "peer", ["{bin}/granian", "--interface", "wsgi", "--host", "127.0.0.1",
            "--port", "{port}", "--workers", "1", "--runtime-threads", "1",
-           "--blocking-threads", "8", "--backlog", "4096", "--no-access-log",
+           "--blocking-threads", "8", "--backlog", "4096",
+           "--http1-header-read-timeout", "30000", "--no-access-log",
            "--log-level", "warning", "apps.wsgi_app:app"],
            note="WSGI, 1 worker, 8 blocking threads"),
     Server("nginx", "ceiling", ["nginx", "-c", "{tmp}/nginx.conf"], workloads="ABDF",
@@ -478,7 +479,7 @@ def run_idle(pid: int, port: int, ctx: Ctx) -> dict[str, Any]:
     time.sleep(0.5)
     before = tree_rss_kib(pid)
     cmd = [*pin(CLIENT_CPU), sys.executable, str(BENCH / "idle_conns.py"),
-           "--port", str(port), "-n", str(ctx.idle_conns)]
+           "--port", str(port), "-n", str(ctx.idle_conns), "--timeout", "120"]
     ctx.commands.setdefault("idle F", shlex.join(cmd).replace(str(BENCH), "bench"))
     p = start_process(cmd, BENCH, dict(os.environ), ctx.tmp / "idle.log",
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -666,11 +667,21 @@ def _metric(key: str, runs: list[dict[str, Any]]) -> float | None:
         return _med(rs, lambda r: r["goodput_rps"]) if rs else None
     if key == "F":
         return runs[0]["kib_per_conn"]
+    if key == "C":  # fallbacks and sheds are cheap: compare the real work done
+        return _med(runs, lambda r: r["real_rps"])
     return _med(runs, lambda r: r["rps"])
 
 
-def _eff(runs: list[dict[str, Any]]) -> float | None:
-    vals = [r["req_per_cpu_s"] for r in _ok(runs) if r.get("req_per_cpu_s")]
+def _eff(runs: list[dict[str, Any]], real: bool = False) -> float | None:
+    """Median requests (``real``: real answers only) per server CPU-second."""
+    vals = []
+    for r in _ok(runs):
+        if not r.get("req_per_cpu_s"):
+            continue
+        if real:
+            vals.append(r["real_rps"] * r["duration_us"] / 1e6 / r["server_cpu_s"])
+        else:
+            vals.append(r["req_per_cpu_s"])
     return statistics.median(vals) if vals else None
 
 
@@ -686,7 +697,8 @@ def ratio_table(key: str, res: dict[str, Any]) -> list[str]:
     peers = [n for n in by_server if kinds.get(n) != "rtserve"]
     if not ours or not peers:
         return []
-    what = {"E": "goodput at the highest load",
+    what = {"C": "real answers/s: 2xx that are not fallbacks",
+            "E": "goodput at the highest load",
             "F": "KiB per idle connection, lower is better"}.get(key, "requests/s")
     rows = [f"Ratio rtserve / peer ({what}):", "",
             "| | " + " | ".join(peers) + " |", "|---|" + "---:|" * len(peers)]
@@ -702,11 +714,12 @@ def ratio_table(key: str, res: dict[str, Any]) -> list[str]:
             else:
                 cells.append(f"{mo / mp:.2f}x")
         rows.append(f"| {o} | " + " | ".join(cells) + " |")
-        if WORKLOADS[key].kind == "wrk" and _eff(by_server[o]):
-            eo = _eff(by_server[o])
+        real = key == "C"
+        if WORKLOADS[key].kind == "wrk" and _eff(by_server[o], real):
+            eo = _eff(by_server[o], real)
             cells = []
             for p in peers:
-                ep = _eff(by_server[p])
+                ep = _eff(by_server[p], real)
                 cells.append(f"{eo / ep:.2f}x" if eo and ep else "n/a")
             rows.append(f"| {o}, per CPU-s | " + " | ".join(cells) + " |")
     return rows
@@ -1036,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render({**res, "runs": {key: res["runs"].get(key, {})}}), flush=True)
 
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path = RESULTS / f"run-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(res, indent=1))
     print(f"# results in {path}")
     if a.write_docs:
