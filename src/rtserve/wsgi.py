@@ -41,6 +41,12 @@ WSGICallable = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
 _header_keys: dict[str, str] = {"content-type": "CONTENT_TYPE", "content-length": ""}
 
 
+_PER_REQUEST_KEYS = (
+    "REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL", "RAW_URI", "REQUEST_URI",
+    "REMOTE_ADDR", "REMOTE_PORT", "wsgi.input", "wsgi.errors", "rtserve.request",
+)
+
+
 def _header_key(name: str) -> str:
     """`user-agent` -> `HTTP_USER_AGENT` (cached; the set of names seen is small)."""
     key = "" if "_" in name else "HTTP_" + name.upper().replace("-", "_")
@@ -346,6 +352,10 @@ class WSGIApp:
             "wsgi.input_terminated": True,  # the whole body was read before the app runs
             "wsgi.url_scheme": "http",
         }
+        # The keys every request sets, present already: the copy is sized for the whole
+        # environ, so filling it in never grows (rehashes) the dict.
+        for key in _PER_REQUEST_KEYS:
+            self._base[key] = ""
         self._peer: tuple[Any, str, str] = (object(), "", "0")  # the last client's strings
         self._hosts: dict[str, tuple[str, str]] = {}  # Host value -> (name, port or "")
         deadlines = parse_route_deadlines(cfg.route_deadline)
