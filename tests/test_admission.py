@@ -86,18 +86,21 @@ def test_codel_sheds_old_requests_and_serves_lifo_under_a_standing_queue(gate: G
                        codel_interval_ms=20, codel_target_ms=250) as server:
         a = _block_one(server, gate)
         old = _enqueue(server, ["B1", "B2", "B3"], headers=LONG_BUDGET)
-        time.sleep(0.6)  # the queue stands (> interval) and B waited past the target
-        assert server._queue.standing(time.monotonic_ns())
-        new = _enqueue(server, ["C1", "C2", "C3"], already=3, headers=LONG_BUDGET)
+        # The queue stands (> interval) and B waits past the target: B is shed when its
+        # timeout runs out, while the only worker is still busy (not at the next dequeue).
+        for c in old:
+            status, headers, _ = c.recv()
+            assert status == 503
+            assert int(headers["retry-after"]) >= 1
+        assert server.metrics.shed == {"codel": 3}
+        assert server._busy == 1 and not gate.release.is_set()
+        new = _enqueue(server, ["C1", "C2", "C3"], headers=LONG_BUDGET)
+        wait_for(lambda: server._queue.standing(time.monotonic_ns()))
         gate.release.set()
         assert a.recv()[0] == 200
         for c in new:
             status, _, body = c.recv()
             assert (status, body) == (200, b"ran\n")
-        for c in old:
-            status, headers, _ = c.recv()
-            assert status == 503
-            assert int(headers["retry-after"]) >= 1
         assert order == ["C3", "C2", "C1"]  # newest first while the queue stands
         assert server.metrics.shed == {"codel": 3}
         for c in [a, *old, *new]:
@@ -375,3 +378,29 @@ def test_adaptive_limit_sheds_over_the_wire(gate: Gate) -> None:
             assert x.recv()[0] == 200
             x.close()
         c.close()
+
+
+def test_recent_timer_lateness_is_sent_as_extra_margin(gate: Gate) -> None:
+    """A conductor whose deadline timers fired late answers the next ones earlier."""
+    app = App()
+
+    @app.get("/held", deadline_ms=10_000, fallback=Response.json(REVIEW))
+    def held(request: Request) -> Response:
+        gate.hold("held")
+        return Response.text("ran\n")
+
+    with server_thread(app, threads=1, deadline_margin_ms=1) as server:
+        server._lag_ns = 3_000_000  # as if the last fallback fired 3 ms late
+        c = Client(server.address)
+        c.send("GET", "/held")
+        gate.wait_entered()
+        respond_by, _, conn, _ = server._deadlines[0]
+        req = conn.request
+        assert req.deadline_ns - respond_by == 1_000_000 + 3_000_000
+        metrics = Client(server.address)
+        metrics.send("GET", "/metrics")
+        assert b"rtserve_deadline_extra_margin_seconds 0.003" in metrics.recv()[2]
+        gate.release.set()
+        assert c.recv()[0] == 200
+        c.close()
+        metrics.close()

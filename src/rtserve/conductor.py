@@ -119,6 +119,7 @@ class Server:
         self._threads = cfg.threads
         self._default_deadline_ns = int(cfg.deadline_ms * 1_000_000)
         self._margin_ns = int(cfg.deadline_margin_ms * 1_000_000)
+        self._lag_ns = 0  # recent deadline-timer lateness, ns (see _dispatch)
         self._header_ns = int(cfg.header_timeout * 1e9)
         self._body_ns = int(cfg.body_timeout * 1e9)
         self._idle_ns = int(cfg.keepalive_timeout * 1e9)
@@ -156,6 +157,9 @@ class Server:
         m.gauge("rtserve_stuck_workers", "Workers still running a request answered late.",
                 lambda: len(self._stuck))
         m.gauge("rtserve_workers", "Size of the worker pool.", lambda: self._threads)
+        m.gauge("rtserve_deadline_extra_margin_seconds",
+                "Recent deadline-timer lateness, sent earlier as extra margin.",
+                lambda: self._lag_ns / 1e9)
         m.gauge("rtserve_concurrency_limit", "Current admission limit (0 = none).",
                 lambda: round(self._limit.limit, 2) if self._limit.enabled else 0)
 
@@ -280,7 +284,9 @@ class Server:
             if self._signals:
                 self._handle_signals()
             if monotonic_ns() >= self._due:  # the nearest timer _poll_timeout saw is due
-                self._run_due()
+                self._run_due()  # (deadlines first: a due fallback beats a CoDel 503)
+            if self._queue:
+                self._expire_queued()
             if self.draining and self._drained():
                 return
 
@@ -300,6 +306,12 @@ class Server:
             nxt = self._timers[0][0]
         if self._deadlines and (not nxt or self._deadlines[0][0] < nxt):
             nxt = self._deadlines[0][0]
+        if self._queue:  # the oldest queued request's CoDel timeout
+            limit = self._queue.timeout_ns(self.now)
+            if limit:
+                at = self._queue.oldest()[2].t_queued + limit + 1
+                if not nxt or at < nxt:
+                    nxt = at
         beat = (self._beat_at or 1) if self.heartbeat is not None else 0  # 0 = due now
         for t in (self._accept_resume_at, self._drain_deadline, self._drain_at, beat):
             if t and (not nxt or t < nxt):
@@ -491,7 +503,13 @@ class Server:
             budget = cb
         if budget:
             req.deadline_ns = start + budget
-            respond_by = req.deadline_ns - self._margin_ns
+            # The configured margin, plus how late this conductor's deadline timers have
+            # been firing lately (CPU-bound handlers keep the GIL from it), up to a quarter
+            # of the budget: the fallback must land before the deadline, not at it.
+            lag = self._lag_ns
+            respond_by = req.deadline_ns - self._margin_ns - (
+                lag if lag < budget >> 2 else budget >> 2
+            )
             if respond_by - now <= target.ewma_ns:
                 self.metrics.dead_on_arrival += 1
                 target.ewma_ns *= DOA_DECAY  # a probe gets through now and then
@@ -539,6 +557,28 @@ class Server:
             self._busy += 1
             conn.running = True
             self.pool.submit(self.worker, conn, rid, req)
+
+    def _expire_queued(self) -> None:
+        """Shed queued requests whose CoDel timeout ran out, when it runs out.
+
+        Checking only at dequeue is not enough: under LIFO the oldest requests sit at the
+        bottom until their deadline. Facebook's queue sheds a request at its timeout, so its
+        client hears 503 at once (and can retry elsewhere) instead of a late fallback.
+        """
+        q = self._queue
+        now = self.now = time.monotonic_ns()
+        limit = q.timeout_ns(now)
+        if not limit:
+            return
+        while q:
+            conn, rid, req = q.oldest()
+            if conn.req_id != rid or conn.state is not DISPATCHED:
+                q.pop_oldest(now)  # answered by its deadline, or the client left
+                continue
+            if not req.deadline_ns or now - req.t_queued <= limit:
+                return  # CoDel sheds only requests with a deadline (see _dispatch_queued)
+            q.pop_oldest(now)
+            self._shed(conn, req, "codel")
 
     def _shed(self, conn: Connection, req: Request, reason: str) -> None:
         self.metrics.count_shed(reason)
@@ -895,7 +935,11 @@ class Server:
             if conn.req_id != rid or conn.state is not DISPATCHED:
                 continue
             req = conn.request
-            self.metrics.timer_lag.observe(now - at)
+            lag = now - at
+            self.metrics.timer_lag.observe(lag)
+            # A decaying high-water mark of the lateness, used as extra margin.
+            decayed = self._lag_ns * 19 // 20
+            self._lag_ns = lag if lag > decayed else decayed
             self.metrics.deadline_misses += 1
             if conn.running:
                 self._stuck.add((conn, rid))

@@ -106,6 +106,16 @@ class CoDelQueue:
             self.last_empty_ns = now
         return item
 
+    def oldest(self) -> Any:
+        """The item that has waited longest (the left end in both FIFO and LIFO order)."""
+        return self._items[0]
+
+    def pop_oldest(self, now: int) -> Any:
+        item = self._items.popleft()
+        if not self._items:
+            self.last_empty_ns = now
+        return item
+
     def discard(self, item: Any, now: int) -> bool:
         """Remove a request answered while it waited (deadline, client gone); O(n).
 
