@@ -154,6 +154,12 @@ _LENGTHS: dict[tuple[str, str], int] = {}
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "date"})
 
 
+# Whole header lists -> encode_headers' answer: most responses of a handler carry the very
+# same list, so one tuple() and one lookup replace the per-pair loop. Bounded like _ENCODED.
+_LISTS: dict[tuple, tuple[bytes, int | None, bool, bool]] = {}
+_NO_HEADERS = (b"", None, False, False)
+
+
 def encode_headers(headers: HeaderList) -> tuple[bytes, int | None, bool, bool]:
     """Validate and encode handler headers.
 
@@ -161,7 +167,22 @@ def encode_headers(headers: HeaderList) -> tuple[bytes, int | None, bool, bool]:
     Transfer-Encoding from a handler is dropped: framing is the server's job.
     """
     if not headers:
-        return b"", None, False, False
+        return _NO_HEADERS
+    key = tuple(headers)
+    try:
+        hit = _LISTS.get(key)
+    except TypeError:  # an unhashable pair (a list, a non-str value): not cached
+        return _encode_headers(key)
+    if hit is not None:
+        return hit
+    result = _encode_headers(key)
+    if len(_LISTS) < _ENCODED_MAX:
+        _LISTS[key] = result
+    return result
+
+
+def _encode_headers(headers: Iterable) -> tuple[bytes, int | None, bool, bool]:
+    """encode_headers without the whole-list cache."""
     out = []
     length: int | None = None
     close = False
