@@ -39,7 +39,7 @@ def status_line(status: int) -> bytes:
     line = STATUS_LINES.get(status)
     if line is None:
         if not 100 <= status <= 999:
-            raise ValueError(f"invalid status {status!r}")
+            raise InvalidResponse(f"invalid status {status!r}")
         line = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status).encode("latin-1"))
         STATUS_LINES[status] = line
     return line
