@@ -403,8 +403,9 @@ class WSGIApp:
         # "CONTENT_TYPE", or "" for names never mapped); a repeated name is the rare case.
         keys = _header_keys
         for name, value in request.raw_headers:
-            key = keys.get(name)
-            if key is None:
+            try:
+                key = keys[name]  # a subscript, not .get(): no method call per header
+            except KeyError:
                 key = _header_key(name)
             if not key:
                 continue
