@@ -78,3 +78,23 @@ def test_configuration_doc_is_generated_from_the_table():
 
     doc = pathlib.Path(__file__).parent.parent / "docs" / "configuration.md"
     assert doc.read_text() == settings_markdown(), "run: python -m rtserve.config > " + str(doc)
+
+
+def test_a_wsgi_app_with_a_resolve_method_is_still_wsgi():
+    from rtserve import App
+    from rtserve.config import Config
+    from rtserve.server import as_dispatcher
+    from rtserve.wsgi import WSGIApp
+
+    class Router:
+        def resolve(self, path):  # an application's own routing helper
+            return path
+
+        def __call__(self, environ, start_response):
+            start_response("200 OK", [])
+            return [b"ok"]
+
+    cfg = Config(_env={})
+    assert isinstance(as_dispatcher(Router(), cfg), WSGIApp)
+    native = App()
+    assert as_dispatcher(native, cfg) is native

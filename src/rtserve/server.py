@@ -21,7 +21,11 @@ def serve(app: Any, config: Config | None = None, **settings: Any) -> int:
 
 def as_dispatcher(app: Any, cfg: Config) -> Any:
     """A native App is used as is; any other callable is treated as a WSGI application."""
-    if hasattr(app, "resolve"):
+    from .app import App
+
+    # A WSGI application object may well have a `resolve` method of its own: only a
+    # non-callable object with `resolve` (or an App) is taken as a native dispatcher.
+    if isinstance(app, App) or (hasattr(app, "resolve") and not callable(app)):
         return app
     if callable(app):
         from .wsgi import WSGIApp
