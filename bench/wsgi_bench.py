@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -211,8 +212,12 @@ def _callgrind_ir(case: str, loops: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         outfile = os.path.join(tmp, "cg.out")
         env = dict(os.environ, PYTHONHASHSEED="0")
+        # setarch -R: no address randomisation, so address-keyed hashing is the same in
+        # both runs (it was the main source of run-to-run differences, ~1k instructions).
+        norand = ["setarch", "-R"] if shutil.which("setarch") else []
         subprocess.run(
             [
+                *norand,
                 "valgrind", "--tool=callgrind", "--callgrind-out-file=" + outfile,
                 sys.executable, __file__, "--loops", str(loops), case,
             ],
@@ -244,7 +249,7 @@ def main() -> None:
                     help="instructions per request under valgrind instead of timings")
     ap.add_argument("--loops", type=int, default=0,
                     help="(internal) run the case this many times, untimed, and exit")
-    ap.add_argument("--cg-loops", type=int, default=1000,
+    ap.add_argument("--cg-loops", type=int, default=3000,
                     help="requests per callgrind run (the difference of two runs is used)")
     args = ap.parse_args()
     table = cases()
