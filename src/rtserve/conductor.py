@@ -97,7 +97,7 @@ class Server:
         self._histograms = self.metrics.requests  # (method, route, status) -> Histogram
         self.pool = WorkerPool(cfg.threads)
         self._submit = self.pool.task_put  # the hand-off to workers: one C call
-        self.worker = Worker(self.pool, cfg.stream_high_water, lambda: self.draining)
+        self.worker = Worker(self.pool, cfg.stream_high_water)
         self._sock = sock
         self.listener: socket.socket | None = None
         self.address: tuple | None = None
@@ -1048,6 +1048,7 @@ class Server:
         if self.draining:
             return
         self.draining = True
+        self.worker.draining = True  # responses from now on say Connection: close
         self._beat_at = 0  # a max_requests recycle lands here: tell the supervisor at once
         self._drain_deadline = self.now + int(self.cfg.graceful_timeout * 1e9)
         if self.listener is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from .pool import WorkerPool
@@ -88,10 +87,10 @@ class Worker:
     One instance is shared by all worker threads; it holds no per-request state.
     """
 
-    def __init__(self, pool: WorkerPool, stream_high_water: int, is_draining: Callable[[], bool]):
+    def __init__(self, pool: WorkerPool, stream_high_water: int) -> None:
         self.pool = pool
         self.stream_high_water = stream_high_water
-        self.is_draining = is_draining
+        self.draining = False  # set by the conductor when a drain starts
 
     def __call__(self, conn: Any, req_id: int, request: Request) -> Any:
         route = request.route
@@ -122,7 +121,7 @@ class Worker:
         status = response.status
         sline = STATUS_LINES.get(status) or status_line(status)
         extra, length, app_close, has_date = encode_headers(response.headers)
-        close = app_close or not request.keep_alive or self.is_draining()
+        close = app_close or not request.keep_alive or self.draining
         body = response.body
         head_only = request.method == "HEAD"
         no_body = status < 200 or status in _NO_BODY_STATUSES
