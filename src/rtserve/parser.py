@@ -90,8 +90,6 @@ _MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
 
 # Fields the parser itself interprets.
 _SPECIAL = frozenset(("host", "content-length", "transfer-encoding", "connection", "expect"))
-# Fields that must not repeat; a repeated Connection or Expect is merged instead.
-_SINGLETONS = frozenset(("host", "content-length", "transfer-encoding"))
 _FORBIDDEN_TRAILERS = frozenset(("content-length", "transfer-encoding", "host"))
 
 # parser states
@@ -245,15 +243,23 @@ class RequestParser:
             if field[0] in _SPECIAL:
                 specials.append(field)
         host = cl = te = conn = expect = None
-        if specials:
-            fields = dict(specials)
-            if len(fields) != len(specials):
-                _check_duplicates(specials, fields)
-            host = fields.get("host")
-            cl = fields.get("content-length")
-            te = fields.get("transfer-encoding")
-            conn = fields.get("connection")
-            expect = fields.get("expect")
+        for name, value in specials:  # usually just Host (and Connection)
+            if name == "host":
+                if host is not None:
+                    raise BadRequest("duplicate Host")
+                host = value
+            elif name == "connection":
+                conn = value if conn is None else conn + "," + value
+            elif name == "content-length":
+                if cl is not None:
+                    raise BadRequest("duplicate Content-Length")
+                cl = value
+            elif name == "transfer-encoding":
+                if te is not None:
+                    raise BadRequest("duplicate Transfer-Encoding")
+                te = value
+            elif expect is None or expect.lower() == "100-continue":
+                expect = value  # Expect: 100-continue holds only if every value says so
 
         if target[0] == "/":
             path, _, query = target.partition("?")
@@ -590,26 +596,6 @@ def _diagnose_fields(lines: list[str]) -> None:
                 raise BadRequest("invalid header name")
             raise BadRequest("invalid character in header value")
     raise BadRequest("invalid header section")
-
-
-def _check_duplicates(specials: list[tuple[str, str]], fields: dict[str, str]) -> None:
-    """Repeated fields: singletons are a 400; Connection values are merged into `fields`.
-
-    Expect keeps `100-continue` only if every Expect value says so.
-    """
-    seen: set[str] = set()
-    for name, value in specials:
-        if name in seen:
-            if name in _SINGLETONS:
-                raise BadRequest("duplicate " + name)
-            if name == "connection":
-                fields[name] = fields[name] + ", " + value
-            elif name == "expect" and fields[name].lower() == "100-continue":
-                fields[name] = value
-        else:
-            seen.add(name)
-            if name in ("connection", "expect"):
-                fields[name] = value
 
 
 def _other_target_form(method: str, target: str) -> tuple[str, str]:
