@@ -404,3 +404,58 @@ def test_recent_timer_lateness_is_sent_as_extra_margin(gate: Gate) -> None:
         assert c.recv()[0] == 200
         c.close()
         metrics.close()
+
+
+def test_cpu_bound_handlers_start_only_within_the_cpu_budget(gate: Gate) -> None:
+    """Handlers whose measured CPU time would time-slice the GIL wait for the budget."""
+    app = App()
+
+    @app.get("/cpu", deadline_ms=10_000, fallback=Response.json(REVIEW))
+    def cpu(request: Request) -> Response:
+        gate.hold("cpu")
+        return Response.text("ran\n")
+
+    with server_thread(app, threads=8, cpu_inflight_ms=3) as server:
+        route = app._exact[("GET", "/cpu")]
+        route.cpu_ns = 2_000_000  # as if sampled: 2 ms of CPU per request
+        route.cpu_tick = 1000  # past the first samples: no fresh sample overwrites it
+        clients = [Client(server.address) for _ in range(5)]
+        for c in clients:
+            c.send("GET", "/cpu")
+        gate.wait_entered(2)  # 0 ms running -> start; 2 ms running -> start; 4 ms: wait
+        wait_for(lambda: len(server._queue) == 3)
+        assert server._busy == 2 and len(gate.calls) == 2
+        assert server._cpu_inflight == 4_000_000
+        gate.release.set()
+        for c in clients:
+            assert c.recv()[0] == 200
+            c.close()
+        assert len(gate.calls) == 5
+        wait_for(lambda: server._cpu_inflight == 0 and not server._charges)
+
+
+def test_handler_cpu_time_is_sampled() -> None:
+    app = App()
+
+    @app.get("/burn")
+    def burn(request: Request) -> Response:
+        x = 0
+        for i in range(200_000):
+            x += i
+        return Response.text(str(x))
+
+    @app.get("/nap")
+    def nap(request: Request) -> Response:
+        threading.Event().wait(0.02)  # waits without CPU
+        return Response.text("ok")
+
+    with server_thread(app, threads=2) as server:
+        for path in ("/burn", "/nap"):
+            for _ in range(3):
+                c = Client(server.address)
+                c.send("GET", path)
+                assert c.recv()[0] == 200
+                c.close()
+        burn_route, nap_route = app._exact[("GET", "/burn")], app._exact[("GET", "/nap")]
+        assert burn_route.cpu_ns > 1_000_000  # a 200k-step loop costs milliseconds of CPU
+        assert nap_route.cpu_ns < burn_route.cpu_ns / 4  # waiting is not CPU

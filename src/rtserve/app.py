@@ -19,7 +19,8 @@ Handler = Callable[[Request], Any]
 class Route:
     """One routed endpoint: handler, deadline and fallback, and its measured service time."""
 
-    __slots__ = ("name", "handler", "deadline_ns", "fallback", "ewma_ns", "prefix")
+    __slots__ = ("name", "handler", "deadline_ns", "fallback", "ewma_ns", "prefix", "cpu_ns",
+                 "cpu_tick")
 
     def __init__(
         self,
@@ -39,6 +40,13 @@ class Route:
         self.fallback = fallback
         self.ewma_ns = 0.0  # typical handler time, updated by workers
         self.prefix = prefix
+        self.cpu_ns = 0  # typical CPU time of the handler (sampled), for CPU-aware dispatch
+        self.cpu_tick = 0  # requests seen, to sample one in CPU_SAMPLE_EVERY
+
+    def observe_cpu(self, cpu_ns: int) -> None:
+        """Fold one sampled handler CPU time into its EWMA (alpha 0.25)."""
+        c = self.cpu_ns
+        self.cpu_ns = cpu_ns if c == 0 else int(c + 0.25 * (cpu_ns - c))
 
     def observe(self, elapsed_ns: int) -> None:
         """Fold one measured handler time into the EWMA (alpha 0.1)."""

@@ -115,6 +115,9 @@ class Server:
         self._queue = CoDelQueue(cfg.codel_target_ms, cfg.codel_interval_ms)
         self._limit = ConcurrencyLimit(cfg.adaptive_limit, cfg.max_inflight, cfg.threads)
         self._busy = 0
+        self._cpu_cap = int(cfg.cpu_inflight_ms * 1_000_000)
+        self._cpu_inflight = 0  # sampled CPU ns of the handlers running now (see _cpu_ok)
+        self._charges: dict[tuple, int] = {}  # (conn, req_id) -> CPU ns charged at start
         self._stuck: set = set()  # (conn, req_id) answered late while a worker still runs them
         self._threads = cfg.threads
         self._default_deadline_ns = int(cfg.deadline_ms * 1_000_000)
@@ -160,6 +163,9 @@ class Server:
         m.gauge("rtserve_deadline_extra_margin_seconds",
                 "Recent deadline-timer lateness, sent earlier as extra margin.",
                 lambda: self._lag_ns / 1e9)
+        m.gauge("rtserve_cpu_inflight_seconds",
+                "Sampled CPU time of the handlers running now (dispatch waits above the cap).",
+                lambda: self._cpu_inflight / 1e9)
         m.gauge("rtserve_concurrency_limit", "Current admission limit (0 = none).",
                 lambda: round(self._limit.limit, 2) if self._limit.enabled else 0)
 
@@ -521,25 +527,33 @@ class Server:
             self._shed(conn, req, "limit")
             return
         req.t_queued = now
-        if self._busy < self._threads and not self._queue:
-            self._busy += 1
-            conn.running = True
+        if self._busy < self._threads and not self._queue and self._cpu_ok():
             qw = self.metrics.queue_wait  # a zero wait: the first bucket, no bisect
             qw.counts[0] += 1
             qw.count += 1
-            self._submit((self.worker, conn, rid, req))  # pool.submit, without the call
+            self._start_task(conn, rid, req)
         else:
             self._queue.push((conn, rid, req), now)
 
     def _dispatch_queued(self) -> None:
-        """Hand queued requests to free workers: CoDel sheds, LIFO under a standing queue."""
+        """Hand queued requests to free workers: CoDel sheds, LIFO under a standing queue.
+
+        LIFO serves the newest request first only when it has a deadline (requests without
+        one keep their order), and a request starts only while the CPU budget allows it.
+        """
         q = self._queue
         now = self.now
         while q and self._busy < self._threads:
             limit = q.timeout_ns(now)
-            conn, rid, req = q.pop(now)
+            newest = q.newest()
+            lifo = limit and q.standing(now) and newest[2].deadline_ns
+            conn, rid, req = newest if lifo else q.oldest()
             if conn.req_id != rid or conn.state is not DISPATCHED:
+                q.pop_newest(now) if lifo else q.pop_oldest(now)
                 continue  # answered by its deadline, or the client left
+            if not self._cpu_ok():
+                return  # the CPU budget is spent: the next completion frees some
+            q.pop_newest(now) if lifo else q.pop_oldest(now)
             waited = now - req.t_queued
             # CoDel sheds only requests that carry a deadline: for them a long wait means a
             # late answer anyway. Requests without one wait, bounded by --max-inflight.
@@ -554,9 +568,30 @@ class Server:
                 self._answer_late(conn, req, b"deadline")
                 continue
             self.metrics.queue_wait.observe(waited)
-            self._busy += 1
-            conn.running = True
-            self.pool.submit(self.worker, conn, rid, req)
+            self._start_task(conn, rid, req)
+
+    def _cpu_ok(self) -> bool:
+        """May a handler of `route` start now without time-slicing the GIL?
+
+        Handlers of one process share one core. Eight 1 ms CPU-bound handlers started
+        together each take ~8 ms of wall time, most finish after their deadline's fallback
+        went out (wasted work), and the conductor's timers wait for the GIL behind them.
+        So a handler starts only while the sampled CPU time of the handlers running is
+        under `cpu_inflight_ms` (whatever its own cost, so a heavy route is not starved).
+        Handlers that mostly wait (I/O, sleeps) cost little CPU and still use every thread.
+        """
+        cap = self._cpu_cap
+        return not cap or self._cpu_inflight < cap
+
+    def _start_task(self, conn: Connection, rid: int, req: Request) -> None:
+        """Hand a request to the pool, charging its route's CPU estimate until it ends."""
+        self._busy += 1
+        conn.running = True
+        charge = req.route.cpu_ns
+        if charge and self._cpu_cap:
+            self._cpu_inflight += charge
+            self._charges[(conn, rid)] = charge
+        self._submit((self.worker, conn, rid, req))
 
     def _expire_queued(self) -> None:
         """Shed queued requests whose CoDel timeout ran out, when it runs out.
@@ -659,6 +694,8 @@ class Server:
         for conn, rid, result, final in self.pool.drain():
             if final:
                 self._busy -= 1
+                if self._charges:
+                    self._cpu_inflight -= self._charges.pop((conn, rid), 0)
                 if conn.stuck:
                     self._stuck.discard((conn, rid))
                     conn.stuck = bool(self._stuck) and any(c is conn for c, _ in self._stuck)

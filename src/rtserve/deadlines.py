@@ -106,6 +106,15 @@ class CoDelQueue:
             self.last_empty_ns = now
         return item
 
+    def newest(self) -> Any:
+        return self._items[-1]
+
+    def pop_newest(self, now: int) -> Any:
+        item = self._items.pop()
+        if not self._items:
+            self.last_empty_ns = now
+        return item
+
     def oldest(self) -> Any:
         """The item that has waited longest (the left end in both FIFO and LIFO order)."""
         return self._items[0]
