@@ -145,3 +145,26 @@ def test_file_body_sent_with_sendfile(tmp_path):
         status, headers, body = read_response_file(s.makefile("rb"))
         assert status == 200 and body == payload
         s.close()
+
+
+def test_large_body_sent_beside_its_head_to_a_slow_reader():
+    """Bodies >= 64 KiB go out with sendmsg(head, body): framing intact across partial sends."""
+    app = App()
+    payload = bytes(range(256)) * 2048  # 512 KiB
+
+    @app.get("/large")
+    def large(request: Request) -> Response:
+        return Response(payload, 200, None, "application/octet-stream")
+
+    with server_thread(app) as srv:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(srv.address)
+        s.sendall(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\nHEAD /large HTTP/1.1\r\nHost: x\r\n\r\n")
+        f = s.makefile("rb")
+        status, headers, body = read_response_file(f)
+        assert status == 200 and headers["content-length"] == str(len(payload))
+        assert body == payload
+        status, headers, body = read_response_file(f, head_only=True)
+        assert status == 200 and headers["content-length"] == str(len(payload))
+        s.close()

@@ -741,6 +741,10 @@ class Server:
             if self._send(conn, reply):
                 self._finish_response(conn)
             return
+        if reply.__class__ is tuple:  # (head, large body)
+            if self._send_pair(conn, reply):
+                self._finish_response(conn)
+            return
         if reply.__class__ is StreamReply:
             conn.stream = reply.channel
             if reply.close:
@@ -767,6 +771,26 @@ class Server:
         if n == len(data):
             return True
         conn.out = memoryview(data)[n:]
+        self._set_mask(conn, conn.mask | EPOLLOUT)
+        self._arm(conn, self.now + self._write_ns, T_WRITE)
+        return False
+
+    def _send_pair(self, conn: Connection, pair: tuple[bytes, bytes]) -> bool:
+        """Send a head and a large body with one sendmsg (no joined copy of the body)."""
+        head, body = pair
+        if conn.out is not None:
+            return self._send(conn, head + body)
+        try:
+            n = conn.sock.sendmsg(pair)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._abort(conn)
+            return False
+        hlen = len(head)
+        if n == hlen + len(body):
+            return True
+        conn.out = memoryview(body)[n - hlen:] if n >= hlen else memoryview(head[n:] + body)
         self._set_mask(conn, conn.mask | EPOLLOUT)
         self._arm(conn, self.now + self._write_ns, T_WRITE)
         return False

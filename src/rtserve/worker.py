@@ -37,6 +37,7 @@ _CLEN_CACHED = 4096  # Content-Length lines of small bodies, pre-encoded
 _CLEN = tuple(b"Content-Length: %d\r\n" % n for n in range(_CLEN_CACHED))
 _monotonic_ns = time.monotonic_ns
 _thread_time_ns = time.thread_time_ns
+_JOIN_MAX = 65536  # bodies from this size on are sent beside the head, not copied into it
 CPU_SAMPLE_EVERY = 8  # a power of two: one request in 8 has its CPU time measured
 
 INTERNAL_ERROR = Response(b"Internal Server Error\n", 500, None, "text/plain; charset=utf-8")
@@ -151,6 +152,10 @@ class Worker:
             conn_hdr = _CLOSE if close else (_KEEP_ALIVE if request.version == "HTTP/1.0" else b"")
             if head_only:
                 body = b""
+            elif len(body) >= _JOIN_MAX:
+                # (head, body): the conductor sends both with one sendmsg, so a large
+                # body is never copied into a joined response.
+                return (b"".join((sline, date, clen, conn_hdr, extra, b"\r\n")), body)
             return b"".join((sline, date, clen, conn_hdr, extra, b"\r\n", body))
         if isinstance(body, FileBody):
             count = body.count if length is None else min(length, body.count)
