@@ -85,7 +85,6 @@ class Connection:
         "sent_continue",
         "running",
         "stuck",
-        "write_done_hook",
     )
 
     def __init__(self, sock: socket.socket, addr: Any, parser: RequestParser) -> None:
@@ -109,7 +108,6 @@ class Connection:
         self.sent_continue = False
         self.running = False  # the current request is on a worker (not queued)
         self.stuck = False  # a worker still runs this request after its deadline answer
-        self.write_done_hook = None
 
     def to(self, new: State) -> None:
         """Move to `new`, refusing changes the transition table does not allow."""
