@@ -304,7 +304,7 @@ H11_LENIENT = {
     "expect_unknown": "unknown expectations are the caller's business",
 }
 
-# httptools 0.6/0.7 (llhttp 9) is lenient here:
+# httptools 0.9 (llhttp 9) is lenient here (each verified against httptools 0.9.0):
 HTTPTOOLS_LENIENT = {
     **dict.fromkeys(
         [
