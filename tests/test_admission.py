@@ -296,6 +296,18 @@ def test_codel_queue_standing_lifo_and_discard() -> None:
     assert not q.standing(later + 50 * MS)
 
 
+def test_codel_queue_lifo_only_for_items_lifo_ok_accepts() -> None:
+    q = CoDelQueue(target_ms=5, interval_ms=100, lifo_ok=lambda item: item.startswith("dl"))
+    t0 = 1_000 * MS
+    for i, tag in enumerate(["dl-1", "plain", "dl-2"]):
+        q.push(tag, t0 + i * MS)
+    later = t0 + 150 * MS
+    assert q.standing(later)
+    assert q.peek(later) == "dl-2" and q.pop(later) == "dl-2"  # newest has a deadline: LIFO
+    assert q.peek(later) == "dl-1" and q.pop(later) == "dl-1"  # newest has none: FIFO
+    assert q.pop(later) == "plain"
+
+
 def test_codel_off_is_fifo_and_unbounded() -> None:
     q = CoDelQueue(target_ms=0, interval_ms=100)
     for i in range(3):

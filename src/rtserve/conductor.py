@@ -112,7 +112,10 @@ class Server:
         self._deadlines: list = []  # (respond_by_ns, seq, conn, req_id)
         self._seq = 0
         self._due = 0  # ns when the nearest timer is due (set by _poll_timeout)
-        self._queue = CoDelQueue(cfg.codel_target_ms, cfg.codel_interval_ms)
+        # Items are (conn, req_id, request); only requests with a deadline jump the line.
+        self._queue = CoDelQueue(
+            cfg.codel_target_ms, cfg.codel_interval_ms, lambda item: item[2].deadline_ns
+        )
         self._limit = ConcurrencyLimit(cfg.adaptive_limit, cfg.max_inflight, cfg.threads)
         self._busy = 0
         self._cpu_cap = int(cfg.cpu_inflight_ms * 1_000_000)
@@ -539,21 +542,20 @@ class Server:
         """Hand queued requests to free workers: CoDel sheds, LIFO under a standing queue.
 
         LIFO serves the newest request first only when it has a deadline (requests without
-        one keep their order), and a request starts only while the CPU budget allows it.
+        one keep their order: see the queue's `lifo_ok`), and a request starts only while
+        the CPU budget allows it.
         """
         q = self._queue
         now = self.now
         while q and self._busy < self._threads:
             limit = q.timeout_ns(now)
-            newest = q.newest()
-            lifo = limit and q.standing(now) and newest[2].deadline_ns
-            conn, rid, req = newest if lifo else q.oldest()
+            conn, rid, req = q.peek(now)
             if conn.req_id != rid or conn.state is not DISPATCHED:
-                q.pop_newest(now) if lifo else q.pop_oldest(now)
+                q.pop(now)
                 continue  # answered by its deadline, or the client left
             if not self._cpu_ok():
                 return  # the CPU budget is spent: the next completion frees some
-            q.pop_newest(now) if lifo else q.pop_oldest(now)
+            q.pop(now)
             waited = now - req.t_queued
             # CoDel sheds only requests that carry a deadline: for them a long wait means a
             # late answer anyway. Requests without one wait, bounded by --max-inflight.
@@ -571,7 +573,7 @@ class Server:
             self._start_task(conn, rid, req)
 
     def _cpu_ok(self) -> bool:
-        """May a handler of `route` start now without time-slicing the GIL?
+        """May another handler start now without time-slicing the GIL?
 
         Handlers of one process share one core. Eight 1 ms CPU-bound handlers started
         together each take ~8 ms of wall time, most finish after their deadline's fallback

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .errors import BadRequest
@@ -69,16 +70,23 @@ class CoDelQueue:
 
     A request may wait at most `interval` while the queue keeps emptying, but only
     `target` once it has not been empty for a whole interval (a standing queue); while a
-    standing queue exists the newest request is served first.
+    standing queue exists the newest request is served first, if `lifo_ok(newest)` agrees
+    (the conductor lets only requests with a deadline jump the line).
     """
 
-    __slots__ = ("_items", "target_ns", "interval_ns", "last_empty_ns")
+    __slots__ = ("_items", "target_ns", "interval_ns", "last_empty_ns", "_lifo_ok")
 
-    def __init__(self, target_ms: float, interval_ms: float) -> None:
+    def __init__(
+        self,
+        target_ms: float,
+        interval_ms: float,
+        lifo_ok: Callable[[Any], Any] = lambda item: True,
+    ) -> None:
         self._items: deque = deque()
         self.target_ns = int(target_ms * 1_000_000)
         self.interval_ns = int(interval_ms * 1_000_000)
         self.last_empty_ns = 0
+        self._lifo_ok = lifo_ok
 
     def __len__(self) -> int:
         return len(self._items)
@@ -98,20 +106,23 @@ class CoDelQueue:
             return 0
         return self.target_ns if self.standing(now) else self.interval_ns
 
+    def _lifo(self, now: int) -> bool:
+        items = self._items
+        return (
+            bool(self.target_ns)
+            and now - self.last_empty_ns > self.interval_ns
+            and bool(self._lifo_ok(items[-1]))
+        )
+
+    def peek(self, now: int) -> Any:
+        """The item `pop(now)` would return (the queue must not be empty)."""
+        return self._items[-1] if self._lifo(now) else self._items[0]
+
     def pop(self, now: int) -> Any:
         """The next item: LIFO under a standing queue, FIFO otherwise."""
         items = self._items
-        item = items.pop() if self.target_ns and self.standing(now) else items.popleft()
+        item = items.pop() if self._lifo(now) else items.popleft()
         if not items:
-            self.last_empty_ns = now
-        return item
-
-    def newest(self) -> Any:
-        return self._items[-1]
-
-    def pop_newest(self, now: int) -> Any:
-        item = self._items.pop()
-        if not self._items:
             self.last_empty_ns = now
         return item
 
