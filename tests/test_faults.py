@@ -19,7 +19,7 @@ import pytest
 
 from rtserve import App, Request, Response
 from rtserve.conductor import Server
-from tests.conftest import Gate
+from tests.conftest import Gate, make_app
 from tests.helpers import connect, read_response_file, recv_until_closed, server_thread
 
 THREADS = 4
@@ -30,15 +30,7 @@ class Die(BaseException):
 
 
 def make_fault_app(gate: Gate) -> App:
-    app = App()
-
-    @app.get("/hello")
-    def hello(request: Request) -> Response:
-        return Response.text("Hello, world!\n")
-
-    @app.post("/echo")
-    def echo(request: Request) -> Response:
-        return Response(request.body, 200, None, "application/octet-stream")
+    app = make_app()  # /hello, /echo ...; the routes below add to or replace its others
 
     @app.get("/gate")
     def gated(request: Request) -> Response:
