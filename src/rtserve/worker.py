@@ -69,8 +69,6 @@ class FileReply:
 
 def coerce(result: Any) -> Response:
     """Accept a Response, or bytes / str / dict (JSON) / None as shorthand."""
-    if result.__class__ is Response:
-        return result
     if isinstance(result, Response):
         return result
     if isinstance(result, bytes | bytearray):
