@@ -8,9 +8,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from rtserve.conductor import Server
 from rtserve.config import Config
-from rtserve.server import as_dispatcher
+from rtserve.server import Server, as_dispatcher
 
 
 @contextlib.contextmanager

@@ -78,7 +78,7 @@ def test_one_line_per_request_with_the_time_split(access: Capture, gate: Gate) -
         gate.wait_entered()
         b = Client(server.address)
         b.send("GET", "/work")
-        wait_for(lambda: len(server._queue) == 1)
+        wait_for(lambda: server.admission.queue_depth == 1)
         time.sleep(0.03)  # B waits in the queue at least this long
         gate.release.set()
         assert a.recv()[0] == 200

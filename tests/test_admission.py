@@ -73,7 +73,7 @@ def _enqueue(server, tags: list[str], already: int = 0, headers: dict | None = N
         c = Client(server.address)
         c.send("GET", f"/rec?i={tag}", headers)
         clients.append(c)
-    wait_for(lambda: len(server._queue) == already + len(tags))
+    wait_for(lambda: server.admission.queue_depth == already + len(tags))
     return clients
 
 
@@ -93,9 +93,9 @@ def test_codel_sheds_old_requests_and_serves_lifo_under_a_standing_queue(gate: G
             assert status == 503
             assert int(headers["retry-after"]) >= 1
         assert server.metrics.shed == {"codel": 3}
-        assert server._busy == 1 and not gate.release.is_set()
+        assert server.admission.busy == 1 and not gate.release.is_set()
         new = _enqueue(server, ["C1", "C2", "C3"], headers=LONG_BUDGET)
-        wait_for(lambda: server._queue.standing(time.monotonic_ns()))
+        wait_for(lambda: server.admission.queue.standing(time.monotonic_ns()))
         gate.release.set()
         assert a.recv()[0] == 200
         for c in new:
@@ -188,7 +188,7 @@ def test_health_answered_when_the_queue_is_full_of_waiting_requests(gate: Gate) 
         h = Client(server.address)
         for path in ("/livez", "/readyz", "/metrics"):
             assert h.request("GET", path)[0] == 200
-        assert len(server._queue) == 5  # answered around the queue, not through it
+        assert server.admission.queue_depth == 5  # answered around the queue, not through it
         gate.release.set()
         for c in [a, *waiting, h]:
             c.close()
@@ -206,9 +206,9 @@ def test_a_request_whose_deadline_passed_while_queued_never_runs(gate: Gate) -> 
         status, headers, body = b.request("GET", "/q")  # queued behind /block; 30 ms budget
         assert status == 200 and headers["x-rtserve-fallback"] == "deadline"
         assert json.loads(body) == REVIEW
-        assert len(server._queue) == 0  # taken out of the queue when it was answered
+        assert server.admission.queue_depth == 0  # taken out of the queue when it was answered
         assert server.metrics.shed == {"deadline": 1}
-        assert not server._stuck  # it never ran, so no worker is stuck for it
+        assert not server.admission.stuck_count  # it never ran, so no worker is stuck for it
         gate.release.set()
         assert a.recv()[0] == 200
         assert b.request("GET", "/rec?i=after")[0] == 200
@@ -225,7 +225,7 @@ def test_a_queued_request_whose_client_reset_is_dropped_from_the_queue(gate: Gat
         (b,) = _enqueue(server, ["gone"])
         b.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         b.close()  # RST
-        wait_for(lambda: len(server._queue) == 0)
+        wait_for(lambda: server.admission.queue_depth == 0)
         assert server.metrics.client_aborts == 1
         gate.release.set()
         assert a.recv()[0] == 200
@@ -247,7 +247,7 @@ def test_readyz_reports_not_ready_while_all_workers_are_stuck(gate: Gate) -> Non
         assert c1.recv()[0] == 504
         assert c2.recv()[0] == 504
         gate.wait_entered(2)
-        wait_for(lambda: len(server._stuck) == 2)
+        wait_for(lambda: server.admission.stuck_count == 2)
         status, _, body = h.request("GET", "/readyz")
         assert status == 503 and b"stuck" in body
         assert h.request("GET", "/livez")[0] == 200  # alive, just not ready
@@ -255,7 +255,7 @@ def test_readyz_reports_not_ready_while_all_workers_are_stuck(gate: Gate) -> Non
         wait_for(lambda: server.metrics.late_dropped == 2)
         status, _, body = h.request("GET", "/readyz")
         assert status == 200, body
-        assert server._busy == 0
+        assert server.admission.busy == 0
         for c in (h, c1, c2):
             c.close()
 
@@ -265,7 +265,7 @@ def test_one_stuck_worker_of_two_keeps_ready(gate: Gate) -> None:
         c = Client(server.address)
         assert c.request("GET", "/stall")[0] == 504
         gate.wait_entered()
-        assert len(server._stuck) == 1
+        assert server.admission.stuck_count == 1
         assert c.request("GET", "/readyz")[0] == 200
         assert c.request("GET", "/rec?i=x")[0] == 200  # the free worker still serves
         c.close()
@@ -402,11 +402,11 @@ def test_recent_timer_lateness_is_sent_as_extra_margin(gate: Gate) -> None:
         return Response.text("ran\n")
 
     with server_thread(app, threads=1, deadline_margin_ms=1) as server:
-        server._lag_ns = 3_000_000  # as if the last fallback fired 3 ms late
+        server.admission.lag_ns = 3_000_000  # as if the last fallback fired 3 ms late
         c = Client(server.address)
         c.send("GET", "/held")
         gate.wait_entered()
-        respond_by, _, conn, _ = server._deadlines[0]
+        respond_by, conn, _ = server.timers.next_deadline()
         req = conn.request
         assert req.deadline_ns - respond_by == 1_000_000 + 3_000_000
         metrics = Client(server.address)
@@ -435,15 +435,15 @@ def test_cpu_bound_handlers_start_only_within_the_cpu_budget(gate: Gate) -> None
         for c in clients:
             c.send("GET", "/cpu")
         gate.wait_entered(2)  # 0 ms running -> start; 2 ms running -> start; 4 ms: wait
-        wait_for(lambda: len(server._queue) == 3)
-        assert server._busy == 2 and len(gate.calls) == 2
-        assert server._cpu_inflight == 4_000_000
+        wait_for(lambda: server.admission.queue_depth == 3)
+        assert server.admission.busy == 2 and len(gate.calls) == 2
+        assert server.admission.cpu_inflight_ns == 4_000_000
         gate.release.set()
         for c in clients:
             assert c.recv()[0] == 200
             c.close()
         assert len(gate.calls) == 5
-        wait_for(lambda: server._cpu_inflight == 0 and not server._charges)
+        wait_for(lambda: server.admission.cpu_inflight_ns == 0 and not server.admission.charged)
 
 
 def test_handler_cpu_time_is_sampled() -> None:

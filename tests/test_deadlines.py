@@ -152,7 +152,7 @@ def test_fallback_sent_and_late_result_never_reaches_any_client(gate: Gate) -> N
             gate.wait_entered()  # the handler really ran and is still running: a stuck worker
             assert server.metrics.deadline_misses == 1
             assert server.metrics.fallbacks == 1
-            wait_for(lambda: len(server._stuck) == 1)
+            wait_for(lambda: server.admission.stuck_count == 1)
             # The next request on the same connection and one on another connection are in
             # flight when the late result comes back.
             c1.send("GET", "/hold")
@@ -160,7 +160,7 @@ def test_fallback_sent_and_late_result_never_reaches_any_client(gate: Gate) -> N
             hold.wait_entered(2)
             gate.release.set()
             wait_for(lambda: server.metrics.late_dropped == 1)
-            assert len(server._stuck) == 0
+            assert server.admission.stuck_count == 0
             hold.release.set()
             for c in (c1, c2):
                 status, _, body = c.recv()

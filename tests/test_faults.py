@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from rtserve import App, Request, Response
-from rtserve.conductor import Server
+from rtserve.server import Server
 from tests.conftest import Gate, make_app
 from tests.helpers import connect, read_response_file, recv_until_closed, server_thread
 

@@ -132,7 +132,7 @@ def test_shed_queue_and_connection_gauges_move(gate: Gate) -> None:
         queued = [Client(server.address) for _ in range(2)]
         for q in queued:
             q.send("GET", "/fast")
-        wait_for(lambda: len(server._queue) == 2)
+        wait_for(lambda: server.admission.queue_depth == 2)
         s, _ = scrape(m)
         assert val(s, "rtserve_queue_depth") == 2
         assert val(s, "rtserve_busy_workers") == 1
@@ -147,7 +147,7 @@ def test_shed_queue_and_connection_gauges_move(gate: Gate) -> None:
             assert x.recv()[0] == 200
             x.close()
         d.close()
-        wait_for(lambda: len(server._conns) == 1)
+        wait_for(lambda: server.open_connections == 1)
         s, _ = scrape(m)
         assert val(s, "rtserve_queue_depth") == 0
         assert val(s, "rtserve_open_connections") == 1
@@ -178,7 +178,7 @@ def test_parse_errors_by_status_and_client_aborts(gate: Gate) -> None:
         gate.wait_entered()
         queued = Client(server.address)
         queued.send("GET", "/fast")
-        wait_for(lambda: len(server._queue) == 1)
+        wait_for(lambda: server.admission.queue_depth == 1)
         _reset(running)
         _reset(queued)
         wait_for(lambda: server.metrics.client_aborts == 2)

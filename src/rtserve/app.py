@@ -17,9 +17,15 @@ Handler = Callable[[Request], Any]
 
 
 class Route:
-    """One routed endpoint: handler, deadline and fallback, and its measured service time."""
+    """One routed endpoint: handler, deadline and fallback, and its measured service time.
 
-    __slots__ = ("name", "handler", "deadline_ns", "fallback", "ewma_ns", "prefix", "cpu_ns",
+    Thread ownership: `ewma_ns`, `cpu_ns` and `cpu_tick` are written by workers only (a
+    lost `cpu_tick` increment only shifts which request is sampled); `doa_scale` by the
+    conductor only. Each side reads the other's without a lock (a float or int read is
+    atomic under the GIL).
+    """
+
+    __slots__ = ("name", "handler", "deadline_ns", "fallback", "ewma_ns", "doa_scale", "cpu_ns",
                  "cpu_tick")
 
     def __init__(
@@ -28,7 +34,6 @@ class Route:
         handler: Handler,
         deadline_ms: float | None = None,
         fallback: Response | None = None,
-        prefix: bool = False,
     ) -> None:
         if deadline_ms is not None and deadline_ms <= 0:
             raise ValueError("deadline_ms must be > 0")
@@ -38,8 +43,10 @@ class Route:
         self.handler = handler
         self.deadline_ns = int(deadline_ms * 1_000_000) if deadline_ms else 0
         self.fallback = fallback
-        self.ewma_ns = 0.0  # typical handler time, updated by workers
-        self.prefix = prefix
+        self.ewma_ns = 0.0  # typical handler time: written by workers only (observe)
+        # The conductor's own discount on ewma_ns for dead-on-arrival decisions: each DOA
+        # answer shrinks it, so a probe gets through; a completed request resets it.
+        self.doa_scale = 1.0
         self.cpu_ns = 0  # typical CPU time of the handler (sampled), for CPU-aware dispatch
         self.cpu_tick = 0  # requests seen, to sample one in CPU_SAMPLE_EVERY
 
@@ -125,6 +132,3 @@ class App:
             return Response.text("Not Found\n", 404)
         allow = ", ".join(sorted(by_method))
         return Response.text("Method Not Allowed\n", 405, [("Allow", allow)])
-
-    def routes(self) -> list[Route]:
-        return list({id(r): r for r in self._exact.values()}.values())

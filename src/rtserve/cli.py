@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except AppImportError as exc:
         print(f"rtserve: error: {exc}", file=sys.stderr)
         return 3
-    from .conductor import Server
-    from .server import as_dispatcher
+    from .server import Server, as_dispatcher
 
     try:
         dispatcher = as_dispatcher(app, cfg)  # WSGI settings (route_deadline...) checked here

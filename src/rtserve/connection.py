@@ -1,12 +1,37 @@
-r"""One client connection: a small state machine owned by the conductor thread.
+r"""One client connection's state machine: every state, every allowed move and its side effects.
+
+Conductor thread only. h11's rule applies: whatever changes a connection's state lives in
+this file, as one method per event, so the I/O code (reader.py, writer.py) asks for an event
+and never assigns `state` itself.
 
 ```
-READING_HEAD -> READING_BODY -> DISPATCHED -> WRITING -> READING_HEAD (keep-alive)
-      \______________\_______________\___________\-----> CLOSING (linger) -> CLOSED
+           head parsed, body pending
+READING_HEAD ---------------------> READING_BODY
+   |   ^  \ request complete              | request complete
+   |   |   +-------------+----------------+
+   |   |                 v                v
+   |   |              QUEUED ---------> RUNNING        (admission: wait, then a worker)
+   |   |                 |  answered      | result      (answered without running: shed,
+   |   |                 v  by conductor  v              deadline; a 400/404/health answer
+   |   +------------- WRITING <-----------+              goes there from READING_* too)
+   |   keep-alive        | close after the response
+   |                     v
+   +-----------------> CLOSING (lingering close: write side shut, input discarded)
+   any state ------------------------------------------------> CLOSED
 ```
-Workers never see a Connection's insides: they get it as an opaque token and hand it
-back with their result, and the conductor checks `req_id` before using a result, so a
-late result can never reach the next request or a client that reused the fd number.
+
+Besides `state`, a connection has two facts that are not steps of the exchange and so are
+not states: `eof` (the client shut its write side; what it sent still counts) and
+`keep_alive` (whether the exchange in flight ends with the connection open, decided when
+its response is framed). Its write buffer (`out`) and body source (`body`: a worker's
+`StreamChannel` or a `FileBody`) are data owned by writer.py; "a 100 Continue is still
+going out while the body arrives" is READING_BODY with `out` set, and `continue_sent`
+says the interim answer for the request in flight was already queued. The timer fields
+are timers.py's.
+
+Workers see a Connection only as an opaque token handed back with their result;
+`awaits(req_id)` tells whether a result is still wanted, so a late result never reaches
+the next request or a client that reused the fd number.
 """
 
 from __future__ import annotations
@@ -22,24 +47,30 @@ from .request import Request
 class State(IntEnum):
     READING_HEAD = 0  # idle keep-alive, or part of a request head received
     READING_BODY = 1  # head parsed, body still arriving
-    DISPATCHED = 2  # a complete request is queued or running on a worker
-    WRITING = 3  # the response is being sent
-    CLOSING = 4  # response sent, write side shut, discarding input until EOF (linger)
-    CLOSED = 5
+    QUEUED = 2  # a complete request waits in admission's queue for a worker
+    RUNNING = 3  # the request's handler runs on a worker
+    WRITING = 4  # the response is being sent
+    CLOSING = 5  # response sent, write side shut, discarding input until EOF (linger)
+    CLOSED = 6
 
 
 S = State
 TRANSITIONS: frozenset[tuple[State, State]] = frozenset(
     {
         (S.READING_HEAD, S.READING_BODY),
-        (S.READING_HEAD, S.DISPATCHED),
-        (S.READING_HEAD, S.WRITING),  # an error answer (400, 408, 431 ...)
+        (S.READING_HEAD, S.QUEUED),
+        (S.READING_HEAD, S.RUNNING),
+        (S.READING_HEAD, S.WRITING),  # answered by the conductor (400, 404, health, shed ...)
         (S.READING_HEAD, S.CLOSED),
-        (S.READING_BODY, S.DISPATCHED),
+        (S.READING_BODY, S.QUEUED),
+        (S.READING_BODY, S.RUNNING),
         (S.READING_BODY, S.WRITING),
         (S.READING_BODY, S.CLOSED),
-        (S.DISPATCHED, S.WRITING),
-        (S.DISPATCHED, S.CLOSED),
+        (S.QUEUED, S.RUNNING),
+        (S.QUEUED, S.WRITING),  # shed, or answered at its deadline without running
+        (S.QUEUED, S.CLOSED),
+        (S.RUNNING, S.WRITING),
+        (S.RUNNING, S.CLOSED),
         (S.WRITING, S.READING_HEAD),
         (S.WRITING, S.CLOSING),
         (S.WRITING, S.CLOSED),
@@ -47,17 +78,24 @@ TRANSITIONS: frozenset[tuple[State, State]] = frozenset(
     }
 )
 
-
 # The same table as plain ints (old * 8 + new): Enum members hash through a Python-level
 # __hash__, which made every checked transition cost ~2k instructions on the hot path.
 _ALLOWED: frozenset[int] = frozenset(int(a) * 8 + int(b) for a, b in TRANSITIONS)
 
+READING_HEAD = State.READING_HEAD
+READING_BODY = State.READING_BODY
+QUEUED = State.QUEUED
+RUNNING = State.RUNNING
+WRITING = State.WRITING
+CLOSING = State.CLOSING
+CLOSED = State.CLOSED
+
 
 class InvalidTransition(RuntimeError):
-    """A bug: the conductor tried a state change the table does not allow."""
+    """A bug: the conductor asked for a state change the table does not allow."""
 
 
-# Timer kinds (what expiry means for the connection).
+# Timer kinds (what expiry means for the connection); see timers.py.
 T_NONE, T_HEADER, T_BODY, T_IDLE, T_WRITE, T_LINGER = range(6)
 
 
@@ -73,18 +111,16 @@ class Connection:
         "mask",
         "req_id",
         "request",
-        "out",
-        "stream",
-        "file",
-        "close_after",
+        "status",
+        "keep_alive",
         "eof",
+        "continue_sent",
+        "out",
+        "body",
+        "req_start",
         "timer_at",
         "timer_kind",
         "heap_at",
-        "req_start",
-        "sent_continue",
-        "running",
-        "stuck",
     )
 
     def __init__(self, sock: socket.socket, addr: Any, parser: RequestParser) -> None:
@@ -92,32 +128,87 @@ class Connection:
         self.fd = sock.fileno()
         self.addr = addr
         self.parser = parser
-        self.state = State.READING_HEAD
-        self.mask = 0
+        self.state = READING_HEAD
+        self.mask = 0  # the epoll mask registered for fd
         self.req_id = 0  # id of the newest request; a completion must carry it to be used
         self.request: Request | None = None  # the request being answered
-        self.out: memoryview | None = None  # bytes accepted for sending but not yet sent
-        self.stream = None  # StreamChannel of a streamed response
-        self.file = None  # FileBody being sent with sendfile
-        self.close_after = False
+        self.status = 0  # status of the response being sent (the metrics label)
+        self.keep_alive = True  # False: close once the response in flight is out
         self.eof = False  # the client shut its write side
-        self.timer_at = 0  # ns; 0 = no timer
-        self.timer_kind = T_NONE
-        self.heap_at = 0  # time of this connection's live entry in the timer heap
+        self.continue_sent = False  # a 100 Continue was queued for the request in flight
+        self.out: memoryview | None = None  # bytes accepted for sending but not yet sent
+        self.body: Any = None  # StreamChannel or FileBody still being sent
         self.req_start = 0  # ns of the recv that brought the current request's first byte
-        self.sent_continue = False
-        self.running = False  # the current request is on a worker (not queued)
-        self.stuck = False  # a worker still runs this request after its deadline answer
+        self.timer_at = 0  # ns; 0 = no timer (timers.py)
+        self.timer_kind = T_NONE
+        self.heap_at = 0  # time of this connection's live timer-heap entry (timers.py)
 
-    def to(self, new: State) -> None:
-        """Move to `new`, refusing changes the transition table does not allow."""
+    def _to(self, new: State) -> None:
         if self.state * 8 + new not in _ALLOWED:
-            raise InvalidTransition(f"{self.state.name} -> {new.name}")
+            raise InvalidTransition(f"{self.state.name} -> {new.name} ({self!r})")
         self.state = new
 
-    @property
-    def closed(self) -> bool:
-        return self.state is State.CLOSED
+    # ---- events, in the order a request meets them ------------------------------------
+
+    def body_pending(self) -> None:
+        """The head is parsed and its body is still arriving."""
+        if self.state is not READING_BODY:
+            self._to(READING_BODY)
+
+    def begin(self, request: Request) -> int:
+        """A complete request was parsed: it becomes the one in flight. Returns its id.
+
+        The state stays READING_* until admission decides (queue(), run() or respond()).
+        """
+        st = self.state
+        if st is not READING_HEAD and st is not READING_BODY:
+            raise InvalidTransition(f"begin in {st.name} ({self!r})")
+        self.req_id += 1
+        self.request = request
+        self.continue_sent = False
+        self.status = 0
+        self.keep_alive = request.keep_alive
+        self.timer_at = 0  # the head/body timer ends here; the deadline (if any) takes over
+        return self.req_id
+
+    def queue(self) -> None:
+        """Admission parked the request in its queue."""
+        self._to(QUEUED)
+
+    def run(self) -> None:
+        """The request was handed to a worker."""
+        self._to(RUNNING)
+
+    def awaits(self, req_id: int) -> bool:
+        """Is request `req_id` still waiting for an answer (queued or on a worker)?"""
+        st = self.state
+        return self.req_id == req_id and (st is RUNNING or st is QUEUED)
+
+    def respond(self, status: int, keep_alive: bool) -> None:
+        """An answer for the request in flight starts going out (or a parse error's)."""
+        self._to(WRITING)
+        self.status = status
+        if not keep_alive:
+            self.keep_alive = False
+        self.timer_at = 0
+
+    def reset(self) -> None:
+        """The response is out and the connection stays open: wait for the next request."""
+        self._to(READING_HEAD)
+        self.request = None
+        self.timer_at = 0
+
+    def linger(self) -> None:
+        """The response is out and our write side is shut: discard input until EOF."""
+        self._to(CLOSING)
+        self.request = None
+
+    def closed(self) -> None:
+        """The socket is closed (by writer.close only)."""
+        self._to(CLOSED)
+        self.request = None
+        self.out = None
+        self.body = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.addr} {self.state.name} req={self.req_id}>"

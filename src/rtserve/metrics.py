@@ -65,6 +65,9 @@ class Metrics:
         "connections_accepted": ("rtserve_connections_accepted_total", "Connections accepted."),
         "accept_pauses": ("rtserve_accept_pauses_total",
                           "Times accepting paused (fd exhaustion or connection cap)."),
+        "internal_errors": ("rtserve_internal_errors_total",
+                            "Conductor bugs caught while handling one connection (that "
+                            "connection was closed, the rest served on)."),
         "handler_errors": ("rtserve_handler_errors_total",
                            "Handlers that raised or returned an invalid response (answered "
                            "500, or a streamed body cut short)."),
@@ -80,6 +83,7 @@ class Metrics:
         self.connections_accepted = 0
         self.accept_pauses = 0
         self.handler_errors = 0
+        self.internal_errors = 0
         self.shed: dict[str, int] = {}
         self.parse_errors: dict[int, int] = {}
         self.timeouts: dict[str, int] = {}

@@ -1,8 +1,10 @@
-"""Response, and its serialisation to bytes (run by workers, never by the conductor).
+"""Response, what a handler returns, and the encoding pieces framing.py builds answers from.
 
-Pre-encoded status lines and a per-second Date cache keep the common case to a few
-concatenations. Header names and values from handlers are validated: CR, LF or NUL in
-either is header injection (CVE-2018-1000164, CVE-2020-7695 class) and becomes a 500.
+Any thread: workers serialise handlers' responses with these, the conductor its own
+answers. Pre-encoded status lines, a per-second Date cache and encoded-header caches keep
+the common case to a few dict lookups and concatenations. Header names and values from
+handlers are validated: CR, LF or NUL in either is header injection (CVE-2018-1000164,
+CVE-2020-7695 class) and becomes a 500.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 
-def _reason(status: int) -> str:
+def reason_phrase(status: int) -> str:
+    """The standard reason phrase of a status, or `Unknown`."""
     try:
         return HTTPStatus(status).phrase
     except ValueError:
@@ -40,7 +43,7 @@ def status_line(status: int) -> bytes:
     if line is None:
         if not 100 <= status <= 999:
             raise InvalidResponse(f"invalid status {status!r}")
-        line = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status).encode("latin-1"))
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status).encode("latin-1"))
         STATUS_LINES[status] = line
     return line
 
@@ -231,23 +234,3 @@ def _encode_headers(headers: Iterable) -> tuple[bytes, int | None, bool, bool]:
             cache[pair] = line
         out.append(line)
     return b"".join(out), length, close, has_date
-
-
-def simple_response(
-    status: int, body: bytes = b"", close: bool = False, extra: bytes = b""
-) -> bytes:
-    """A complete small response built by the server itself (errors, fallbacks, 503s)."""
-    if not body and status >= 400:
-        body = b"%d %s\n" % (status, _reason(status).encode("latin-1"))
-    return b"".join(
-        (
-            status_line(status),
-            date_header(),
-            b"Content-Type: text/plain; charset=utf-8\r\n" if body else b"",
-            b"Content-Length: %d\r\n" % len(body),
-            extra,
-            b"Connection: close\r\n" if close else b"",
-            b"\r\n",
-            body,
-        )
-    )

@@ -1,22 +1,40 @@
-"""Entry points: `serve(app, **settings)` runs a server in the calling (main) thread."""
+"""The server: wires the conductor's parts together and runs them; `serve()` is the entry.
+
+Built on the main thread; `serve()` then runs on the thread that becomes the conductor
+(the main thread in production, so signals reach it). The parts, in the order a request
+meets them: loop.py (epoll) -> listener.py (accept) -> reader.py (recv, parse, route) ->
+admission.py (budget, queue, gates) -> pool.py + worker.py (the handler, on a worker) ->
+writer.py (completion, send, keep-alive or close); timers.py, answers.py and lifecycle.py
+serve them. Config is converted once into `Limits`.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+import socket
+import sys
+import threading
+import time
 from typing import Any
 
-from .conductor import Server
+from .admission import Admission
+from .answers import Answers
 from .config import Config
+from .connection import Connection
+from .lifecycle import Lifecycle
+from .limits import Limits
+from .listener import Listener, format_address, make_listener
+from .loop import EventLoop
+from .metrics import Metrics
+from .pool import WorkerPool
+from .reader import Reader
+from .timers import TICK_NS, Timers
+from .worker import Worker
+from .writer import Writer
 
-
-def serve(app: Any, config: Config | None = None, **settings: Any) -> int:
-    """Serve `app` until drained (SIGINT/SIGTERM); returns the exit code.
-
-    `app` may be a native `App`, or any WSGI callable (wrapped automatically).
-    """
-    cfg = config if config is not None else Config()
-    if settings:
-        cfg = cfg.replace(**settings)
-    return Server(as_dispatcher(app, cfg), cfg).serve()
+log = logging.getLogger("rtserve.error")
 
 
 def as_dispatcher(app: Any, cfg: Config) -> Any:
@@ -32,6 +50,190 @@ def as_dispatcher(app: Any, cfg: Config) -> Any:
 
         return WSGIApp(app, cfg)
     raise TypeError(f"{app!r} is neither an rtserve App nor a WSGI callable")
+
+
+class Server:
+    """An rtserve server: a conductor (the thread that calls `serve`) and a worker pool.
+
+    `app` is a native `App`, a WSGI callable, or anything with `resolve(request) -> Route
+    | Response` (such as `WSGIApp`). `sock` is an already-bound listening socket to use
+    instead of `bind` (the supervisor passes one).
+    """
+
+    def __init__(self, app: Any, config: Config | None = None,
+                 sock: socket.socket | None = None, **settings: Any) -> None:
+        cfg = config if config is not None else Config()
+        if settings:
+            cfg = cfg.replace(**settings)
+        self.cfg = cfg
+        self.app = as_dispatcher(app, cfg)
+        max_requests = cfg.max_requests
+        if max_requests and cfg.max_requests_jitter:
+            max_requests += random.randint(0, cfg.max_requests_jitter)
+        self.limits = limits = Limits(cfg, max_requests)
+        self.metrics = Metrics()
+        self.pool = WorkerPool(cfg.threads)
+        self.worker = Worker(self.pool, cfg.stream_high_water)
+        self.life = Lifecycle(limits.graceful_ns, limits.drain_ns, cfg.graceful_timeout)
+        self._sock = sock
+        self.address: Any = None
+        self.started = threading.Event()
+        self.stopped = threading.Event()
+        self.conns: dict[int, Connection] = {}
+        # The parts exist from serve() on (epoll and the timers' clock start there).
+        self.loop: Any = None
+        self.timers: Any = None
+        self.answers: Any = None
+        self.admission: Any = None
+        self.reader: Any = None
+        self.writer: Any = None
+        self.listener: Any = None
+
+    # ---- control and the public view (any thread) -----------------------------------------
+
+    def stop(self) -> None:
+        """Ask the conductor for a graceful drain (thread-safe)."""
+        self.life.stop()
+
+    def stop_now(self) -> None:
+        """Ask the conductor to exit at once (thread-safe)."""
+        self.life.stop_now()
+
+    @property
+    def draining(self) -> bool:
+        return self.life.draining
+
+    @property
+    def exit_code(self) -> int:
+        return self.life.exit_code
+
+    @property
+    def heartbeat(self) -> Any:
+        return self.life.heartbeat
+
+    @heartbeat.setter
+    def heartbeat(self, hook: Any) -> None:
+        self.life.heartbeat = hook
+
+    @property
+    def not_ready_reason(self) -> str:
+        return self.life.not_ready_reason
+
+    @not_ready_reason.setter
+    def not_ready_reason(self, reason: str) -> None:
+        self.life.not_ready_reason = reason
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.conns)
+
+    @property
+    def requests_seen(self) -> int:
+        return self.reader.requests_seen if self.reader is not None else 0
+
+    # ---- the conductor thread -----------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Run until drained or stopped; returns the process exit code."""
+        try:
+            self._setup()
+            self.started.set()
+            self.loop.run(self)
+        finally:
+            self._teardown()
+            self.started.set()
+            self.stopped.set()
+        return self.life.exit_code
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        limits = self.limits
+        sys.setswitchinterval(cfg.switch_interval_ms / 1000.0)
+        loop = self.loop = EventLoop()
+        now = time.monotonic_ns()
+        timers = self.timers = Timers(now)
+        pool = self.pool
+        answers = self.answers = Answers(self.life, self.metrics, pool)
+        admission = self.admission = Admission(
+            limits, cfg, self.metrics, timers, answers, pool.task_put, self.worker
+        )
+        answers.admission = admission
+        reader = self.reader = Reader(
+            limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics, self.app,
+            answers, admission, self.life,
+        )
+        writer = self.writer = Writer(
+            limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics, admission,
+            answers, self.life, pool.drain, cfg.access_log_format,
+        )
+        reader.writer = writer
+        writer.reader = reader
+        admission.answer = writer.answer
+        lst = self._sock if self._sock is not None else make_listener(
+            cfg.bind, cfg.backlog, cfg.reuse_port
+        )
+        self.listener = writer.listener = Listener(
+            lst, loop.ep, reader.open, limits.max_connections, self.metrics, timers.alarm
+        )
+        loop.handlers[self.listener.fd] = self.listener.on_ready
+        self.address = self.listener.address
+        pool.start()
+        loop.watch(pool.wakeup_fd, writer.on_completions)
+        for fd, handler in self.life.install(self).items():
+            loop.watch(fd, handler)
+        self._register_gauges()
+        log.info("listening on %s (%d threads, pid %d)", format_address(self.address),
+                 cfg.threads, os.getpid())
+
+    def _register_gauges(self) -> None:
+        m = self.metrics
+        adm = self.admission
+        m.gauge("rtserve_open_connections", "Open client connections.", lambda: len(self.conns))
+        m.gauge("rtserve_queue_depth", "Requests waiting for a worker.", lambda: adm.queue_depth)
+        m.gauge("rtserve_busy_workers", "Workers running a handler.", lambda: adm.busy)
+        m.gauge("rtserve_stuck_workers", "Workers still running a request answered late.",
+                lambda: adm.stuck_count)
+        m.gauge("rtserve_workers", "Size of the worker pool.", lambda: adm.threads)
+        m.gauge("rtserve_deadline_extra_margin_seconds",
+                "Recent deadline-timer lateness, sent earlier as extra margin.",
+                lambda: adm.lag_ns / 1e9)
+        m.gauge("rtserve_cpu_inflight_seconds",
+                "Sampled CPU time of the handlers running now (dispatch waits above the cap).",
+                lambda: adm.cpu_inflight_ns / 1e9)
+        m.gauge("rtserve_concurrency_limit", "Current admission limit (0 = none).",
+                lambda: round(adm.limit.limit, 2) if adm.limit.enabled else 0)
+
+    def housekeeping(self, now: int) -> None:
+        """The coarse tick (at most once a second unless an alarm asks sooner)."""
+        self.timers.tick_at = now + TICK_NS
+        self.listener.on_tick(now)
+        self.life.on_tick(now)
+
+    def _teardown(self) -> None:
+        writer = self.writer
+        for conn in list(self.conns.values()):
+            try:
+                writer.close(conn)
+            except Exception:
+                log.exception("closing %r at teardown failed", conn)
+        if self.listener is not None:
+            self.listener.close()
+        self.pool.shutdown(timeout=0 if self.life.force_exit else 1.0)
+        if self.loop is not None:
+            self.loop.ep.close()
+        self.pool.close()
+        self.life.close()
+
+
+def serve(app: Any, config: Config | None = None, **settings: Any) -> int:
+    """Serve `app` until drained (SIGINT/SIGTERM); returns the exit code.
+
+    `app` may be a native `App`, or any WSGI callable (wrapped automatically).
+    """
+    cfg = config if config is not None else Config()
+    if settings:
+        cfg = cfg.replace(**settings)
+    return Server(app, cfg).serve()
 
 
 __all__ = ["Server", "serve", "as_dispatcher"]

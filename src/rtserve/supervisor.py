@@ -78,8 +78,8 @@ class Heartbeat:
 
     def __call__(self) -> None:
         s = self.server
-        # `_drain_at` is set by a delayed drain (drain_seconds) and by a max_requests recycle.
-        draining = s.draining or s._drain_at
+        # Set from the moment a drain is asked for (a delayed drain, a max_requests recycle).
+        draining = s.life.drain_requested
         try:
             os.write(self.fd, b"D" if draining else b".")
         except BlockingIOError:
@@ -87,12 +87,12 @@ class Heartbeat:
         except OSError:
             log.warning("supervisor is gone: draining")
             s.heartbeat = None
-            s.request_drain()
+            s.life.request_drain(time.monotonic_ns())
 
 
 def run_child(app: Any, cfg: Config) -> int:
     """Serve `app` on the listener inherited from the supervisor, beating on its pipe."""
-    from .conductor import Server
+    from .server import Server
 
     fd = int(os.environ.pop(LISTEN_FD_ENV))
     beat_fd = int(os.environ.pop(BEAT_FD_ENV))
@@ -205,7 +205,7 @@ class Supervisor:
     # ---- listeners ------------------------------------------------------------------
 
     def open_listeners(self) -> None:
-        from .conductor import format_address, make_listener
+        from .listener import format_address, make_listener
 
         cfg = self.cfg
         use_reuseport = (
@@ -238,7 +238,7 @@ class Supervisor:
         )
 
     def _new_reuseport_listener(self) -> socket.socket:
-        from .conductor import make_listener
+        from .listener import make_listener
 
         return make_listener(self.bind, self.cfg.backlog, reuse_port=True)
 

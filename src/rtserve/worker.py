@@ -1,8 +1,9 @@
-"""Code that runs on worker threads: call the handler, serialise its response.
+"""What a worker thread does with one request: run the handler, frame its answer, stream it.
 
-Nothing here touches a socket. The result handed back to the conductor is either the
-complete response as bytes (the common case) or a `StreamReply`/`FileReply` whose head
-the conductor sends before pulling the body.
+Worker threads only. Nothing here touches a socket or a Connection's insides (the
+connection is an opaque token handed back with the result). The result is a Reply from
+framing.py; a streamed body is posted as a StreamReply first and then produced into its
+channel, where the worker (never the conductor) waits at the high-water mark.
 """
 
 from __future__ import annotations
@@ -11,17 +12,10 @@ import logging
 import time
 from typing import Any
 
+from .framing import Reply, StreamPlan, StreamReply, close_body, serialize
 from .pool import WorkerPool
 from .request import Request
-from .response import (
-    STATUS_LINES,
-    FileBody,
-    InvalidResponse,
-    Response,
-    date_header,
-    encode_headers,
-    status_line,
-)
+from .response import InvalidResponse, Response
 from .stream import StreamChannel
 
 log = logging.getLogger("rtserve.error")
@@ -29,42 +23,11 @@ log = logging.getLogger("rtserve.error")
 STREAM_WAKE = object()  # completion payload: a stream has data (not final)
 STREAM_DONE = object()  # completion payload: the streaming worker is free (final)
 
-_KEEP_ALIVE = b"Connection: keep-alive\r\n"
-_CLOSE = b"Connection: close\r\n"
-_CHUNKED = b"Transfer-Encoding: chunked\r\n"
-_NO_BODY_STATUSES = frozenset({204, 304})
-_CLEN_CACHED = 4096  # Content-Length lines of small bodies, pre-encoded
-_CLEN = tuple(b"Content-Length: %d\r\n" % n for n in range(_CLEN_CACHED))
 _monotonic_ns = time.monotonic_ns
 _thread_time_ns = time.thread_time_ns
-_JOIN_MAX = 65536  # bodies from this size on are sent beside the head, not copied into it
 CPU_SAMPLE_EVERY = 8  # a power of two: one request in 8 has its CPU time measured
 
 INTERNAL_ERROR = Response(b"Internal Server Error\n", 500, None, "text/plain; charset=utf-8")
-
-
-class StreamReply:
-    """A response head plus a channel the worker keeps filling."""
-
-    __slots__ = ("status", "head", "channel", "close")
-
-    def __init__(self, status: int, head: bytes, channel: StreamChannel, close: bool) -> None:
-        self.status = status
-        self.head = head
-        self.channel = channel
-        self.close = close
-
-
-class FileReply:
-    """A response head plus a file the conductor sends with os.sendfile."""
-
-    __slots__ = ("status", "head", "file", "close")
-
-    def __init__(self, status: int, head: bytes, file: FileBody, close: bool) -> None:
-        self.status = status
-        self.head = head
-        self.file = file
-        self.close = close
 
 
 def coerce(result: Any) -> Response:
@@ -83,22 +46,23 @@ def coerce(result: Any) -> Response:
 
 
 class Worker:
-    """The worker-side task: run one request's handler and build its reply.
+    """The task every worker runs per request; one instance shared by all worker threads.
 
-    One instance is shared by all worker threads; it holds no per-request state.
+    It holds no per-request state. `draining` is the one field the conductor writes (once,
+    when a drain starts): from then on responses say `Connection: close`.
     """
 
     def __init__(self, pool: WorkerPool, stream_high_water: int) -> None:
         self.pool = pool
         self.stream_high_water = stream_high_water
-        self.draining = False  # set by the conductor when a drain starts
+        self.draining = False
 
     def __call__(self, conn: Any, req_id: int, request: Request) -> Any:
         route = request.route
         tick = route.cpu_tick = route.cpu_tick + 1
         # The handler's own CPU time, on a sample of requests (the thread clock is a
-        # system call, ~1.3 us): the conductor uses it to keep CPU-bound handlers from
-        # time-slicing the GIL (see Server._cpu_ok).
+        # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
+        # time-slicing the GIL (see admission.Admission.cpu_ok).
         sample = tick <= 8 or not tick & (CPU_SAMPLE_EVERY - 1)
         if sample:
             c0 = _thread_time_ns()
@@ -120,84 +84,26 @@ class Worker:
             elapsed = min(elapsed, request.deadline_ns - request.start_ns)  # or DOA sticks
         route.observe(elapsed)
         try:
-            return self.serialize(conn, req_id, request, response)
+            reply = serialize(request, response, self.draining)
         except InvalidResponse as exc:
             log.error("invalid response from %s %s: %s", request.method, request.path, exc)
-            _close_body(response.body)
-            return self.serialize(conn, req_id, request, INTERNAL_ERROR)
+            close_body(response.body)
+            reply = serialize(request, INTERNAL_ERROR, self.draining)
+        data = reply[2]
+        if data.__class__ is StreamPlan:
+            return self._stream(conn, req_id, request, reply)
+        return reply
 
-    def serialize(self, conn: Any, req_id: int, request: Request, response: Response) -> Any:
-        """Build the reply; the chosen status and keep-alive land on `request`."""
-        status = response.status
-        sline = STATUS_LINES.get(status) or status_line(status)
-        extra, length, app_close, has_date = encode_headers(response.headers)
-        close = app_close or not request.keep_alive or self.draining
-        body = response.body
-        head_only = request.method == "HEAD"
-        no_body = status < 200 or status in _NO_BODY_STATUSES
-        date = b"" if has_date else date_header()
-        if body.__class__ is bytes:
-            if no_body:
-                body = b""
-                clen = b""
-            elif head_only and length is not None and not body:
-                clen = b"Content-Length: %d\r\n" % length  # HEAD: the length a GET would have
-            else:
-                n = len(body)
-                clen = _CLEN[n] if n < _CLEN_CACHED else b"Content-Length: %d\r\n" % n
-            request.status = status
-            request.keep_alive = not close
-            conn_hdr = _CLOSE if close else (_KEEP_ALIVE if request.version == "HTTP/1.0" else b"")
-            if head_only:
-                body = b""
-            elif len(body) >= _JOIN_MAX:
-                # (head, body): the conductor sends both with one sendmsg, so a large
-                # body is never copied into a joined response.
-                return (b"".join((sline, date, clen, conn_hdr, extra, b"\r\n")), body)
-            return b"".join((sline, date, clen, conn_hdr, extra, b"\r\n", body))
-        if isinstance(body, FileBody):
-            count = body.count if length is None else min(length, body.count)
-            body.count = count
-            request.status = status
-            request.keep_alive = not close
-            conn_hdr = _CLOSE if close else (_KEEP_ALIVE if request.version == "HTTP/1.0" else b"")
-            head = b"".join(
-                (sline, date, b"Content-Length: %d\r\n" % count, conn_hdr, extra, b"\r\n")
-            )
-            if head_only or no_body:
-                body.close()
-                return head
-            return FileReply(status, head, body, close)
-        # An iterable body: streamed as the worker produces it.
-        if head_only or no_body:
-            _close_body(body)
-            clen = b"Content-Length: %d\r\n" % length if length is not None else b""
-            request.status = status
-            request.keep_alive = not close
-            conn_hdr = _CLOSE if close else (_KEEP_ALIVE if request.version == "HTTP/1.0" else b"")
-            return b"".join((sline, date, clen, conn_hdr, extra, b"\r\n"))
-        return self._stream(conn, req_id, request, status, sline, date, extra, length, close, body)
-
-    def _stream(self, conn, req_id, request, status, sline, date, extra, length, close, body):
-        if length is not None:
-            framing = b"Content-Length: %d\r\n" % length
-            chunked = False
-        elif request.version == "HTTP/1.1":
-            framing = _CHUNKED
-            chunked = True
-        else:
-            framing = b""  # HTTP/1.0: the close delimits the body
-            chunked = False
-            close = True
-        conn_hdr = _CLOSE if close else (_KEEP_ALIVE if request.version == "HTTP/1.0" else b"")
-        head = b"".join((sline, date, framing, conn_hdr, extra, b"\r\n"))
-        request.status = status
-        request.keep_alive = not close
+    def _stream(self, conn: Any, req_id: int, request: Request, reply: Reply) -> object:
+        """Post the head, then produce the body into a channel the conductor drains."""
+        status, keep_alive, plan = reply
         pool = self.pool
         channel = StreamChannel(
             self.stream_high_water, lambda: pool.post(conn, req_id, STREAM_WAKE, False)
         )
-        pool.post(conn, req_id, StreamReply(status, head, channel, close), False)
+        pool.post(conn, req_id, (status, keep_alive, StreamReply(plan.head, channel)), False)
+        chunked, length = plan.chunked, plan.length
+        body = plan.iterable
         ok = True
         sent = 0
         try:
@@ -232,15 +138,6 @@ class Worker:
             log.exception("streamed body of %s %s raised", request.method, request.path)
             ok = False
         finally:
-            _close_body(body)
+            close_body(body)
             channel.finish(ok)
         return STREAM_DONE
-
-
-def _close_body(body: Any) -> None:
-    close = getattr(body, "close", None)
-    if close is not None:
-        try:
-            close()
-        except Exception:
-            log.exception("closing a response body raised")

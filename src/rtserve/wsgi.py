@@ -402,7 +402,7 @@ class WSGIApp:
         for prefix in prefixes:
             match = _as_path_info(prefix.encode("utf-8").decode("latin-1"))
             route = Route(
-                "wsgi:" + prefix, handler, deadlines.get(prefix), fallbacks.get(prefix), True
+                "wsgi:" + prefix, handler, deadlines.get(prefix), fallbacks.get(prefix)
             )
             routes.append((match.rstrip("/") if match != "/" else match, route))
         routes.sort(key=lambda pr: len(pr[0]), reverse=True)  # longest prefix wins
@@ -425,9 +425,6 @@ class WSGIApp:
                 if len(path) == n or path[n] == "/":
                     return route
         return self.default_route
-
-    def routes(self) -> list[Route]:
-        return [self.default_route] + [r for _, r in self._prefixes]
 
     # ---- worker side ----------------------------------------------------------------
 

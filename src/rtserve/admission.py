@@ -1,0 +1,272 @@
+"""Admission: which request runs, waits, or is answered at once, and when.
+
+Conductor thread only. Between the parser and the pool: the budget and its margin, dead on
+arrival, the concurrency limit, the CPU gate, the CoDel queue, the deadline timers' answers
+and the bookkeeping of workers still running requests that were answered late (stuck). The
+algorithms themselves (client budgets, CoDelQueue, ConcurrencyLimit) are in deadlines.py.
+
+`admit` decides synchronously for a request the reader just parsed and returns the reply
+to send at once (or None when the request was queued or started). Everything that happens
+later (a deadline, a CoDel expiry, a worker freeing up) sends its answer through
+`answer(conn, reply, now)`, the writer's entry for replies that do not come from the parse
+loop. Read-only properties at the end are the public view /metrics and tests use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .answers import Answers
+from .app import Route
+from .config import Config
+from .connection import QUEUED, RUNNING, Connection
+from .deadlines import DOA_DECAY, CoDelQueue, ConcurrencyLimit, client_budget_ns
+from .deadlines import retry_after_seconds as _retry_after
+from .framing import Reply
+from .limits import Limits
+from .metrics import Metrics
+from .request import Request
+from .timers import Timers
+
+
+class Admission:
+    """The queue and the gates in front of the worker pool."""
+
+    def __init__(self, limits: Limits, cfg: Config, metrics: Metrics, timers: Timers,
+                 answers: Answers, submit: Callable[[tuple], None], worker: Any) -> None:
+        # Items are (conn, req_id, request); only requests with a deadline jump the line.
+        self.queue = CoDelQueue(
+            cfg.codel_target_ms, cfg.codel_interval_ms, lambda item: item[2].deadline_ns
+        )
+        self.limit = ConcurrencyLimit(cfg.adaptive_limit, cfg.max_inflight, limits.threads)
+        self._sampling = self.limit.mode != "off"
+        self.threads = limits.threads
+        self._margin_ns = limits.margin_ns
+        self._default_ns = limits.default_deadline_ns
+        self._cpu_cap = limits.cpu_cap_ns
+        self._metrics = metrics
+        self._timers = timers
+        self._answers = answers
+        self._submit = submit  # the pool's task queue put: one C call per hand-off
+        self._worker = worker
+        self.answer: Callable[[Connection, Reply, int], None] = _unset  # writer.answer
+        self._busy = 0  # requests on workers (streams count until their worker is free)
+        self._cpu_inflight = 0  # sampled CPU ns of the handlers running now (see cpu_ok)
+        self._charges: dict[tuple, int] = {}  # (conn, req_id) -> CPU ns charged at start
+        self._stuck: set[tuple[Connection, int]] = set()  # answered late, worker still on it
+        self.lag_ns = 0  # recent deadline-timer lateness, sent as extra margin
+
+    # ---- a request the reader just parsed -----------------------------------------------
+
+    def admit(self, conn: Connection, rid: int, req: Request, route: Route, now: int
+              ) -> Reply | None:
+        """Start, queue, or answer at once (returned). Raises HTTPError for a bad budget."""
+        start = req.start_ns
+        budget = route.deadline_ns or self._default_ns
+        cb = client_budget_ns(req.raw_headers)
+        if cb is not None and (not budget or cb < budget):
+            budget = cb
+        if budget:
+            req.deadline_ns = start + budget
+            respond_by = self.respond_by(req.deadline_ns, budget)
+            if respond_by - now <= route.ewma_ns * route.doa_scale:
+                self._metrics.dead_on_arrival += 1
+                route.doa_scale *= DOA_DECAY  # a probe gets through now and then
+                return self._answers.late(req, b"dead-on-arrival")
+            self._timers.add_deadline(respond_by, conn, rid)
+        limit = self.limit
+        if limit.enabled and not limit.admits(self._busy + len(self.queue)):
+            return self._shed_reply(req, "limit", now)
+        req.t_queued = now
+        if self._busy < self.threads and not self.queue and self.cpu_ok():
+            qw = self._metrics.queue_wait  # a zero wait: the first bucket, no bisect
+            qw.counts[0] += 1
+            qw.count += 1
+            self._start(conn, rid, req)
+        else:
+            conn.queue()
+            self.queue.push((conn, rid, req), now)
+        return None
+
+    def respond_by(self, deadline_ns: int, budget: int) -> int:
+        """When the answer must leave: the deadline less the margin and the recent timer
+        lateness (CPU-bound handlers keep the GIL from the conductor), at most a quarter
+        of the budget: the fallback must land before the deadline, not at it."""
+        lag = self.lag_ns
+        quarter = budget >> 2
+        return deadline_ns - self._margin_ns - (lag if lag < quarter else quarter)
+
+    def cpu_ok(self) -> bool:
+        """May another handler start now without time-slicing the GIL?
+
+        Handlers of one process share one core. Eight 1 ms CPU-bound handlers started
+        together each take ~8 ms of wall time, most finish after their deadline's fallback
+        went out (wasted work), and the conductor's timers wait for the GIL behind them.
+        So a handler starts only while the sampled CPU time of the handlers running is
+        under `cpu_inflight_ms` (whatever its own cost, so a heavy route is not starved).
+        Handlers that mostly wait (I/O, sleeps) cost little CPU and still use every thread.
+        """
+        cap = self._cpu_cap
+        return not cap or self._cpu_inflight < cap
+
+    def _start(self, conn: Connection, rid: int, req: Request) -> None:
+        """Hand a request to the pool, charging its route's CPU estimate until it ends."""
+        self._busy += 1
+        conn.run()
+        charge = req.route.cpu_ns
+        if charge and self._cpu_cap:
+            self._cpu_inflight += charge
+            self._charges[(conn, rid)] = charge
+        self._submit((self._worker, conn, rid, req))
+
+    def _shed_reply(self, req: Request, reason: str, now: int) -> Reply:
+        self._metrics.count_shed(reason)
+        route = req.route
+        if reason == "codel" and self._sampling:
+            self.limit.on_sample(now - req.start_ns, self._busy + len(self.queue), True)
+        retry = _retry_after(len(self.queue), route.ewma_ns if route else 0, self.threads)
+        return self._answers.shed(req, retry)
+
+    # ---- later events ---------------------------------------------------------------------
+
+    def finished(self, conn: Connection, rid: int, req: Request | None, now: int) -> None:
+        """A worker is free again (its last completion for request `rid` arrived).
+
+        `req` is the request when its result is used (not late), for the limiter's sample.
+        """
+        self._busy -= 1
+        if self._charges:
+            self._cpu_inflight -= self._charges.pop((conn, rid), 0)
+        if self._stuck:
+            self._stuck.discard((conn, rid))
+        if req is not None:
+            route = req.route
+            if route.doa_scale != 1.0:
+                route.doa_scale = 1.0  # it ran: the workers' estimate is fresh again
+            if self._sampling:
+                self.limit.on_sample(now - req.start_ns, self._busy + len(self.queue), False)
+
+    def dispatch_queued(self, now: int) -> None:
+        """Hand queued requests to free workers: CoDel sheds, LIFO under a standing queue.
+
+        LIFO serves the newest request first only when it has a deadline (requests without
+        one keep their order: see the queue's `lifo_ok`), and a request starts only while
+        the CPU budget allows it.
+        """
+        q = self.queue
+        while q and self._busy < self.threads:
+            limit = q.timeout_ns(now)
+            conn, rid, req = q.peek(now)
+            if not conn.awaits(rid):
+                q.pop(now)
+                continue  # answered by its deadline, or the client left
+            if not self.cpu_ok():
+                return  # the CPU budget is spent: the next completion frees some
+            q.pop(now)
+            waited = now - req.t_queued
+            # CoDel sheds only requests that carry a deadline: for them a long wait means a
+            # late answer anyway. Requests without one wait, bounded by --max-inflight.
+            if limit and waited > limit and req.deadline_ns:
+                self.answer(conn, self._shed_reply(req, "codel", now), now)
+                continue
+            if req.deadline_ns and self.respond_by(
+                req.deadline_ns, req.deadline_ns - req.start_ns
+            ) - now <= req.route.ewma_ns:
+                # Late already, or too late to finish: never run it; answer it now rather
+                # than leave it for the timer (it is out of the queue, so nothing else would).
+                self._metrics.count_shed("deadline")
+                self._metrics.deadline_misses += 1
+                self.answer(conn, self._answers.late(req, b"deadline"), now)
+                continue
+            self._metrics.queue_wait.observe(waited)
+            self._start(conn, rid, req)
+
+    def next_expiry(self, now: int) -> int:
+        """When the oldest queued request's CoDel timeout runs out (0: no such time)."""
+        q = self.queue
+        limit = q.timeout_ns(now)
+        return q.oldest()[2].t_queued + limit + 1 if limit else 0
+
+    def expire_queued(self, now: int) -> None:
+        """Shed queued requests whose CoDel timeout ran out, when it runs out.
+
+        Checking only at dequeue is not enough: under LIFO the oldest requests sit at the
+        bottom until their deadline. Facebook's queue sheds a request at its timeout, so its
+        client hears 503 at once (and can retry elsewhere) instead of a late fallback.
+        """
+        q = self.queue
+        limit = q.timeout_ns(now)
+        if not limit:
+            return
+        while q:
+            conn, rid, req = q.oldest()
+            if not conn.awaits(rid):
+                q.pop_oldest(now)  # answered by its deadline, or the client left
+                continue
+            if not req.deadline_ns or now - req.t_queued <= limit:
+                return  # CoDel sheds only requests with a deadline (see dispatch_queued)
+            q.pop_oldest(now)
+            self.answer(conn, self._shed_reply(req, "codel", now), now)
+
+    def on_deadline(self, respond_by: int, conn: Connection, rid: int, now: int) -> None:
+        """A request's respond-by time came before its answer: fallback or 504 now."""
+        req = conn.request
+        lag = now - respond_by
+        m = self._metrics
+        m.timer_lag.observe(lag)
+        decayed = self.lag_ns * 19 // 20  # a decaying high-water mark of the lateness
+        self.lag_ns = lag if lag > decayed else decayed
+        m.deadline_misses += 1
+        if conn.state is RUNNING:
+            self._stuck.add((conn, rid))
+            if self._sampling:
+                self.limit.on_sample(now - req.start_ns, self._busy + len(self.queue), True)
+        else:  # still queued: it never ran
+            self.queue.discard((conn, rid, req), now)
+            m.count_shed("deadline")
+        self.answer(conn, self._answers.late(req, b"deadline"), now)
+
+    def forget(self, conn: Connection, now: int) -> None:
+        """The connection is closing: take its queued request out of the queue."""
+        if conn.state is QUEUED:
+            self.queue.discard((conn, conn.req_id, conn.request), now)
+
+    def drain_queue(self) -> list[tuple[Connection, int, Request]]:
+        """Everything still queued, taken out (the graceful timeout ran out)."""
+        items = []
+        q = self.queue
+        while q:
+            item = q.pop_oldest(0)
+            if item[0].awaits(item[1]):
+                items.append(item)
+        return items
+
+    # ---- public read API (metrics, /readyz, tests) -----------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    @property
+    def busy(self) -> int:
+        """Workers running a handler (or producing a stream)."""
+        return self._busy
+
+    @property
+    def stuck_count(self) -> int:
+        """Workers still running a request that was answered at its deadline."""
+        return len(self._stuck)
+
+    @property
+    def cpu_inflight_ns(self) -> int:
+        return self._cpu_inflight
+
+    @property
+    def charged(self) -> int:
+        """Requests holding a CPU charge (0 once every charged handler finished)."""
+        return len(self._charges)
+
+
+def _unset(conn: Connection, reply: Reply, now: int) -> None:
+    raise RuntimeError("Admission.answer is wired by the server")

@@ -1,0 +1,150 @@
+"""The listening socket: bind, accept in batches, pause on fd exhaustion or the connection cap.
+
+`make_listener` and `format_address` run on the main thread (the supervisor binds with
+them too); `Listener` runs on the conductor thread. Accepted sockets are handed to the
+connection reader one by one; what to do with them is not this module's business.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("rtserve.error")
+
+ACCEPT_BATCH = 64  # accepts per readiness event: fairness to connections already open
+ACCEPT_PAUSE_NS = 100_000_000  # how long EMFILE & co. pause accepting
+_FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def make_listener(bind: str, backlog: int, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening socket for HOST:PORT (IPv6 in brackets) or unix:PATH."""
+    if bind.startswith("unix:"):
+        path = bind[5:]
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+    else:
+        host, _, port = bind.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, int(port)))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def format_address(address: Any) -> str:
+    """`host:port`, `[v6]:port` or the unix socket path, as logs and tests read it."""
+    if isinstance(address, tuple):
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return f"unix:{address}"
+
+
+class Listener:
+    """Accepts connections while registered in epoll; paused means unregistered.
+
+    Two reasons to pause: fd exhaustion (EMFILE, ENFILE ...: resume after 100 ms, so it
+    is not a busy loop) and the connection cap (resume when a connection closes).
+    """
+
+    __slots__ = ("sock", "fd", "address", "tcp", "_ep", "_open", "paused", "resume_at",
+                 "_max", "_metrics", "_alarm")
+
+    def __init__(self, sock: socket.socket, ep: Any, open_connection: Callable[..., Any],
+                 max_connections: int, metrics: Any, alarm: Callable[[int], None]) -> None:
+        sock.setblocking(False)
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+        self.address = sock.getsockname()
+        self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._ep = ep
+        self._open = open_connection  # (sock, addr) -> the number of connections open
+        self.paused = False
+        self.resume_at = 0  # ns; 0 = not paused for a time (the cap, or not paused)
+        self._max = max_connections
+        self._metrics = metrics
+        self._alarm = alarm  # asks the housekeeping tick to come by a time (timers.alarm)
+        ep.register(self.fd, select.EPOLLIN)
+
+    def on_ready(self, now: int) -> None:
+        """Accept up to ACCEPT_BATCH connections."""
+        lst = self.sock
+        if lst is None:
+            return
+        accept = lst.accept
+        open_connection = self._open
+        tcp = self.tcp
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _FD_EXHAUSTED:
+                    log.warning("accept: %s; pausing the listener for 100 ms", exc.strerror)
+                    self.pause(now + ACCEPT_PAUSE_NS)
+                    return
+                continue  # ECONNABORTED and friends: that client is gone, try the next
+            sock.setblocking(False)
+            if tcp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                addr = ("unix", 0)
+            if open_connection(sock, addr, now) >= self._max:
+                self.pause(0)
+                return
+
+    def pause(self, until: int) -> None:
+        """Stop accepting: until `until` (ns), or while at the cap when 0."""
+        if not self.paused and self.sock is not None:
+            self._ep.unregister(self.fd)
+            self.paused = True
+            self._metrics.accept_pauses += 1
+        self.resume_at = until
+        if until:
+            self._alarm(until)
+
+    def resume(self) -> None:
+        if self.paused and self.sock is not None:
+            self._ep.register(self.fd, select.EPOLLIN)
+        self.paused = False
+        self.resume_at = 0
+
+    def on_close(self, open_count: int) -> None:
+        """A connection closed: resume if only the cap held accepting back."""
+        if self.paused and not self.resume_at and open_count < self._max:
+            self.resume()
+
+    def on_tick(self, now: int) -> None:
+        """Housekeeping: end a timed pause."""
+        if self.resume_at and now >= self.resume_at:
+            self.resume()
+
+    def close(self) -> None:
+        """Stop listening for good (drain, teardown)."""
+        sock = self.sock
+        if sock is None:
+            return
+        if not self.paused:
+            try:
+                self._ep.unregister(self.fd)
+            except (OSError, ValueError):
+                pass
+        sock.close()
+        self.sock = None
+        self.paused = True
+        self.resume_at = 0

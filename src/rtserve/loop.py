@@ -1,0 +1,145 @@
+"""The event loop: epoll over the listener, the connections and the wake-up fds; precise waits.
+
+Conductor thread only. Each turn: wait until the nearest timer (microsecond waits with
+select() when it is under 2 ms away, since epoll counts whole milliseconds rounded up),
+hand each ready connection to the reader or the writer, each wake-up fd to its handler
+(the pool's completions eventfd, the listener, signals, the control socket), then run
+what is due: deadlines first (a due fallback beats a CoDel 503), connection timers, the
+housekeeping tick, and CoDel expiries. An exception from one connection's event is that
+connection's fault alone (writer.fault): it is logged, counted and the connection closed.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .connection import CLOSED, T_IDLE, Connection
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLRDHUP = select.EPOLLRDHUP
+EPOLLHUP = select.EPOLLHUP
+EPOLLERR = select.EPOLLERR
+_READABLE = EPOLLIN | EPOLLRDHUP
+_BROKEN = EPOLLHUP | EPOLLERR
+
+
+class EventLoop:
+    """The epoll object, and the fd -> handler table for everything that is not a client."""
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}  # fd -> handler(now)
+
+    def watch(self, fd: int, handler: Callable[[int], None]) -> None:
+        """Call `handler(now)` whenever `fd` is readable."""
+        self.ep.register(fd, EPOLLIN)
+        self.handlers[fd] = handler
+
+    def set_mask(self, conn: Connection, mask: int) -> None:
+        """Change what epoll reports for a connection (no system call if unchanged)."""
+        if mask != conn.mask and conn.state is not CLOSED:
+            conn.mask = mask
+            self.ep.modify(conn.fd, mask)
+
+    def run(self, server: Any) -> None:
+        """Serve until the lifecycle says done."""
+        ep = self.ep
+        handlers = self.handlers
+        conns = server.conns
+        reader = server.reader
+        writer = server.writer
+        timers = server.timers
+        admission = server.admission
+        life = server.life
+        on_readable = reader.on_readable
+        on_writable = writer.on_writable
+        next_due = timers.next_due
+        monotonic_ns = time.monotonic_ns
+        select_select = select.select
+        epfd = (ep.fileno(),)
+        fault = writer.fault
+        while not life.force_exit:
+            due = next_due()
+            if admission.queue:
+                expiry = admission.next_expiry(monotonic_ns())
+                if expiry and expiry < due:
+                    due = expiry
+            timeout = (due - monotonic_ns()) / 1e9
+            try:
+                if timeout <= 0:
+                    events = ep.poll(0)
+                elif timeout < 0.002:
+                    # epoll counts whole milliseconds, rounded up: a timer due in 0.3 ms
+                    # would fire up to 1 ms late. select() waits in microseconds.
+                    select_select(epfd, (), (), timeout)
+                    events = ep.poll(0)
+                else:
+                    # Wake up to 1 ms early; the select above finishes the wait precisely.
+                    events = ep.poll(timeout - 0.001)
+            except InterruptedError:
+                events = []
+            now = monotonic_ns()
+            for fd, ev in events:
+                conn = conns.get(fd)
+                if conn is not None:
+                    try:
+                        if ev & _READABLE:
+                            on_readable(conn, now)
+                        if ev & EPOLLOUT and conn.state is not CLOSED:
+                            on_writable(conn, now)
+                        if ev & _BROKEN and conn.state is not CLOSED:
+                            writer.abort(conn)
+                    except Exception:
+                        fault(conn, "handling an event")
+                else:
+                    handler = handlers.get(fd)
+                    if handler is not None:
+                        try:
+                            handler(now)
+                        except Exception:
+                            fault(None, "in a wake-up handler")
+            if life.signals:
+                life.handle_signals(now)
+            if monotonic_ns() >= due:
+                self._run_due(server, monotonic_ns())
+            if life.done():
+                return
+
+    @staticmethod
+    def _run_due(server: Any, now: int) -> None:
+        """Deadlines, then connection timers, the tick, and CoDel expiries."""
+        timers = server.timers
+        admission = server.admission
+        fault = server.writer.fault
+        if timers.deadlines and timers.deadlines[0][0] <= now:
+            for at, conn, rid in timers.due_deadlines(now):
+                try:
+                    if conn.awaits(rid):  # an earlier answer in this batch may have closed it
+                        admission.on_deadline(at, conn, rid, now)
+                except Exception:
+                    fault(conn, "answering at a deadline")
+        if timers.heap and timers.heap[0][0] <= now:
+            reader_timer = server.reader.on_timer
+            writer_timer = server.writer.on_timer
+            for conn, kind in timers.due_connections(now):
+                try:
+                    if kind <= T_IDLE:
+                        reader_timer(conn, kind, now)
+                    else:
+                        writer_timer(conn, kind, now)
+                except Exception:
+                    fault(conn, "on a timer")
+        if now >= timers.tick_at:
+            try:
+                server.housekeeping(now)
+            except Exception:
+                fault(None, "in housekeeping")
+        if admission.queue:
+            try:
+                admission.expire_queued(now)
+            except Exception:
+                fault(None, "expiring the queue")

@@ -1,0 +1,240 @@
+"""Reading side of HTTP/1 connections: accept into a Connection, recv, parse, route, admit.
+
+Conductor thread only. A request's way through this module reads top to bottom: `open`
+(a new connection), `on_readable` (one recv), `advance` (the parse loop: one request at a
+time, serial pipelining), `_request` (health endpoints, routing, then admission), and the
+read-side timers. What admission does not answer at once goes to a worker; the answer
+comes back through writer.py, which calls `resume` when the connection may read again.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from .admission import Admission
+from .answers import HEALTH_PATHS, Answers
+from .app import Route
+from .connection import (
+    CLOSING,
+    READING_BODY,
+    READING_HEAD,
+    T_BODY,
+    T_HEADER,
+    T_IDLE,
+    Connection,
+)
+from .errors import HTTPError, ParseError
+from .lifecycle import Lifecycle
+from .limits import Limits
+from .metrics import Metrics
+from .parser import NEED_DATA, RequestParser
+from .request import Request
+from .response import Response
+from .timers import Timers
+
+EPOLLIN = select.EPOLLIN
+READ_MASK = select.EPOLLIN | select.EPOLLRDHUP
+RECV_SIZE = 65536
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HEALTH_METHODS = frozenset({"GET", "HEAD"})
+
+
+class Reader:
+    """Turns bytes from clients into admitted requests."""
+
+    def __init__(self, limits: Limits, conns: dict[int, Connection], ep: Any,
+                 set_mask: Callable[[Connection, int], None], timers: Timers,
+                 metrics: Metrics, app: Any, answers: Answers, admission: Admission,
+                 life: Lifecycle) -> None:
+        self._limits = limits
+        self._conns = conns
+        self._ep = ep
+        self._set_mask = set_mask
+        self._timers = timers
+        self._arm = timers.arm
+        self._metrics = metrics
+        self._resolve = app.resolve
+        self._answers = answers
+        self._admit = admission.admit
+        self._life = life
+        self._header_ns = limits.header_ns
+        self._body_ns = limits.body_ns
+        self._idle_ns = limits.idle_ns
+        self._readahead = limits.readahead
+        self._health = limits.health
+        self._max_requests = limits.max_requests
+        self.requests_seen = 0  # complete requests parsed (max_requests counts these)
+        self.writer: Any = None  # writer.Writer, wired by the server (the two call each other)
+
+    # ---- a new connection -----------------------------------------------------------------
+
+    def open(self, sock: socket.socket, addr: Any, now: int) -> int:
+        """Adopt an accepted socket; returns how many connections are open."""
+        lim = self._limits
+        conn = Connection(
+            sock,
+            addr,
+            RequestParser(
+                max_request_line=lim.max_request_line,
+                max_header_block=lim.max_header_block,
+                max_header_count=lim.max_header_count,
+                max_body_size=lim.max_body_size,
+            ),
+        )
+        conns = self._conns
+        conns[conn.fd] = conn
+        self._ep.register(conn.fd, READ_MASK)
+        conn.mask = READ_MASK
+        self._arm(conn, now + self._header_ns, T_HEADER)
+        self._metrics.connections_accepted += 1
+        return len(conns)
+
+    # ---- bytes in -------------------------------------------------------------------------
+
+    def on_readable(self, conn: Connection, now: int) -> None:
+        if conn.state is CLOSING:
+            self.writer.linger_read(conn)
+            return
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.writer.abort(conn)
+            return
+        if not data:
+            self._on_eof(conn, now)
+            return
+        if not conn.req_start:
+            conn.req_start = now  # the request clock starts at the recv of its first byte
+        parser = conn.parser
+        parser.feed(data)
+        if conn.state <= READING_BODY:
+            self.advance(conn, now)
+        elif parser.buffered > self._readahead:
+            self._set_mask(conn, conn.mask & ~READ_MASK)  # pipelining backpressure
+
+    def _on_eof(self, conn: Connection, now: int) -> None:
+        """The client shut its write side: finish what is in flight, then close."""
+        conn.eof = True
+        self._set_mask(conn, conn.mask & ~READ_MASK)  # no busy loop on a half-closed socket
+        st = conn.state
+        if st is READING_HEAD or st is READING_BODY:
+            self.advance(conn, now)  # a complete request may still be buffered
+        elif st is CLOSING:
+            self.writer.close(conn)
+
+    # ---- the parse loop -------------------------------------------------------------------
+
+    def advance(self, conn: Connection, now: int) -> None:
+        """Parse and admit buffered requests, one at a time (serial pipelining).
+
+        A request answered at once (health, 404, dead on arrival ...) that went out whole
+        leaves the connection in READING_HEAD, and the loop takes the next one.
+        """
+        parser = conn.parser
+        while conn.state is READING_HEAD or conn.state is READING_BODY:
+            try:
+                req = parser.next_event()
+            except ParseError as exc:
+                self.reject(conn, exc.status, now)
+                return
+            if req is NEED_DATA:
+                self._await_more(conn, now)
+                return
+            self._request(conn, req, now)
+
+    def resume(self, conn: Connection, now: int) -> None:
+        """A response finished outside the parse loop and the connection stays open."""
+        if conn.parser.buffered or conn.eof:
+            self.advance(conn, now)  # a pipelined request is waiting (or the client left)
+            return
+        # The common keep-alive case: nothing buffered, wait idle for the next request.
+        self._arm(conn, now + self._idle_ns, T_IDLE)
+        if not conn.mask & EPOLLIN:
+            self._set_mask(conn, conn.mask | READ_MASK)
+
+    def _await_more(self, conn: Connection, now: int) -> None:
+        parser = conn.parser
+        if conn.eof:
+            if parser.has_partial():
+                self._metrics.client_aborts += 1
+            self.writer.close(conn)
+            return
+        pending = parser.pending
+        if pending is not None:
+            if conn.state is READING_HEAD:
+                conn.body_pending()
+                self._arm(conn, now + self._body_ns, T_BODY)
+            if pending.expect_continue and not conn.continue_sent:
+                conn.continue_sent = True
+                self.writer.send_interim(conn, CONTINUE, now)
+        elif parser.has_partial():
+            if conn.timer_kind != T_HEADER or not conn.timer_at:
+                self._arm(conn, (conn.req_start or now) + self._header_ns, T_HEADER)
+        elif self._life.draining:
+            self.writer.close(conn)
+            return
+        else:
+            self._arm(conn, now + self._idle_ns, T_IDLE)
+        if not conn.mask & EPOLLIN:
+            self._set_mask(conn, conn.mask | READ_MASK)
+
+    def reject(self, conn: Connection, status: int, now: int, parse_error: bool = True) -> None:
+        """A request refused before it became one (parser, timeouts): answer, then close.
+
+        Bytes that followed are never answered: the framing is in doubt.
+        """
+        if parse_error:
+            self._metrics.count_parse_error(status)
+        self._set_mask(conn, conn.mask & ~READ_MASK)
+        self.writer.respond(conn, self._answers.error(status), now)
+
+    # ---- one complete request -------------------------------------------------------------
+
+    def _request(self, conn: Connection, req: Request, now: int) -> None:
+        """Stamp the request, answer health and unrouted paths, else hand it to admission."""
+        rid = conn.begin(req)
+        req.client = conn.addr
+        req.start_ns = conn.req_start or now
+        conn.req_start = now if conn.parser.buffered else 0  # a pipelined request began
+        self.requests_seen += 1
+        if self.requests_seen == self._max_requests:
+            self._life.recycle(now)  # the supervisor starts a fresh process
+        if self._health and req.path in HEALTH_PATHS and req.method in _HEALTH_METHODS:
+            self.writer.respond(conn, self._answers.health(req), now)
+            return
+        target = self._resolve(req)
+        if target.__class__ is not Route:
+            self.writer.respond(conn, self._answers.response(req, target), now)
+            return
+        req.route = target
+        try:
+            reply = self._admit(conn, rid, req, target, now)
+        except HTTPError as exc:  # a malformed budget header
+            reply = self._answers.response(req, Response.text(exc.reason + "\n", exc.status))
+        if reply is not None:
+            self.writer.respond(conn, reply, now)
+
+    # ---- read-side timers -----------------------------------------------------------------
+
+    def on_timer(self, conn: Connection, kind: int, now: int) -> None:
+        """A header, body or idle timer expired."""
+        st = conn.state
+        m = self._metrics
+        if kind == T_HEADER and st is READING_HEAD:
+            if conn.parser.has_partial():
+                m.count_timeout("header")
+                self.reject(conn, 408, now, parse_error=False)
+            else:
+                m.count_timeout("idle")
+                self.writer.close(conn)
+        elif kind == T_BODY and st is READING_BODY:
+            m.count_timeout("body")
+            self.reject(conn, 408, now, parse_error=False)
+        elif kind == T_IDLE and st is READING_HEAD:
+            m.count_timeout("idle")
+            self.writer.close(conn)
