@@ -23,10 +23,12 @@ serve: | $(PY)
 test: $(STAMP)
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

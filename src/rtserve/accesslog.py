@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from .request import Request
 
@@ -77,7 +78,7 @@ class _Fields(dict):
     """Unknown names in a user's format print "-" instead of raising on the conductor;
     gunicorn's `%({name}i)s` prints a request header."""
 
-    headers = None
+    headers: Any = None  # the request's Headers, for %({name}i)s
 
     def __missing__(self, key: str) -> str:
         if key.startswith("{") and key.endswith("}i") and self.headers is not None:

@@ -114,7 +114,9 @@ class Admission:
         """Hand a request to the pool, charging its route's CPU estimate until it ends."""
         self._busy += 1
         conn.run()
-        charge = req.route.cpu_ns
+        route = req.route
+        assert route is not None  # admission only sees routed requests
+        charge = route.cpu_ns
         if charge and self._cpu_cap:
             self._cpu_inflight += charge
             self._charges[(conn, rid)] = charge
@@ -142,6 +144,7 @@ class Admission:
             self._stuck.discard((conn, rid))
         if req is not None:
             route = req.route
+            assert route is not None
             if route.doa_scale != 1.0:
                 route.doa_scale = 1.0  # it ran: the workers' estimate is fresh again
             if self._sampling:
@@ -212,6 +215,7 @@ class Admission:
     def on_deadline(self, respond_by: int, conn: Connection, rid: int, now: int) -> None:
         """A request's respond-by time came before its answer: fallback or 504 now."""
         req = conn.request
+        assert req is not None  # awaits(rid) held: the request is in flight
         lag = now - respond_by
         m = self._metrics
         m.timer_lag.observe(lag)

@@ -61,6 +61,7 @@ class Answers:
         if cached is None:
             fb = route.fallback
             extra, _, _, _ = encode_headers(fb.headers)
+            assert isinstance(fb.body, bytes)  # Route refuses any other fallback body
             cached = (status_line(fb.status) + extra, fb.body)
             self._fallbacks[id(route)] = cached
         head, body = cached

@@ -47,9 +47,9 @@ def client_budget_ns(raw_headers: list[tuple[str, str]]) -> int | None:
     if found is None:
         return None
     for name in _PRECEDENCE:
-        value = found.get(name)
-        if value is None:
+        if name not in found:
             continue
+        value = found[name]
         if name == "grpc-timeout":
             m = _GRPC.fullmatch(value)
             if m is None:

@@ -30,8 +30,6 @@ from .response import (
     status_line,
 )
 
-Reply = tuple[int, bool, Any]
-
 CLOSE = b"Connection: close\r\n"
 KEEP_ALIVE = b"Connection: keep-alive\r\n"
 CHUNKED = b"Transfer-Encoding: chunked\r\n"
@@ -75,6 +73,11 @@ class StreamPlan:
         self.iterable = iterable
         self.chunked = chunked
         self.length = length
+
+
+# What the conductor sends (see the module docstring); StreamPlan never leaves a worker.
+ReplyData = bytes | tuple[bytes, bytes] | FileReply | StreamReply | StreamPlan
+Reply = tuple[int, bool, ReplyData]
 
 
 def content_length(n: int) -> bytes:

@@ -16,7 +16,6 @@ from typing import Any
 
 from .admission import Admission
 from .answers import HEALTH_PATHS, Answers
-from .app import Route
 from .connection import (
     CLOSING,
     READING_BODY,
@@ -31,6 +30,7 @@ from .lifecycle import Lifecycle
 from .limits import Limits
 from .metrics import Metrics
 from .parser import NEED_DATA, RequestParser
+from .protocols import Dispatcher
 from .request import Request
 from .response import Response
 from .timers import Timers
@@ -47,7 +47,7 @@ class Reader:
 
     def __init__(self, limits: Limits, conns: dict[int, Connection], ep: Any,
                  set_mask: Callable[[Connection, int], None], timers: Timers,
-                 metrics: Metrics, app: Any, answers: Answers, admission: Admission,
+                 metrics: Metrics, app: Dispatcher, answers: Answers, admission: Admission,
                  life: Lifecycle) -> None:
         self._limits = limits
         self._conns = conns
@@ -145,7 +145,7 @@ class Reader:
             if req is NEED_DATA:
                 self._await_more(conn, now)
                 return
-            self._request(conn, req, now)
+            self._request(conn, req, now)  # type: ignore[arg-type]  # not NEED_DATA: a Request
 
     def resume(self, conn: Connection, now: int) -> None:
         """A response finished outside the parse loop and the connection stays open."""
@@ -208,7 +208,7 @@ class Reader:
             self.writer.respond(conn, self._answers.health(req), now)
             return
         target = self._resolve(req)
-        if target.__class__ is not Route:
+        if isinstance(target, Response):
             self.writer.respond(conn, self._answers.response(req, target), now)
             return
         req.route = target

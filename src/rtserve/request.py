@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
+
+if TYPE_CHECKING:
+    from .app import Route
 
 
 class Headers(Mapping[str, str]):
@@ -30,7 +34,7 @@ class Headers(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self._map[name.lower()]
 
-    def get(self, name: str, default=None):  # type: ignore[override]
+    def get(self, name: str, default=None):
         return self._map.get(name.lower(), default)
 
     def __contains__(self, name: object) -> bool:
@@ -113,7 +117,7 @@ class Request:
         self.client: tuple[str, int] | None = None
         self.start_ns = 0
         self.deadline_ns = 0  # 0 = no deadline
-        self.route = None
+        self.route: Route | None = None  # set by the reader when routed
         self.status = 0  # the status sent (set when the response is built)
         self.t_queued = 0  # monotonic ns: handed to the queue / a worker
         self.t_start = 0  # handler started

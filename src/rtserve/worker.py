@@ -57,8 +57,9 @@ class Worker:
         self.stream_high_water = stream_high_water
         self.draining = False
 
-    def __call__(self, conn: Any, req_id: int, request: Request) -> Any:
+    def __call__(self, conn: object, req_id: int, request: Request) -> Reply | object:
         route = request.route
+        assert route is not None  # only routed requests reach a worker
         tick = route.cpu_tick = route.cpu_tick + 1
         # The handler's own CPU time, on a sample of requests (the thread clock is a
         # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
@@ -91,12 +92,13 @@ class Worker:
             reply = serialize(request, INTERNAL_ERROR, self.draining)
         data = reply[2]
         if data.__class__ is StreamPlan:
-            return self._stream(conn, req_id, request, reply)
+            return self._stream(conn, req_id, request, reply)  # STREAM_DONE
         return reply
 
-    def _stream(self, conn: Any, req_id: int, request: Request, reply: Reply) -> object:
+    def _stream(self, conn: object, req_id: int, request: Request, reply: Reply) -> object:
         """Post the head, then produce the body into a channel the conductor drains."""
         status, keep_alive, plan = reply
+        assert isinstance(plan, StreamPlan)
         pool = self.pool
         channel = StreamChannel(
             self.stream_high_water, lambda: pool.post(conn, req_id, STREAM_WAKE, False)

@@ -137,18 +137,21 @@ class Writer:
         req = conn.request
         if req is not None:
             req.status = status  # for the access log (the conductor's copy, never a worker's)
-        cls = data.__class__
-        if cls is bytes:
+        if isinstance(data, bytes):
             if self._send(conn, data, now):
                 self.finish(conn, now)
                 return True
             return False
-        if cls is tuple:  # (head, large body)
+        if isinstance(data, tuple):  # (head, large body)
             if self._send_pair(conn, data, now):
                 self.finish(conn, now)
                 return True
             return False
-        conn.body = data.channel if cls is StreamReply else data.file
+        if isinstance(data, StreamReply):
+            conn.body = data.channel
+        else:
+            assert isinstance(data, FileReply)  # a StreamPlan never leaves its worker
+            conn.body = data.file
         if self._send(conn, data.head, now):
             return self._pump(conn, now)
         return False

@@ -579,8 +579,8 @@ class WSGIApp:
             body = _join(written + [first]) if written else first
             return self._complete(request, call, result, body[:length], errors)
         call.headers_sent = True
-        body = _StreamBody(written + [first], it, result, errors)
-        return _response_of(body, call.status, call.headers)
+        stream = _StreamBody(written + [first], it, result, errors)
+        return _response_of(stream, call.status, call.headers)
 
     def _complete(
         self, request: Request, call: _Call, result: Any, body: bytes, errors: ErrorStream
