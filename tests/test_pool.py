@@ -18,7 +18,7 @@ def wait_completions(pool: WorkerPool, n: int, timeout: float = 10.0) -> list:
         while len(got) < n:
             if not ep.poll(timeout):
                 raise TimeoutError(f"only {len(got)} of {n} completions")
-            got.extend(pool.drain())
+            got.extend(pool.take_completions())
     finally:
         ep.close()
     return got
@@ -114,7 +114,7 @@ def test_shutdown_returns_pending_tasks_and_lets_running_ones_finish():
     threading.Timer(0.2, release.set).start()
     pending = pool.shutdown(timeout=10)
     assert sorted(t[2] for t in pending) == [100, 101, 102, 103, 104]
-    done = pool.drain()
+    done = pool.take_completions()
     assert sorted(c for c, _, v, _ in done if v == "finished") == ["a", "b"]
     assert pool.alive() == 0
     pool.close()

@@ -236,7 +236,7 @@ class Admission:
         if conn.state is QUEUED:
             self.queue.discard((conn, conn.req_id, conn.request), now)
 
-    def drain_queue(self) -> list[tuple[Connection, int, Request]]:
+    def take_all_queued(self) -> list[tuple[Connection, int, Request]]:
         """Everything still queued, taken out (the graceful timeout ran out)."""
         items = []
         q = self.queue

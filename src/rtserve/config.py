@@ -8,7 +8,7 @@ with a message that names it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,15 +195,6 @@ class Config:
         merged = dict(self._values)
         merged.update(kwargs)
         return Config(_env={}, **merged)
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        host, _, port = self.bind.rpartition(":")
-        return host.strip("[]"), int(port)
-
-
-def settings_in(section: str) -> Iterable[Setting]:
-    return (s for s in SETTINGS if s.section == section)
 
 
 def settings_markdown() -> str:

@@ -151,11 +151,6 @@ class CoDelQueue:
             self.last_empty_ns = now
         return True
 
-    def drain(self) -> list:
-        items = list(self._items)
-        self._items.clear()
-        return items
-
 
 class ConcurrencyLimit:
     """A limit on queued + running requests: fixed, AIMD, or Netflix Gradient2."""

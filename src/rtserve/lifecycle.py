@@ -188,7 +188,7 @@ class Lifecycle:
         """graceful_timeout is over: 503 for what is still waiting, then close everything."""
         self._drain_deadline = 0
         srv = self._parts
-        srv.admission.drain_queue()
+        srv.admission.take_all_queued()
         for conn in list(srv.conns.values()):
             st = conn.state
             if st is QUEUED or st is RUNNING:

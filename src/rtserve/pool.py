@@ -1,9 +1,11 @@
 """The fixed worker pool and the completion path back to the conductor.
 
-Workers run user code only: they take `(fn, conn, req_id, arg)` from the task queue,
-run `fn(conn, req_id, arg)`, post `(conn, req_id, result, final)` on the completion queue,
-and wake the conductor through an eventfd (written only when no wake-up is already
-pending, so a burst of completions costs one syscall). The pool knows nothing of sockets or HTTP.
+Both threads, labelled: the conductor puts `(fn, conn, req_id, arg)` on the task queue
+(`task_put`, the queue's own put: no Python call on the hand-off; `submit` is the same
+for other callers) and takes completions with `take_completions`; worker threads run
+`fn(conn, req_id, arg)`, post `(conn, req_id, result, final)` on the completion queue, and
+wake the conductor through an eventfd (written only when no wake-up is already pending,
+so a burst of completions costs one syscall). The pool knows nothing of sockets or HTTP.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class WorkerPool:
         """Queue `fn(conn, req_id, arg)`; its result comes back as a final completion."""
         self._tasks.put((fn, conn, req_id, arg))
 
-    def drain(self) -> list[Completion]:
+    def take_completions(self) -> list[Completion]:
         """Every completion posted so far (call after the eventfd fired, or any time)."""
         try:
             os.eventfd_read(self.wakeup_fd)
@@ -66,8 +68,8 @@ class WorkerPool:
         self._wake_pending = False
         q = self._completions
         get = q.get_nowait
-        # qsize() instead of catching queue.Empty: an exception per drain costs more than
-        # the drain. Items posted meanwhile are taken by the next drain (their post wakes it).
+        # qsize() instead of catching queue.Empty: an exception per call costs more than the
+        # call. Items posted meanwhile are taken by the next call (their post wakes it).
         return [get() for _ in range(q.qsize())]
 
     def shutdown(self, timeout: float | None = None) -> list[tuple]:

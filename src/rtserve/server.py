@@ -164,7 +164,7 @@ class Server:
         )
         writer = self.writer = Writer(
             limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics, admission,
-            answers, self.life, pool.drain, cfg.access_log_format,
+            answers, self.life, pool.take_completions, cfg.access_log_format,
         )
         reader.writer = writer
         writer.reader = reader

@@ -57,7 +57,7 @@ class Writer:
     def __init__(self, limits: Limits, conns: dict[int, Connection], ep: Any,
                  set_mask: Callable[[Connection, int], None], timers: Any, metrics: Metrics,
                  admission: Admission, answers: Answers, life: Lifecycle,
-                 drain_completions: Callable[[], list], access_log_format: str) -> None:
+                 take_completions: Callable[[], list], access_log_format: str) -> None:
         self._conns = conns
         self._ep = ep
         self._set_mask = set_mask
@@ -68,7 +68,7 @@ class Writer:
         self._finished = admission.finished
         self._answers = answers
         self._life = life
-        self._drain = drain_completions
+        self._take_completions = take_completions
         self._write_ns = limits.write_ns
         self._access_log = limits.access_log
         self._access_format = access_log_format
@@ -79,7 +79,7 @@ class Writer:
 
     def on_completions(self, now: int) -> None:
         """Every result workers posted since the last wake-up, then what may start next."""
-        for conn, rid, result, final in self._drain():
+        for conn, rid, result, final in self._take_completions():
             try:
                 self._complete(conn, rid, result, final, now)
             except Exception:
