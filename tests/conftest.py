@@ -1,14 +1,18 @@
-"""Shared fixtures: a demo-like app served on 127.0.0.1."""
+"""Shared fixtures: a demo-like app served on 127.0.0.1, and the handler `gate`.
+
+Helpers that are not fixtures (Gate, Client, wait_for, server_thread ...) live in
+tests/helpers.py; `make_app` stays here because several files build on it.
+"""
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from rtserve import App, Request, Response
-from tests.helpers import server_thread
+from tests.helpers import Gate, server_thread
 
 
 def make_app() -> App:
@@ -73,13 +77,8 @@ def addr(server):
     return server.address[0], server.address[1]
 
 
-class Gate:
-    """A handler gate tests open when they choose: workers wait on it deterministically."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Semaphore(0)
-        self.release = threading.Event()
-
-    def wait(self, timeout: float = 10.0) -> None:
-        self.entered.release()
-        self.release.wait(timeout)
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    g = Gate()
+    yield g
+    g.release.set()  # never leave a worker blocked behind a failed test

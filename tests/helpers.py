@@ -1,11 +1,13 @@
-"""Test helpers: a real server on 127.0.0.1 in a background thread, and raw-socket clients."""
+"""Test helpers: a real server on 127.0.0.1 in a background thread, raw-socket clients, a
+keep-alive `Client`, the handler `Gate` and `wait_for` (the `gate` fixture is conftest's)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rtserve.config import Config
@@ -38,6 +40,48 @@ def server_thread(app: Any, **settings: Any) -> Iterator[Server]:
         if t.is_alive():
             server.stop_now()
             t.join(5)
+
+
+REVIEW = {"decision": "review"}  # the fallback body the deadline tests use
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "the condition",
+             interval: float = 0.002) -> None:
+    """Poll `cond()` until it is true (state changed on another thread or process).
+
+    Not a timing assumption: `timeout` only bounds a hang. `interval` is the pause between
+    polls; use a longer one when a poll is costly (/proc, an HTTP scrape).
+    """
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Gate:
+    """Holds handlers until the test releases them; counts how many entered (and which).
+
+    A handler calls `hold(tag)`; the test calls `wait_entered(n)` to know n handlers are
+    parked, then `release.set()`. The `gate` fixture (conftest.py) releases it at teardown
+    so a failed test never leaves a worker blocked.
+    """
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.calls: list[str] = []
+        self.lock = threading.Lock()
+
+    def hold(self, tag: str = "", timeout: float = 10.0) -> None:
+        with self.lock:
+            self.calls.append(tag)
+        self.entered.release()
+        self.release.wait(timeout)
+
+    def wait_entered(self, n: int = 1, timeout: float = 10.0) -> None:
+        for _ in range(n):
+            assert self.entered.acquire(timeout=timeout), "handler never started"
 
 
 def connect(addr: tuple[str, int], timeout: float = 10.0) -> socket.socket:
@@ -104,3 +148,50 @@ def recv_until_closed(sock: socket.socket, limit: int = 1 << 24) -> bytes:
             break
         data += chunk
     return bytes(data)
+
+
+class Client:
+    """One keep-alive connection; keeps its read buffer, so no byte is lost between calls."""
+
+    def __init__(self, addr: tuple[str, int], timeout: float = 10.0) -> None:
+        self.sock = connect(addr, timeout)
+        self.timeout = timeout
+        self.f = self.sock.makefile("rb")
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+    ) -> None:
+        """Write one request (Host and Content-Length added)."""
+        lines = [f"{method} {path} HTTP/1.1", "Host: test"]
+        items = headers.items() if isinstance(headers, dict) else (headers or [])
+        lines += [f"{k}: {v}" for k, v in items]
+        if body or method in ("POST", "PUT"):
+            lines.append(f"Content-Length: {len(body)}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+    def recv(self, head_only: bool = False) -> tuple[int, dict, bytes]:
+        """Read one response."""
+        return read_response_file(self.f, head_only)
+
+    def request(self, method: str, path: str, headers: Any = None, body: bytes = b"",
+                ) -> tuple[int, dict, bytes]:
+        self.send(method, path, headers, body)
+        return self.recv(head_only=method == "HEAD")
+
+    def pending(self, wait: float = 0.3) -> bytes:
+        """Bytes that arrive within `wait` s (b"" if none or EOF): unexpected extra data."""
+        self.sock.settimeout(wait)
+        try:
+            return self.f.peek(1)
+        except TimeoutError:
+            return b""
+        finally:
+            self.sock.settimeout(self.timeout)
+
+    def close(self) -> None:
+        self.f.close()
+        self.sock.close()

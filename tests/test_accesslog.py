@@ -13,9 +13,7 @@ import pytest
 from rtserve import App, Request, Response
 from rtserve.accesslog import escape, format_line
 from rtserve.request import Request as Req
-from tests.helpers import server_thread
-from tests.test_deadlines import REVIEW, Client, Gate, wait_for
-from tests.test_deadlines import gate as gate  # noqa: F401  (the fixture)
+from tests.helpers import REVIEW, Client, Gate, server_thread, wait_for
 
 
 class Capture(logging.Handler):

@@ -22,9 +22,7 @@ from rtserve.deadlines import (
     ConcurrencyLimit,
     retry_after_seconds,
 )
-from tests.helpers import server_thread
-from tests.test_deadlines import REVIEW, Client, Gate, wait_for
-from tests.test_deadlines import gate as gate  # noqa: F401  (the fixture)
+from tests.helpers import REVIEW, Client, Gate, server_thread, wait_for
 
 MS = 1_000_000
 LONG_BUDGET = {"X-Request-Deadline-Ms": "60000"}  # CoDel sheds only requests with a deadline

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from rtserve import App, Request, Response
-from tests.conftest import Gate, make_app
-from tests.helpers import connect, read_response_file, recv_until_closed, server_thread
+from tests.conftest import make_app
+from tests.helpers import Gate, connect, read_response_file, recv_until_closed, server_thread
 
 
 def test_a_thousand_concurrent_connections_all_answered():
@@ -52,13 +52,12 @@ def test_a_thousand_concurrent_curls():
         assert outs.count(b"Hello, world!\n") == 1000
 
 
-def test_hello_answered_while_slow_requests_occupy_workers():
-    gate = Gate()
+def test_hello_answered_while_slow_requests_occupy_workers(gate: Gate):
     app = make_app()
 
     @app.get("/held")
     def held(request: Request) -> Response:
-        gate.wait()
+        gate.hold()
         return Response.text("slow done\n")
 
     with server_thread(app, threads=12) as srv:
@@ -69,7 +68,7 @@ def test_hello_answered_while_slow_requests_occupy_workers():
             s.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
             slow.append(s)
         for _ in range(8):
-            assert gate.entered.acquire(timeout=10)  # all 8 workers now busy on /held
+            gate.wait_entered()  # all 8 workers now busy on /held
         order: list[str] = []
         lock = threading.Lock()
 
@@ -93,20 +92,19 @@ def test_hello_answered_while_slow_requests_occupy_workers():
             s.close()
 
 
-def test_client_gone_while_in_flight_result_dropped_and_never_misdelivered():
-    gate = Gate()
+def test_client_gone_while_in_flight_result_dropped_and_never_misdelivered(gate: Gate):
     app = make_app()
 
     @app.get("/secret")
     def secret(request: Request) -> Response:
-        gate.wait()
+        gate.hold()
         return Response.text("SECRET-FOR-FIRST-CLIENT\n")
 
     with server_thread(app, threads=4) as srv:
         addr = srv.address
         a = connect(addr)
         a.sendall(b"GET /secret HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert gate.entered.acquire(timeout=10)
+        gate.wait_entered()
         # Reset (not FIN): the server sees the client vanish while the handler runs.
         a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         a.close()

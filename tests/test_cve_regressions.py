@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from rtserve import App, Request, Response
-from tests.conftest import Gate, make_app
-from tests.helpers import connect, read_response_file, recv_until_closed, server_thread
+from tests.conftest import make_app
+from tests.helpers import Gate, connect, read_response_file, recv_until_closed, server_thread
 
 SMUGGLED = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -110,20 +110,19 @@ def test_response_splitting_refused(value):
         s.close()
 
 
-def test_half_closed_connection_causes_no_busy_loop():
+def test_half_closed_connection_causes_no_busy_loop(gate: Gate):
     """CVE-2024-49769 class: a dead or half-closed socket must leave the poll set."""
-    gate = Gate()
     app = make_app()
 
     @app.get("/held")
     def held(request: Request) -> Response:
-        gate.wait()
+        gate.hold()
         return Response.text("done\n")
 
     with server_thread(app) as srv:
         s = connect(srv.address)
         s.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert gate.entered.acquire(timeout=10)
+        gate.wait_entered()
         s.shutdown(socket.SHUT_WR)  # EOF while the request is in flight
         before = resource.getrusage(resource.RUSAGE_SELF)
         threading.Event().wait(0.5)  # a measurement window, not a synchronisation

@@ -7,104 +7,14 @@ test sets only after the fallback/504 arrived, so "late" never depends on timing
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from rtserve import App, Request, Response
-from tests.helpers import connect, read_response_file, server_thread
-
-REVIEW = {"decision": "review"}
-
-
-# ---- a small keep-alive client shared by the deadline/admission/metrics tests ----------
-
-
-class Client:
-    """One keep-alive connection; keeps its read buffer, so no byte is lost between calls."""
-
-    def __init__(self, addr: tuple[str, int], timeout: float = 10.0) -> None:
-        self.sock = connect(addr, timeout)
-        self.timeout = timeout
-        self.f = self.sock.makefile("rb")
-
-    def send(
-        self,
-        method: str,
-        path: str,
-        headers: dict[str, str] | list[tuple[str, str]] | None = None,
-        body: bytes = b"",
-    ) -> None:
-        """Write one request (Host and Content-Length added)."""
-        lines = [f"{method} {path} HTTP/1.1", "Host: test"]
-        items = headers.items() if isinstance(headers, dict) else (headers or [])
-        lines += [f"{k}: {v}" for k, v in items]
-        if body or method in ("POST", "PUT"):
-            lines.append(f"Content-Length: {len(body)}")
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-
-    def recv(self, head_only: bool = False) -> tuple[int, dict, bytes]:
-        """Read one response."""
-        return read_response_file(self.f, head_only)
-
-    def request(self, method: str, path: str, headers: Any = None, body: bytes = b"",
-                ) -> tuple[int, dict, bytes]:
-        self.send(method, path, headers, body)
-        return self.recv(head_only=method == "HEAD")
-
-    def pending(self, wait: float = 0.3) -> bytes:
-        """Bytes that arrive within `wait` s (b"" if none or EOF): unexpected extra data."""
-        self.sock.settimeout(wait)
-        try:
-            return self.f.peek(1)
-        except TimeoutError:
-            return b""
-        finally:
-            self.sock.settimeout(self.timeout)
-
-    def close(self) -> None:
-        self.f.close()
-        self.sock.close()
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a condition on server state (not a timing assumption: it only bounds a hang)."""
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.002)
-
-
-class Gate:
-    """Holds handlers until released; counts how many entered (and which)."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.entered = threading.Semaphore(0)
-        self.calls: list[str] = []
-        self.lock = threading.Lock()
-
-    def hold(self, tag: str = "") -> None:
-        with self.lock:
-            self.calls.append(tag)
-        self.entered.release()
-        self.release.wait(10)
-
-    def wait_entered(self, n: int = 1) -> None:
-        for _ in range(n):
-            assert self.entered.acquire(timeout=10), "handler never started"
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    g = Gate()
-    yield g
-    g.release.set()  # never leave a worker blocked behind a failed test
-
+from tests.helpers import REVIEW, Client, Gate, server_thread, wait_for
 
 # ---- fallback and 504 at respond_by ------------------------------------------------------
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,8 +18,16 @@ import pytest
 
 from rtserve import App, Request, Response
 from rtserve.server import Server
-from tests.conftest import Gate, make_app
-from tests.helpers import connect, read_response_file, recv_until_closed, server_thread
+from tests.conftest import make_app
+from tests.helpers import (
+    REVIEW,
+    Gate,
+    connect,
+    read_response_file,
+    recv_until_closed,
+    server_thread,
+    wait_for,
+)
 
 THREADS = 4
 
@@ -34,18 +41,18 @@ def make_fault_app(gate: Gate) -> App:
 
     @app.get("/gate")
     def gated(request: Request) -> Response:
-        gate.wait(30)
+        gate.hold(timeout=30)
         return Response.text("released\n")
 
     @app.get("/gate-deadline", deadline_ms=300)
     def gated_deadline(request: Request) -> Response:
-        gate.wait(30)
+        gate.hold(timeout=30)
         return Response.text("late\n")
 
     @app.get("/gate-fallback", deadline_ms=300,
-             fallback=Response.json({"decision": "review"}))
+             fallback=Response.json(REVIEW))
     def gated_fallback(request: Request) -> Response:
-        gate.wait(30)
+        gate.hold(timeout=30)
         return Response.json({"decision": "approve"})
 
     @app.get("/big")
@@ -114,13 +121,6 @@ def make_fault_app(gate: Gate) -> App:
 
 
 @pytest.fixture
-def gate() -> Iterator[Gate]:
-    g = Gate()
-    yield g
-    g.release.set()  # never leave a worker parked after a failed test
-
-
-@pytest.fixture
 def srv(gate: Gate) -> Iterator[Server]:
     with server_thread(make_fault_app(gate), threads=THREADS, header_timeout=5.0,
                        body_timeout=5.0) as server:
@@ -160,14 +160,7 @@ def counter(server: Server, name: str) -> float:
 
 def wait_metric(server: Server, name: str, want: float, timeout: float = 10.0) -> None:
     """Scrape /metrics until `name` reaches `want` (the event happens on another thread)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = counter(server, name)
-        if value >= want:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} is {value}, expected {want}")
-        time.sleep(0.02)
+    wait_for(lambda: counter(server, name) >= want, timeout, f"{name} to reach {want}", 0.02)
 
 
 def still_serves(server: Server) -> None:
@@ -216,7 +209,7 @@ def test_reset_while_the_handler_runs_drops_the_result(srv: Server, gate: Gate) 
     m0 = metrics(srv)
     s = connect(addr_of(srv))
     s.sendall(b"GET /gate HTTP/1.1\r\nHost: t\r\n\r\n")
-    assert gate.entered.acquire(timeout=10)
+    gate.wait_entered()
     rst_close(s)
     wait_metric(srv, ABORTS, m0[ABORTS] + 1)
     # A new client (very likely on the same fd number) must never get the old result.
@@ -240,17 +233,15 @@ def test_close_while_the_handler_runs_is_a_half_close_answered_then_closed(
     """A FIN can't be told from shutdown(SHUT_WR): the answer is still sent, then closed."""
     s = connect(addr_of(srv))
     s.sendall(b"GET /gate HTTP/1.1\r\nHost: t\r\n\r\n")
-    assert gate.entered.acquire(timeout=10)
+    gate.wait_entered()
     s.shutdown(socket.SHUT_WR)
     gate.release.set()
     data = recv_until_closed(s)
     assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"released\n")
     s.close()
     still_serves(srv)
-    deadline = time.monotonic() + 10
-    while metrics(srv)["rtserve_open_connections"] > 1:  # only the scrape itself
-        assert time.monotonic() < deadline, "the half-closed connection was never closed"
-        time.sleep(0.02)
+    wait_for(lambda: metrics(srv)["rtserve_open_connections"] <= 1,  # only the scrape itself
+             10, "the half-closed connection to be closed", 0.02)
 
 
 @pytest.mark.parametrize("path", ["/big", "/stream"])
@@ -268,10 +259,8 @@ def test_disconnect_mid_response(srv: Server, path: str) -> None:
     rst_close(s)
     wait_metric(srv, ABORTS, before + 1)
     # The streaming worker was stopped (its put() returned False), not left parked.
-    deadline = time.monotonic() + 10
-    while metrics(srv)["rtserve_busy_workers"] != 0:
-        assert time.monotonic() < deadline, "a worker is still busy with the aborted response"
-        time.sleep(0.02)
+    wait_for(lambda: metrics(srv)["rtserve_busy_workers"] == 0, 10,
+             "the worker busy with the aborted response to be freed", 0.02)
     still_serves(srv)
 
 
@@ -342,7 +331,7 @@ def test_hanging_handler_without_a_deadline_times_the_client_out_not_the_server(
 ) -> None:
     s = connect(addr_of(srv), timeout=0.5)
     s.sendall(b"GET /gate HTTP/1.1\r\nHost: t\r\n\r\n")
-    assert gate.entered.acquire(timeout=10)
+    gate.wait_entered()
     with pytest.raises(TimeoutError):
         s.recv(100)  # no answer: the handler hangs and nothing bounds it
     still_serves(srv)  # other clients are served by the other workers
@@ -351,14 +340,12 @@ def test_hanging_handler_without_a_deadline_times_the_client_out_not_the_server(
     s.close()  # the client gives up
     s2 = connect(addr_of(srv), timeout=0.5)  # another hangs: each pins one worker
     s2.sendall(b"GET /gate HTTP/1.1\r\nHost: t\r\n\r\n")
-    assert gate.entered.acquire(timeout=10)
+    gate.wait_entered()
     rst_close(s2)
     wait_metric(srv, ABORTS, before + 1)
     gate.release.set()
-    deadline = time.monotonic() + 10
-    while metrics(srv)["rtserve_busy_workers"] != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(lambda: metrics(srv)["rtserve_busy_workers"] == 0, 10, "the workers to be freed",
+             0.02)
     still_serves(srv)
 
 
@@ -375,10 +362,7 @@ def test_a_worker_killed_by_its_handler_is_replaced(srv: Server, gate: Gate,
     m1 = metrics(srv)
     assert m1[ERRORS] == m0[ERRORS] + 1
     assert m1["rtserve_busy_workers"] == 0  # the dying worker's request was accounted for
-    deadline = time.monotonic() + 10
-    while srv.pool.alive() != THREADS:
-        assert time.monotonic() < deadline, "the dead worker was not replaced"
-        time.sleep(0.01)
+    wait_for(lambda: srv.pool.alive() == THREADS, 10, "the dead worker to be replaced")
     # All THREADS workers really run handlers: park THREADS requests at once.
     socks = []
     for _ in range(THREADS):
@@ -386,7 +370,7 @@ def test_a_worker_killed_by_its_handler_is_replaced(srv: Server, gate: Gate,
         s.sendall(b"GET /gate HTTP/1.1\r\nHost: t\r\n\r\n")
         socks.append(s)
     for _ in range(THREADS):
-        assert gate.entered.acquire(timeout=10), "fewer live workers than the pool size"
+        gate.wait_entered()  # as many live workers as the pool size
     gate.release.set()
     for s in socks:
         assert read_response_file(s.makefile("rb"))[::2] == (200, b"released\n")
@@ -410,8 +394,5 @@ def test_repeated_worker_deaths_keep_the_pool_full(srv: Server) -> None:
     assert results == [500] * n
     wait_metric(srv, "rtserve_worker_deaths_total", m0["rtserve_worker_deaths_total"] + n)
     assert counter(srv, ERRORS) == m0[ERRORS] + n
-    deadline = time.monotonic() + 10
-    while srv.pool.alive() != THREADS:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: srv.pool.alive() == THREADS, 10, "the dead workers to be replaced")
     still_serves(srv)

@@ -11,9 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rtserve import App, Request, Response
 from rtserve.metrics import Histogram, Metrics
-from tests.helpers import server_thread
-from tests.test_deadlines import REVIEW, Client, Gate, wait_for
-from tests.test_deadlines import gate as gate  # noqa: F401  (the fixture)
+from tests.helpers import REVIEW, Client, Gate, server_thread, wait_for
 
 Samples = dict[tuple[str, frozenset], float]
 

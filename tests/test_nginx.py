@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import connect, read_response
+from tests.helpers import connect, read_response, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -142,13 +142,6 @@ def get(port: int) -> tuple[int, dict, bytes]:
         return read_response(sock)
 
 
-def wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def test_docs_show_the_deploy_configurations_verbatim():
     docs = DOCS.read_text()
     for name in ("nginx.conf", "haproxy.cfg", "rtserve.service", "k8s-pod.yaml"):
@@ -190,7 +183,7 @@ def lose_no_request_when_one_stops(
         except OSError:
             return False
 
-    wait_until(up, 15, "the load balancer did not come up")
+    wait_for(up, 15, "the load balancer to come up", interval=0.02)
     ok: list[tuple[float, int]] = []  # (time, pid)
     failures: list[str] = []
     stop = threading.Event()
@@ -211,13 +204,13 @@ def lose_no_request_when_one_stops(
         t.start()
     try:
         pids = {a.proc.pid, b.proc.pid}
-        wait_until(lambda: {p for _, p in ok} == pids and len(ok) >= 60, 15,
-                   "traffic did not reach both instances")
+        wait_for(lambda: {p for _, p in ok} == pids and len(ok) >= 60, 15,
+                 "traffic to reach both instances", interval=0.02)
         a.proc.send_signal(signal.SIGTERM)  # mid-traffic: not ready for a while, then stop
         assert a.proc.wait(15) == 0
         settled = time.monotonic() + 0.1  # responses relayed before A exited are in
-        wait_until(lambda: sum(t > settled for t, _ in ok) >= 60, 15,
-                   "traffic stalled after the stop")
+        wait_for(lambda: sum(t > settled for t, _ in ok) >= 60, 15,
+                 "traffic to go on after the stop", interval=0.02)
     finally:
         stop.set()
         for t in threads:

@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from rtserve import App, Request, Response
+from tests import helpers
 from tests.helpers import connect, read_response_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,12 +202,8 @@ def reset_close(s: socket.socket) -> None:
 
 
 def wait_for(cond: Any, timeout: float, what: str) -> None:
-    """Poll `cond()` until true (the events here are visible only through /proc or HTTP)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    """helpers.wait_for, polling every 50 ms: these polls read /proc or scrape over HTTP."""
+    helpers.wait_for(cond, timeout, what, interval=0.05)
 
 
 HELLO = b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n"
