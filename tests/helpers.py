@@ -4,6 +4,7 @@ keep-alive `Client`, the handler `Gate` and `wait_for` (the `gate` fixture is co
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 import time
@@ -82,6 +83,23 @@ class Gate:
     def wait_entered(self, n: int = 1, timeout: float = 10.0) -> None:
         for _ in range(n):
             assert self.entered.acquire(timeout=timeout), "handler never started"
+
+
+def wait_completions(pool: Any, n: int, timeout: float = 10.0, *, finals: bool = False
+                     ) -> list:
+    """Block on a WorkerPool's eventfd like the conductor does until `n` completions
+    arrived (`finals`: until `n` final ones, the others with them, in order)."""
+    ep = select.epoll()
+    ep.register(pool.wakeup_fd, select.EPOLLIN)
+    got: list = []
+    try:
+        while (sum(c[3] for c in got) if finals else len(got)) < n:
+            if not ep.poll(timeout):
+                raise TimeoutError(f"only {len(got)} completions, expected {n}")
+            got.extend(pool.take_completions())
+    finally:
+        ep.close()
+    return got
 
 
 def connect(addr: tuple[str, int], timeout: float = 10.0) -> socket.socket:

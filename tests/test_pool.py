@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import select
 import signal
 import threading
 
 from rtserve.pool import WorkerPool
-
-
-def wait_completions(pool: WorkerPool, n: int, timeout: float = 10.0) -> list:
-    """Block on the eventfd like the conductor does until n completions arrived."""
-    ep = select.epoll()
-    ep.register(pool.wakeup_fd, select.EPOLLIN)
-    got: list = []
-    try:
-        while len(got) < n:
-            if not ep.poll(timeout):
-                raise TimeoutError(f"only {len(got)} of {n} completions")
-            got.extend(pool.take_completions())
-    finally:
-        ep.close()
-    return got
+from tests.helpers import wait_completions
 
 
 def test_results_come_back_with_their_token():
