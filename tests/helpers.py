@@ -154,6 +154,24 @@ def read_response_file(f: Any, head_only: bool = False) -> tuple[int, dict, byte
     return status, headers, body
 
 
+def scrape_metrics(addr: tuple[str, int]) -> dict[str, float]:
+    """GET /metrics on a fresh connection, as an operator would: {sample with labels: value},
+    e.g. `rtserve_timeouts_total{kind="header"}`."""
+    s = connect(addr)
+    try:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        status, _, body = read_response(s)
+    finally:
+        s.close()
+    assert status == 200
+    out = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def recv_until_closed(sock: socket.socket, limit: int = 1 << 24) -> bytes:
     """Everything the server sends until it closes (or resets) the connection."""
     data = bytearray()

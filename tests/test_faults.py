@@ -25,6 +25,7 @@ from tests.helpers import (
     connect,
     read_response_file,
     recv_until_closed,
+    scrape_metrics,
     server_thread,
     wait_for,
 )
@@ -144,14 +145,7 @@ def request(server: Server, path: str, timeout: float = 10.0) -> tuple[int, dict
 
 
 def metrics(server: Server) -> dict[str, float]:
-    status, _, body = request(server, "/metrics")
-    assert status == 200
-    out = {}
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return scrape_metrics(addr_of(server))
 
 
 def counter(server: Server, name: str) -> float:
