@@ -39,6 +39,7 @@ class Admission:
         self.queue = CoDelQueue(
             cfg.codel_target_ms, cfg.codel_interval_ms, lambda item: item[2].deadline_ns
         )
+        self.waiting = self.queue.items  # truthy while requests wait (a C-level test)
         self.limit = ConcurrencyLimit(cfg.adaptive_limit, cfg.max_inflight, limits.threads)
         self._sampling = self.limit.mode != "off"
         self.threads = limits.threads
@@ -79,7 +80,7 @@ class Admission:
         if limit.enabled and not limit.admits(self._busy + len(self.queue)):
             return self._shed_reply(req, "limit", now)
         req.t_queued = now
-        if self._busy < self.threads and not self.queue and self.cpu_ok():
+        if self._busy < self.threads and not self.waiting and self.cpu_ok():
             qw = self._metrics.queue_wait  # a zero wait: the first bucket, no bisect
             qw.counts[0] += 1
             qw.count += 1

@@ -112,8 +112,13 @@ def serialize(request: Request, response: Response, draining: bool) -> Reply:
         elif head_only and length is not None and not body:
             clen = content_length(length)  # HEAD: the length a GET would have
         else:
-            clen = content_length(len(body))
-        conn_line, keep = connection(request, app_close or draining)
+            n = len(body)
+            clen = _CLEN[n] if n < _CLEN_CACHED else b"Content-Length: %d\r\n" % n
+        # connection(), inlined for the common case (a complete bytes body).
+        if app_close or draining or not request.keep_alive:
+            conn_line, keep = CLOSE, False
+        else:
+            conn_line, keep = (KEEP_ALIVE if request.version == "HTTP/1.0" else b""), True
         if head_only:
             body = b""
         elif len(body) >= JOIN_MAX:

@@ -199,10 +199,6 @@ class Lifecycle:
                 srv.writer.close(conn)
         self.force_exit = True
 
-    def done(self) -> bool:
-        """Should the loop stop? (forced, or drained: no connection left)."""
-        return self.force_exit or (self.draining and not self._parts.conns)
-
     def close(self) -> None:
         """Teardown: stop watching signals, close the control sockets."""
         if self._sig_w is not None:

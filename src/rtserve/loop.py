@@ -62,9 +62,10 @@ class EventLoop:
         select_select = select.select
         epfd = (ep.fileno(),)
         fault = writer.fault
+        waiting = admission.waiting
         while not life.force_exit:
             due = next_due()
-            if admission.queue:
+            if waiting:
                 expiry = admission.next_expiry(monotonic_ns())
                 if expiry and expiry < due:
                     due = expiry
@@ -106,8 +107,8 @@ class EventLoop:
                 life.handle_signals(now)
             if monotonic_ns() >= due:
                 self._run_due(server, monotonic_ns())
-            if life.done():
-                return
+            if life.draining and not conns:
+                return  # drained: every connection is closed
 
     @staticmethod
     def _run_due(server: Any, now: int) -> None:
@@ -138,7 +139,7 @@ class EventLoop:
                 server.housekeeping(now)
             except Exception:
                 fault(None, "in housekeeping")
-        if admission.queue:
+        if admission.waiting:
             try:
                 admission.expire_queued(now)
             except Exception:

@@ -83,7 +83,8 @@ class Worker:
         elapsed = t1 - t0
         if request.deadline_ns:  # past its budget a handler only says "too slow": cap it,
             elapsed = min(elapsed, request.deadline_ns - request.start_ns)  # or DOA sticks
-        route.observe(elapsed)
+        e = route.ewma_ns  # Route.observe, inlined: once per request
+        route.ewma_ns = elapsed if e == 0.0 else e + 0.1 * (elapsed - e)
         try:
             reply = serialize(request, response, self.draining)
         except InvalidResponse as exc:

@@ -66,6 +66,7 @@ class Writer:
         self._histograms = metrics.requests  # (method, route, status) -> Histogram
         self._admission = admission
         self._finished = admission.finished
+        self._waiting = admission.waiting
         self._answers = answers
         self._life = life
         self._take_completions = take_completions
@@ -79,15 +80,31 @@ class Writer:
 
     def on_completions(self, now: int) -> None:
         """Every result workers posted since the last wake-up, then what may start next."""
+        finished = self._finished
+        metrics = self._metrics
+        respond = self.respond
         for conn, rid, result, final in self._take_completions():
             try:
-                self._complete(conn, rid, result, final, now)
+                if result.__class__ is tuple and conn.req_id == rid and conn.state is RUNNING:
+                    # The common case, inlined: a handler's reply for the request in flight
+                    # (conn.awaits(rid) with RUNNING, the only state a reply can find).
+                    req = conn.request
+                    if final:
+                        finished(conn, rid, req, now)
+                    if result[0] >= 500:
+                        metrics.handler_errors += 1
+                    if respond(conn, result, now) and conn.state is READING_HEAD:
+                        self.reader.resume(conn, now)
+                else:
+                    self._complete(conn, rid, result, final, now)
             except Exception:
                 self.fault(conn, "handling a completion")
-        if self._admission.queue:
+        if self._waiting:
             self._admission.dispatch_queued(now)
 
     def _complete(self, conn: Connection, rid: int, result: Any, final: bool, now: int) -> None:
+        """Every completion but a reply for the request in flight: streams, late results,
+        a task that raised."""
         if result is STREAM_WAKE:  # a stream has data: pull it if the socket has room
             if (
                 conn.req_id == rid and conn.state is WRITING and conn.out is None
