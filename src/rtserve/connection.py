@@ -36,7 +36,7 @@ the next request or a client that reused the fd number.
 
 from __future__ import annotations
 
-import socket
+from _socket import socket
 from enum import IntEnum
 from typing import Any
 
@@ -123,7 +123,7 @@ class Connection:
         "heap_at",
     )
 
-    def __init__(self, sock: socket.socket, addr: Any, parser: RequestParser) -> None:
+    def __init__(self, sock: socket, addr: Any, parser: RequestParser) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.addr = addr

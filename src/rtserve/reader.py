@@ -9,8 +9,8 @@ comes back through writer.py, which calls `resume` when the connection may read 
 
 from __future__ import annotations
 
+import _socket
 import select
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +71,7 @@ class Reader:
 
     # ---- a new connection -----------------------------------------------------------------
 
-    def open(self, sock: socket.socket, addr: Any, now: int) -> int:
+    def open(self, sock: _socket.socket, addr: Any, now: int) -> int:
         """Adopt an accepted socket; returns how many connections are open."""
         lim = self._limits
         conn = Connection(

@@ -307,6 +307,13 @@ class Writer:
         if conn.mask & EPOLLOUT:
             self._set_mask(conn, conn.mask & ~EPOLLOUT)
         if not conn.keep_alive or self._life.draining:
+            if req is not None and not req.keep_alive and not conn.parser.buffered:
+                # The client itself asked to close (Connection: close, or HTTP/1.0 without
+                # keep-alive) and nothing of it is left unread: it may send no more
+                # (RFC 9112 section 9.6), so there is nothing a lingering close would
+                # protect the response from. Close now, as nginx does.
+                self.close(conn)
+                return
             self._close_after_response(conn, now)
             return
         conn.reset()
