@@ -205,9 +205,9 @@ def _late_result_faults(srv: Server, once: Once, gate: Gate,
     real = srv.writer._complete
     ports: set[int] = set()
 
-    def complete(conn: Any, rid: int, result: Any, final: bool, now: int) -> None:
+    def complete(conn: Any, rid: int, result: Any, now: int) -> None:
         once(conn.addr[1] in ports, "writer._complete")
-        real(conn, rid, result, final, now)
+        real(conn, rid, result, now)
 
     monkeypatch.setattr(srv.writer, "_complete", complete)
     s = connect(srv.address)
@@ -235,11 +235,6 @@ def test_a_fault_in_one_completion_closes_that_connection(
         assert_survived(srv, logs, before, "handling a completion", s, bookkeeping=False)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "src bug: when writer._complete raises for a final completion, writer.on_completions "
-    "-> fault() closes the connection but never calls admission.finished: "
-    "admission.busy stays 1 for good (and any CPU charge stays), so each such fault loses "
-    "a worker slot; with threads=1 every later request waits in the queue forever"))
 def test_a_fault_in_a_final_completion_gives_its_worker_back(
         monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture, once: Once,
         gate: Gate) -> None:

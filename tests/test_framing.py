@@ -270,9 +270,6 @@ def test_file_body_to_head_is_closed(file_body: FileBody) -> None:
     assert headers["content-length"] == ["100"] and rest == b""
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: framing.serialize puts Content-Length on a "
-                   "204 whose body is a FileBody (RFC 9110 8.6: MUST NOT); bytes and iterable "
-                   "bodies get none")
 def test_file_body_with_204_sends_no_length(file_body: FileBody) -> None:
     _, _, data = serialize(GET11, Response(file_body, 204), False)
     assert isinstance(data, bytes) and file_body.file.closed

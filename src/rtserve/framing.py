@@ -129,7 +129,8 @@ def serialize(request: Request, response: Response, draining: bool) -> Reply:
         count = body.count if length is None else min(length, body.count)
         body.count = count
         conn_line, keep = connection(request, app_close or draining)
-        head = b"".join((sline, date, content_length(count), conn_line, extra, b"\r\n"))
+        clen = b"" if no_body else content_length(count)  # 1xx/204/304 carry no length
+        head = b"".join((sline, date, clen, conn_line, extra, b"\r\n"))
         if head_only or no_body:
             body.close()
             return status, keep, head

@@ -90,21 +90,32 @@ class Writer:
                     # (conn.awaits(rid) with RUNNING, the only state a reply can find).
                     req = conn.request
                     if final:
+                        final = False  # given back now: a fault below must not do it again
                         finished(conn, rid, req, now)
                     if result[0] >= 500:
                         metrics.handler_errors += 1
                     if respond(conn, result, now) and conn.state is READING_HEAD:
                         self.reader.resume(conn, now)
                 else:
-                    self._complete(conn, rid, result, final, now)
+                    if final:
+                        final = False
+                        # The limiter's sample and the DOA reset need the request only when
+                        # its result is used: a task that raised is the one such case here.
+                        finished(conn, rid, conn.request if conn.awaits(rid) else None, now)
+                    self._complete(conn, rid, result, now)
             except Exception:
+                if final:  # the fault came before its worker was given back: give it now
+                    try:
+                        finished(conn, rid, None, now)
+                    except Exception:
+                        log.exception("giving back the worker of %r failed", conn)
                 self.fault(conn, "handling a completion")
         if self._waiting:
             self._admission.dispatch_queued(now)
 
-    def _complete(self, conn: Connection, rid: int, result: Any, final: bool, now: int) -> None:
+    def _complete(self, conn: Connection, rid: int, result: Any, now: int) -> None:
         """Every completion but a reply for the request in flight: streams, late results,
-        a task that raised."""
+        a task that raised. (A final one's worker was already given back.)"""
         if result is STREAM_WAKE:  # a stream has data: pull it if the socket has room
             if (
                 conn.req_id == rid and conn.state is WRITING and conn.out is None
@@ -112,13 +123,10 @@ class Writer:
             ):
                 self.reader.resume(conn, now)
             return
-        if result is STREAM_DONE:  # the streaming worker is free
-            self._finished(conn, rid, None, now)
+        if result is STREAM_DONE:  # the streaming worker is free (given back already)
             return
         if not conn.awaits(rid):  # answered at its deadline, or the client left
             self._metrics.late_dropped += 1
-            if final:
-                self._finished(conn, rid, None, now)
             if result.__class__ is tuple:
                 data = result[2]
                 if data.__class__ is StreamReply:
@@ -127,8 +135,6 @@ class Writer:
                     data.file.close()
             return
         req = conn.request
-        if final:
-            self._finished(conn, rid, req, now)
         if result.__class__ is not tuple:  # the task raised outside the handler's guard
             self._metrics.handler_errors += 1
             result = self._answers.internal_error(req)
