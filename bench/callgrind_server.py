@@ -26,6 +26,10 @@ are summed (thread 1 is the conductor, the rest are workers). A process that doe
 exit within the grace period gets a second SIGINT (rtserve's fast exit, still a normal
 exit with a dump), then SIGKILL, which leaves no profile and fails the measurement.
 
+Timers: in B every connection leaves timer entries (header timeout, lingering close) that
+pop only when due, 2-10 s later; the server is left idle for ``--settle`` seconds (13 for
+B) before it is stopped so that both runs pop all of them (see SETTLE_B).
+
 Repeatability: ``setarch -R`` (no address randomisation: address-keyed hashing is the
 same in every run), ``PYTHONHASHSEED=0`` and ``PYTHONDONTWRITEBYTECODE=1`` (both runs
 compile or load the same modules). Every response must be a 200, or the figure would
@@ -77,6 +81,13 @@ APPS = {
     "wsgi": "apps.wsgi_app:app",
     "bench-native": "apps.native_app:app",
 }
+#: Idle seconds after a B load before the server is stopped: rtserve's timer heap deletes
+#: lazily, so each connection leaves entries (header timeout 10 s, lingering close 2 s)
+#: that are popped only when they come due. Without the wait, how many of them a run pops
+#: depends on its wall time (valgrind's speed, the machine's load): the long run, lasting
+#: longer, pops more, and the figure drifts with the machine. With it, every entry is
+#: pushed and popped in both runs, as in a server at steady state.
+SETTLE_B = 13.0
 #: libc/CPython functions whose call counts per request are reported: the system calls of
 #: the hot path and the GIL / queue hand-offs between the conductor and the workers.
 CALLS_OF_INTEREST = (
@@ -297,6 +308,7 @@ class Setup:
     server_args: list[str]
     timeout: float
     valgrind_args: list[str] = field(default_factory=list)
+    settle: float = 0.0
     keep: Path | None = None
 
 
@@ -337,6 +349,7 @@ def run_once(setup: Setup, n: int, tmp: Path, label: str) -> Profile:
         t = time.monotonic()
         statuses = drive(port, n, setup.connections, setup.path, setup.timeout)
         wall = time.monotonic() - t
+        time.sleep(setup.settle)  # idle: let every timer armed by the load come due
     finally:
         stop(p, grace=60.0)
     if setup.keep is not None:
@@ -517,6 +530,7 @@ def measure(setup: Setup, n: int, repeat: int, top: int) -> dict[str, Any]:
         "threads": setup.threads,
         "server_args": setup.server_args,
         "valgrind_args": setup.valgrind_args,
+        "settle_s": setup.settle,
         "command": " ".join(server_cmd(setup, 0, Path("OUT"))).replace(":0 ", ":$PORT "),
         "pythonpath": server_env(setup.src)["PYTHONPATH"],
         "median": statistics.median(figs),
@@ -571,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--valgrind-arg", action="append", default=[], metavar="ARG",
                     help="extra valgrind argument (repeatable), "
                     "e.g. --valgrind-arg=--fair-sched=yes")
+    ap.add_argument("--settle", type=float, default=None,
+                    help="idle seconds after the load, before stopping the server "
+                    f"(default: {SETTLE_B:g} for B, 0 for A; see the module docstring)")
     ap.add_argument("--repeat", type=int, default=1, help="pairs of runs (spread)")
     ap.add_argument("--top", type=int, default=0,
                     help="also show the top K functions by own instructions per request")
@@ -595,7 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         setup = Setup(app=APPS.get(a.app, a.app), workload=a.workload, src=src,
                       threads=a.threads, connections=a.connections, path=a.path,
                       server_args=a.server_arg, timeout=a.timeout, keep=a.keep,
-                      valgrind_args=a.valgrind_arg)
+                      valgrind_args=a.valgrind_arg,
+                      settle=a.settle if a.settle is not None else
+                      (SETTLE_B if a.workload == "B" else 0.0))
         res = measure(setup, a.requests, a.repeat, a.top)
         if a.ref:
             res["ref"] = a.ref
