@@ -602,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--requests and --repeat must be positive")
     if a.keep is not None:
         a.keep.mkdir(parents=True, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C: run_once's finally stops the server's process group and
+    # the ExitStack removes a --ref worktree (the server runs in its own session, so it
+    # would outlive a harness that just died).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     with contextlib.ExitStack() as stack:
         if a.ref:
