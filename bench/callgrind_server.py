@@ -321,6 +321,16 @@ def server_env(src: Path) -> dict[str, str]:
     return env
 
 
+def check_import(src: Path) -> None:
+    """Fail unless the server's Python, with its environment, imports rtserve from ``src``
+    (a venv whose install shadowed PYTHONPATH would measure the wrong server)."""
+    out = subprocess.run([sys.executable, "-c", "import rtserve; print(rtserve.__file__)"],
+                         capture_output=True, text=True, env=server_env(src), cwd=ROOT)
+    got = out.stdout.strip()
+    if out.returncode or not Path(got).resolve().is_relative_to(src.resolve()):
+        raise RuntimeError(f"rtserve imports from {got or out.stderr.strip()!r}, not {src}")
+
+
 def server_cmd(setup: Setup, port: int, outfile: Path) -> list[str]:
     """``[setarch -R] valgrind --tool=callgrind ... python -m rtserve APP ...``."""
     norand = ["setarch", "-R"] if shutil.which("setarch") else []
@@ -498,6 +508,7 @@ def _calls_of_interest(calls: dict[str, float]) -> dict[str, float]:
 def measure(setup: Setup, n: int, repeat: int, top: int) -> dict[str, Any]:
     """``repeat`` pairs of runs (N, 2N); each pair gives one figure."""
     results: list[dict[str, Any]] = []
+    check_import(setup.src)
     with tempfile.TemporaryDirectory(prefix="rtserve-cg-") as tmpdir:
         tmp = Path(tmpdir)
         for rep in range(repeat):
@@ -561,6 +572,19 @@ def render(res: dict[str, Any], top: int) -> str:
     return "\n".join(out)
 
 
+def ensure_valgrind() -> None:
+    """Install valgrind with apt-get if it is missing (as root; else say how)."""
+    if shutil.which("valgrind") is not None:
+        return
+    if os.geteuid() != 0:
+        sys.exit("valgrind is not installed: apt-get install valgrind")
+    print("# installing valgrind with apt-get", file=sys.stderr, flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "valgrind"],
+                   check=True, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse options, measure, print the figure (text or JSON)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -596,8 +620,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="copy the callgrind files and server logs here (callgrind_annotate)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     a = ap.parse_args(argv)
-    if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    ensure_valgrind()
     if a.requests < 1 or a.repeat < 1:
         ap.error("--requests and --repeat must be positive")
     if a.keep is not None:
