@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint venv clean bench bench-quick
+.PHONY: serve test lint venv clean bench bench-quick callgrind
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,9 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py --quick
+
+# Instructions per request (callgrind; exact on a busy machine): native A, WSGI A, B.
+callgrind: $(STAMP)
+	$(PY) bench/callgrind_server.py --repeat 2
+	$(PY) bench/callgrind_server.py --app wsgi --repeat 2
+	$(PY) bench/callgrind_server.py --workload B --repeat 2

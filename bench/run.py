@@ -25,6 +25,14 @@ Usage:
   bench/run.py --write-docs          also rewrite docs/benchmarks.md from this run
   bench/run.py --report results/X.json --write-docs   re-render an earlier run
   bench/run.py --profile             py-spy flame graph of rtserve under workload A
+  bench/run.py --baseline main~5     also rtserve@main~5 and rtserve-wsgi@main~5: an older
+                                     rtserve (temporary git worktree, PYTHONPATH) measured
+                                     in the same run; ratio tables get a column for it
+  bench/run.py --sweep-threads 2,4,8 every threaded server at 2, 4 and 8 threads (A-E);
+                                     tables show each at rtserve's count (8) and its best
+
+Missing tools are installed: wrk (and nginx if it is selected) with apt-get, the Python
+servers (the project's bench extra) with pip into this venv.
 """
 
 from __future__ import annotations
@@ -46,8 +54,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -55,6 +64,9 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))  # bench/apps and bench/gitref.py
+import gitref  # noqa: E402
+
 RESULTS = BENCH / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 FLAMEGRAPH = ROOT / "docs" / "flamegraph-conductor.svg"
@@ -127,21 +139,50 @@ def _on_signal(signum: int, frame: Any) -> None:
 # Tools and machine
 # --------------------------------------------------------------------------------------
 
-APT_TOOLS = {"wrk": "wrk", "nginx": "nginx-light", "taskset": "util-linux"}
+#: Debian package of each system tool the driver runs. ``nginx`` (not ``nginx-light``, gone
+#: from Debian after bookworm) ships /usr/sbin/nginx itself on bookworm and later.
+APT_TOOLS = {"wrk": "wrk", "nginx": "nginx", "taskset": "util-linux", "nice": "coreutils"}
+#: The executable each Python server needs in the venv, from ``pip install -e '.[bench]'``.
+VENV_TOOLS = {"rtserve": "rtserve", "waitress": "waitress-serve", "gunicorn": "gunicorn",
+              "uvicorn": "uvicorn", "granian": "granian", "py-spy": "py-spy"}
 
 
-def ensure_tools(need_nginx: bool) -> None:
-    """Install the Debian packages that are missing (``apt-get update`` at most once)."""
-    missing = [pkg for tool, pkg in APT_TOOLS.items()
-               if shutil.which(tool) is None and (need_nginx or tool != "nginx")]
-    if not missing:
-        return
-    if os.geteuid() != 0:
-        sys.exit(f"missing tools {missing}: install them (apt-get install {' '.join(missing)})")
-    print(f"# installing {' '.join(missing)} with apt-get", flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+def which(tool: str) -> str | None:
+    """``shutil.which`` that also looks in the sbin directories (nginx lives there)."""
+    return shutil.which(tool) or shutil.which(
+        tool, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
+def ensure_tools(need_nginx: bool, need_python: Collection[str] = ()) -> None:
+    """Install what the selected servers and generators need and is missing.
+
+    System tools (wrk always, nginx only when the nginx server is selected) come from
+    Debian with ``apt-get`` (one ``apt-get update`` first: a fresh machine may have no
+    package lists); the Python servers in ``need_python`` (names of VENV_TOOLS) come from
+    the project's ``bench`` extra with pip, into this venv. ``make bench`` installs the
+    extra too; this covers ``bench/run.py`` run by hand on a new machine.
+    """
+    missing = sorted({pkg for tool, pkg in APT_TOOLS.items()
+                      if which(tool) is None and (need_nginx or tool != "nginx")})
+    if missing:
+        if os.geteuid() != 0:
+            sys.exit(f"missing tools: install them (apt-get install {' '.join(missing)})")
+        print(f"# installing {' '.join(missing)} with apt-get", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                        *missing], check=True, env=env)
+        still = [t for t, pkg in APT_TOOLS.items() if pkg in missing and which(t) is None]
+        if still:
+            sys.exit(f"apt-get installed {missing} but {still} is still not on PATH")
+    absent = sorted(VENV_TOOLS[n] for n in need_python
+                    if n in VENV_TOOLS and not (BIN / VENV_TOOLS[n]).exists())
+    if absent:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "-e", f"{ROOT}[bench]"]
+        if sys.prefix == sys.base_prefix:  # not a venv: do not touch the system Python
+            sys.exit(f"{absent} not in {BIN}: run `make venv` and {shlex.join(cmd)}")
+        print(f"# installing the bench extra ({', '.join(absent)} missing) with pip", flush=True)
+        subprocess.run(cmd, check=True)
 
 
 def free_port() -> int:
@@ -243,29 +284,36 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / _CLK_TCK
 
 
-def tree_rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` and all its descendants, in KiB (a master's share does not move)."""
+def tree_status_kib(pid: int, field_name: str) -> int:
+    """A ``/proc/PID/status`` field in kB (VmRSS, VmHWM...) summed over ``pid``'s tree."""
     total = 0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
+    prefix = field_name + ":"
+    for p in _tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(prefix):
                     total += int(line.split()[1])
-            for tid in os.listdir(f"/proc/{p}/task"):
-                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
-                todo.extend(int(k) for k in kids)
+                    break
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
 
 
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and all its descendants, in KiB (a master's share does not move)."""
+    return tree_status_kib(pid, "VmRSS")
+
+
 # --------------------------------------------------------------------------------------
-# Servers: one line each. {bin} = the venv's bin dir, {port}, {tmp} = a per-run temp dir.
+# Servers: one line each. {bin} = the venv's bin dir, {port}, {tmp} = a per-run temp dir,
+# {threads} = the server's thread count (its default, or one of --sweep-threads).
 # All serve bench/apps (cwd = bench/): the same logic through each server's interface.
 # `extra` adds arguments for some workloads (rtserve-WSGI's deadline on C and E).
 # --------------------------------------------------------------------------------------
+
+#: Worker threads of every threaded server unless --sweep-threads varies them: rtserve's
+#: configured count, and the count of the rows the other servers are compared at.
+THREADS = 8
 
 
 @dataclass
@@ -273,13 +321,22 @@ class Server:
     """A server under test: how to start it and which workloads it can serve."""
 
     name: str
-    kind: str  # "rtserve" | "peer" | "ceiling"
+    kind: str  # "rtserve" | "baseline" (rtserve of --baseline REF) | "peer" | "ceiling"
     cmd: list[str]
     workloads: str = "ABCDEF"
     extra: dict[str, list[str]] = field(default_factory=dict)
     prepare: Callable[[Path, int], None] | None = None
     note: str = ""
     default: bool = True  # False: only when named in --servers
+    #: Thread count when not swept; None: the server has no thread count to sweep.
+    threads: int | None = None
+    #: Environment for the server's command (values formatted like ``cmd``), run as
+    #: ``env K=V ... cmd`` so the recorded command is the whole truth.
+    env: dict[str, str] = field(default_factory=dict)
+    #: Python server executables it needs in the venv (VENV_TOOLS keys).
+    needs: tuple[str, ...] = ()
+    #: Workloads whose code path uses the threads (only these are swept).
+    sweep_workloads: str = "ABCDE"
 
 
 def nginx_conf(tmp: Path, port: int) -> None:
@@ -305,40 +362,72 @@ http {{
 """)
 
 
-RT_COMMON = ["--threads", "8", "--backlog", "4096", "--max-connections", "12000",
+RT_COMMON = ["--threads", "{threads}", "--backlog", "4096", "--max-connections", "12000",
              "--keepalive-timeout", "30", "--log-level", "warning"]
 RT_WSGI_DEADLINE = ["--route-deadline", f"/score={DEADLINE_MS:g}",
                     "--fallback", '/score=200:{{"decision": "review"}}']
 SERVERS: list[Server] = [
     Server("rtserve", "rtserve", ["{bin}/rtserve", "apps.native_app:app", "--bind",
-           "127.0.0.1:{port}", *RT_COMMON], note="native App, 8 worker threads"),
+           "127.0.0.1:{port}", *RT_COMMON], note="native App, {threads} worker threads",
+           threads=THREADS, needs=("rtserve",)),
     Server("rtserve-wsgi", "rtserve", ["{bin}/rtserve", "apps.wsgi_app:app", "--bind",
            "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE],
-           note="WSGI app, 8 worker threads, /score deadline 50 ms + fallback from the CLI"),
+           note="WSGI app, {threads} worker threads, /score deadline 50 ms + fallback from "
+           "the CLI", threads=THREADS, needs=("rtserve",)),
     # Opt-in variants (run only when named in --servers): the GIL hand-off cost.
     Server("rtserve-t1", "rtserve", ["{bin}/rtserve", "apps.native_app:app", "--bind",
            "127.0.0.1:{port}", *RT_COMMON, "--threads", "1"], default=False,
-           note="native App, 1 worker thread"),
+           note="native App, 1 worker thread", needs=("rtserve",)),
     Server("waitress", "peer", ["{bin}/waitress-serve", "--listen=127.0.0.1:{port}",
-           "--threads=8", "--connection-limit=12000", "--asyncore-use-poll", "--backlog=4096",
-           "apps.wsgi_app:app"], note="threads=8"),
-    Server("gunicorn", "peer", ["{bin}/gunicorn", "-w", "1", "-k", "gthread", "--threads", "8",
-           "--worker-connections", "12000", "--keep-alive", "30", "--backlog", "4096",
-           "--log-level", "warning", "-b", "127.0.0.1:{port}", "apps.wsgi_app:app"],
-           note="gthread, 1 worker, threads=8"),
+           "--threads={threads}", "--connection-limit=12000", "--asyncore-use-poll",
+           "--backlog=4096", "apps.wsgi_app:app"], note="threads={threads}",
+           threads=THREADS, needs=("waitress",)),
+    Server("gunicorn", "peer", ["{bin}/gunicorn", "-w", "1", "-k", "gthread", "--threads",
+           "{threads}", "--worker-connections", "12000", "--keep-alive", "30", "--backlog",
+           "4096", "--log-level", "warning", "-b", "127.0.0.1:{port}", "apps.wsgi_app:app"],
+           note="gthread, 1 worker, threads={threads}", threads=THREADS, needs=("gunicorn",)),
     Server("uvicorn", "peer", ["{bin}/uvicorn", "apps.asgi_app:app", "--host", "127.0.0.1",
            "--port", "{port}", "--loop", "uvloop", "--http", "httptools", "--workers", "1",
            "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", "30",
-           "--backlog", "4096"], note="uvloop + httptools, ASGI, /score in 8 threads"),
+           "--backlog", "4096"], note="uvloop + httptools, ASGI, /score in {threads} threads",
+           threads=THREADS, env={"BENCH_POOL_THREADS": "{threads}"}, needs=("uvicorn",),
+           sweep_workloads="CE"),  # /hello and /big answer on the event loop
     Server("granian", "peer", ["{bin}/granian", "--interface", "wsgi", "--host", "127.0.0.1",
            "--port", "{port}", "--workers", "1", "--runtime-threads", "1",
-           "--blocking-threads", "8", "--backlog", "4096",
+           "--blocking-threads", "{threads}", "--backlog", "4096",
            "--http1-header-read-timeout", "30000", "--no-access-log",
            "--log-level", "warning", "apps.wsgi_app:app"],
-           note="WSGI, 1 worker, 8 blocking threads"),
-    Server("nginx", "ceiling", ["nginx", "-c", "{tmp}/nginx.conf"], workloads="ABDF",
+           note="WSGI, 1 worker, {threads} blocking threads", threads=THREADS,
+           needs=("granian",)),
+    Server("nginx", "ceiling", ["{nginx}", "-c", "{tmp}/nginx.conf"], workloads="ABDF",
            prepare=nginx_conf, note="static answers, 1 worker: the ceiling"),
 ]
+
+
+def baseline_twin(server: Server, ref: str, src: Path) -> Server:
+    """``server`` as ``NAME@REF``: the same command and settings, rtserve from ``src``.
+
+    ``PYTHONPATH`` puts the baseline tree's ``src`` before the venv's editable install
+    (a plain path entry, so PYTHONPATH wins) and keeps bench/ for the apps: only the
+    server's code differs between ``rtserve`` and ``rtserve@REF``.
+    """
+    return Server(f"{server.name}@{ref}", "baseline", list(server.cmd),
+                  workloads=server.workloads, extra=dict(server.extra),
+                  prepare=server.prepare, note=f"{server.note}; rtserve of {ref}",
+                  default=True, threads=server.threads,
+                  env={**server.env, "PYTHONPATH": f"{src}{os.pathsep}{BENCH}"},
+                  needs=server.needs, sweep_workloads=server.sweep_workloads)
+
+
+def check_baseline_import(src: Path) -> None:
+    """Fail early unless the venv's Python, with the twin's PYTHONPATH, imports rtserve
+    from ``src`` (and not the editable install of this tree)."""
+    env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{BENCH}")
+    out = subprocess.run([str(BIN / "python"), "-c", "import rtserve; print(rtserve.__file__)"],
+                         capture_output=True, text=True, env=env, cwd=BENCH)
+    got = out.stdout.strip()
+    if out.returncode or not Path(got).resolve().is_relative_to(src.resolve()):
+        sys.exit(f"baseline: rtserve imports from {got or out.stderr.strip()!r}, not {src}")
 
 
 # --------------------------------------------------------------------------------------
@@ -393,8 +482,20 @@ class Ctx:
     commands: dict[str, str] = field(default_factory=dict)
 
 
-def _fmt(cmd: list[str], port: int, tmp: Path) -> list[str]:
-    return [c.format(bin=BIN, port=port, tmp=tmp) for c in cmd]
+NGINX = "nginx"  # resolved by main() after ensure_tools (it may be in /usr/sbin)
+
+
+def _fmt(cmd: list[str], port: int, tmp: Path, threads: int | None = None) -> list[str]:
+    return [c.format(bin=BIN, port=port, tmp=tmp, threads=threads or THREADS, nginx=NGINX)
+            for c in cmd]
+
+
+def server_cmd(server: Server, workload: str, port: int, tmp: Path,
+               threads: int | None) -> list[str]:
+    """The full command line: pinned, niced, ``env K=V`` for the server's environment."""
+    env = [f"{k}={v}" for k, v in server.env.items()]
+    cmd = server.cmd + server.extra.get(workload, [])
+    return [*pin(SERVER_CPU), *_fmt((["env", *env] if env else []) + cmd, port, tmp, threads)]
 
 
 def wait_ready(p: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30.0) -> None:
@@ -416,15 +517,20 @@ def wait_ready(p: subprocess.Popen[bytes], port: int, log: Path, timeout: float 
 
 
 @contextlib.contextmanager
-def running(server: Server, workload: str, ctx: Ctx) -> Iterator[tuple[int, int]]:
-    """Start ``server`` pinned to the server CPU, yield (pid, port), always stop it."""
+def running(server: Server, workload: str, ctx: Ctx, threads: int | None = None
+            ) -> Iterator[tuple[int, int]]:
+    """Start ``server`` pinned to the server CPU, yield (pid, port), always stop it.
+
+    ``threads``: its thread count for this run (None: its default).
+    """
     port = free_port()
     if server.prepare:
         server.prepare(ctx.tmp, port)
-    cmd = [*pin(SERVER_CPU), *_fmt(server.cmd + server.extra.get(workload, []),
-                                              port, ctx.tmp)]
-    ctx.commands.setdefault(f"{server.name} {workload}", shlex.join(cmd))
-    log = ctx.tmp / f"{server.name}.log"
+    cmd = server_cmd(server, workload, port, ctx.tmp, threads or server.threads)
+    # One command per server and workload in the docs: the one at the reference count.
+    if (threads or server.threads) in (server.threads, None):
+        ctx.commands.setdefault(f"{server.name} {workload}", shlex.join(cmd))
+    log = ctx.tmp / (re.sub(r"[^\w.@+-]", "_", server.name) + ".log")
     p = start_process(cmd, BENCH, ctx.env, log)
     try:
         wait_ready(p, port, log)
@@ -434,6 +540,44 @@ def running(server: Server, workload: str, ctx: Ctx) -> Iterator[tuple[int, int]
                                f"{log.read_text()[-2000:]}")
     finally:
         stop_process(p)
+
+
+class RssSampler:
+    """Samples the VmRSS of a server's process tree in a thread while a run lasts.
+
+    Why: workload B creates and frees a connection per request; its memory cost is the
+    peak (a burst of half-open connections, buffers not yet returned) and what stays at
+    the end (a leak shows as growth). ``peak`` is the largest sample (every ``interval``
+    seconds, the whole tree); ``hwm`` is the kernel's own high-water mark (VmHWM,
+    summed over the tree: exact for a single-process server, since the process started).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss_kib(self.pid))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict[str, int]:
+        """``rss_peak_kib``, ``rss_end_kib`` (now) and ``rss_hwm_kib`` of the tree."""
+        end = tree_rss_kib(self.pid)
+        return {"rss_peak_kib": max(self.peak, end), "rss_end_kib": end,
+                "rss_hwm_kib": tree_status_kib(self.pid, "VmHWM")}
 
 
 def run_wrk(w: Workload, port: int, seconds: float, ctx: Ctx, record: bool = True
@@ -504,46 +648,50 @@ def run_idle(pid: int, port: int, ctx: Ctx) -> dict[str, Any]:
             "kib_per_conn": (after - before) / n}
 
 
-def measure(server: Server, w: Workload, ctx: Ctx) -> None:
-    """One repeat of workload ``w`` on ``server``; appends to ctx.results.
+def measure(server: Server, w: Workload, ctx: Ctx, threads: int | None = None) -> None:
+    """One repeat of workload ``w`` on ``server`` at ``threads``; appends to ctx.results.
 
-    Each result records the 1-minute load average at its end: on a shared 2-CPU machine
-    anything else running shows there, and the docs print its range.
+    Each result records the server's thread count (None: it has none) and the 1-minute
+    load average at its end: on a shared 2-CPU machine anything else running shows there,
+    and the docs print its range.
     """
     slot = ctx.results["runs"].setdefault(w.key, {}).setdefault(server.name, [])
     n = len(slot)
-    _measure(server, w, ctx)
+    _measure(server, w, ctx, threads or server.threads)
     for r in slot[n:]:
+        r["threads"] = threads or server.threads
         r["loadavg"] = round(os.getloadavg()[0], 2)
 
 
-def _measure(server: Server, w: Workload, ctx: Ctx) -> None:
+def _measure(server: Server, w: Workload, ctx: Ctx, threads: int | None) -> None:
     seconds = ctx.duration or w.duration
     warmup = ctx.warmup if ctx.warmup is not None else w.warmup
     slot = ctx.results["runs"].setdefault(w.key, {}).setdefault(server.name, [])
     if w.kind == "idle":
-        with running(server, w.key, ctx) as (pid, port):
+        with running(server, w.key, ctx, threads) as (pid, port):
             run_wrk(WORKLOADS["A"], port, 1, ctx, record=False)  # touch the code paths
             slot.append(run_idle(pid, port, ctx))
         return
     if w.kind == "openloop":
-        cap = _capacity(server.name, ctx)
+        cap = _capacity(server.name, ctx, threads)
         if cap is None:
             slot.append({"error": "no capacity measured (run C or A first)"})
             return
         for factor in ctx.e_factors:
-            with running(server, w.key, ctx) as (_, port):
+            with running(server, w.key, ctx, threads) as (_, port):
                 r = run_openloop(w, port, cap * factor, seconds, warmup, ctx)
             r["factor"] = factor
             r["capacity_rps"] = cap
             slot.append(r)
         return
-    with running(server, w.key, ctx) as (pid, port):
+    with running(server, w.key, ctx, threads) as (pid, port):
         if warmup > 0:
             run_wrk(w, port, warmup, ctx, record=False)
         cpu0 = tree_cpu_seconds(pid)
-        r = run_wrk(w, port, seconds, ctx)
+        with RssSampler(pid) as rss:
+            r = run_wrk(w, port, seconds, ctx)
         r["server_cpu_s"] = tree_cpu_seconds(pid) - cpu0
+        r.update(rss.result())  # peak and end RSS (shown for B: connection churn)
         # Per CPU-second of the server (None when the clock-tick count is too small).
         r["req_per_cpu_s"] = (r["requests"] / r["server_cpu_s"]
                               if r["server_cpu_s"] >= 0.05 else None)
@@ -551,12 +699,12 @@ def _measure(server: Server, w: Workload, ctx: Ctx) -> None:
         slot.append(r)
 
 
-def _capacity(server: str, ctx: Ctx) -> float | None:
+def _capacity(server: str, ctx: Ctx, threads: int | None = None) -> float | None:
     """Median rate of real answers (not fallbacks, not sheds) of the server on C (else A)
-    in this run: the 1x rate of workload E."""
+    in this run, at the same thread count: the 1x rate of workload E."""
     for key in ("C", "A"):
         runs = [r["real_rps"] for r in ctx.results["runs"].get(key, {}).get(server, [])
-                if "real_rps" in r]
+                if "real_rps" in r and r.get("threads") == threads]
         if runs:
             return statistics.median(runs)
     return None
@@ -581,17 +729,97 @@ def _ok(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in runs if "error" not in r]
 
 
-def wrk_table(key: str, res: dict[str, Any]) -> list[str]:
-    """Markdown rows for a wrk workload: median rps and min-max, latency, errors."""
+@dataclass
+class Row:
+    """One row of a table: a server at one thread count (or all its runs, unswept)."""
+
+    label: str
+    kind: str
+    runs: list[dict[str, Any]]
+
+
+def _better(key: str) -> Callable[..., Any]:
+    """max for throughput figures; min for F (KiB per idle connection, lower is better)."""
+    return min if key == "F" else max
+
+
+def rows_of(key: str, res: dict[str, Any]) -> list[Row]:
+    """The rows of workload ``key``: one per server, or two for a swept server.
+
+    A server measured at several thread counts (``--sweep-threads``) shows its row at the
+    reference count (rtserve's configured count, ``ref_threads``: the peers are compared
+    with rtserve at equal threads) and, when it differs, its best row (by the figure the
+    ratios compare), so each peer also meets rtserve at its own best setting.
+    """
+    kinds = {s["name"]: s["kind"] for s in res["servers"]}
+    ref = res.get("ref_threads", THREADS)
+    out: list[Row] = []
+    for name, runs in res["runs"].get(key, {}).items():
+        kind = kinds.get(name, "peer")
+        counts = sorted({r.get("threads") for r in runs if r.get("threads")})
+        if len(counts) <= 1:
+            out.append(Row(name, kind, runs))
+            continue
+        at = {t: [r for r in runs if r.get("threads") == t] for t in counts}
+        scored = [(m, t) for t in counts if (m := _metric(key, at[t])) is not None]
+        best = _better(key)(scored)[1] if scored else None
+        if ref in at:
+            mark = ", best" if best == ref else ""
+            out.append(Row(f"{name} ({ref} threads{mark})", kind, at[ref]))
+        if best is not None and best != ref:
+            out.append(Row(f"{name} (best: {best} threads)", kind, at[best]))
+    return out
+
+
+def sweep_table(key: str, res: dict[str, Any]) -> list[str]:
+    """Every swept server's headline figure at each thread count (medians)."""
     by_server = res["runs"].get(key, {})
-    rows = ["| server | rps median | rps min-max | req per server CPU-s | server CPU use "
+    counts = sorted({r["threads"] for runs in by_server.values() for r in runs
+                     if r.get("threads")})
+    swept = {n: runs for n, runs in by_server.items()
+             if len({r.get("threads") for r in runs if r.get("threads")}) > 1}
+    if not swept:
+        return []
+    what = {"C": "real answers/s", "E": "goodput rps at the highest load"}.get(key, "rps")
+    rows = [f"Thread sweep ({what}, median; best in bold):", "",
+            "| server | " + " | ".join(f"{t} threads" for t in counts) + " |",
+            "|---|" + "---:|" * len(counts)]
+    for name, runs in swept.items():
+        vals = {t: _metric(key, [r for r in runs if r.get("threads") == t]) for t in counts}
+        known = [v for v in vals.values() if v is not None]
+        top = _better(key)(known) if known else None
+        cells = []
+        for t in counts:
+            v = vals[t]
+            cell = "-" if v is None else f"{v:,.0f}"
+            cells.append(f"**{cell}**" if v is not None and v == top else cell)
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _mib(kib: float) -> str:
+    return f"{kib / 1024:.1f}"
+
+
+def wrk_table(key: str, res: dict[str, Any]) -> list[str]:
+    """Markdown rows for a wrk workload: median rps and min-max, latency, errors.
+
+    B also shows the server's RSS during the measured run (median over repeats of the
+    peak sample and of the value at its end), since connection churn is what B tests.
+    """
+    rss = key == "B"
+    head = ("| server | rps median | rps min-max | req per server CPU-s | server CPU use "
             "| p50 ms | p99 ms | p99.9 ms | errors | non-2xx | within 50 ms | fallbacks "
-            "| real answers rps |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, runs in by_server.items():
-        runs = _ok(runs)
+            "| real answers rps |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if rss:
+        head += " RSS peak MiB | RSS end MiB |"
+        rule += "---:|---:|"
+    rows = [head, rule]
+    for row in rows_of(key, res):
+        name, runs = row.label, _ok(row.runs)
         if not runs:
-            rows.append(f"| {name} | failed | | | | | | | | | | | |")
+            rows.append(f"| {name} | failed | | | | | | | | | | | |" + (" | |" if rss else ""))
             continue
         rps = [r["rps"] for r in runs]
         lat = {p: _med(runs, lambda r, p=p: r["latency_us"][p]) for p in ("p50", "p99", "p999")}
@@ -605,11 +833,19 @@ def wrk_table(key: str, res: dict[str, Any]) -> list[str]:
         use = [r["server_cpu_share"] for r in runs if "server_cpu_share" in r]
         effs = f"{statistics.median(eff):,.0f}" if eff else "-"
         uses = f"{statistics.median(use):.0%}" if use else "-"
-        rows.append(f"| {name} | {statistics.median(rps):,.0f} | {min(rps):,.0f}-{max(rps):,.0f}"
-                    f" | {effs} | {uses} | {_ms(lat['p50'])} | {_ms(lat['p99'])}"
-                    f" | {_ms(lat['p999'])} | {errs}"
-                    f" | {non2xx} | {within:.2%} | {fb if key == 'C' else '-'}"
-                    f" | {_med(runs, lambda r: r.get('real_rps', r['rps'])):,.0f} |")
+        line = (f"| {name} | {statistics.median(rps):,.0f} | {min(rps):,.0f}-{max(rps):,.0f}"
+                f" | {effs} | {uses} | {_ms(lat['p50'])} | {_ms(lat['p99'])}"
+                f" | {_ms(lat['p999'])} | {errs}"
+                f" | {non2xx} | {within:.2%} | {fb if key == 'C' else '-'}"
+                f" | {_med(runs, lambda r: r.get('real_rps', r['rps'])):,.0f} |")
+        if rss:
+            with_rss = [r for r in runs if "rss_peak_kib" in r]
+            if with_rss:
+                line += (f" {_mib(_med(with_rss, lambda r: r['rss_peak_kib']))} |"
+                         f" {_mib(_med(with_rss, lambda r: r['rss_end_kib']))} |")
+            else:
+                line += " - | - |"
+        rows.append(line)
     return rows
 
 
@@ -619,8 +855,8 @@ def e_table(res: dict[str, Any]) -> list[str]:
             " | goodput rps | goodput / capacity | fallbacks | 503 shed | other non-2xx or "
             "unanswered | p50 ms | p99 ms | p99.9 ms |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, runs in res["runs"].get("E", {}).items():
-        runs = _ok(runs)
+    for row in rows_of("E", res):
+        name, runs = row.label, _ok(row.runs)
         for factor in sorted({r["factor"] for r in runs}):
             rs = [r for r in runs if r["factor"] == factor]
             kept = _med(rs, lambda r: r.get("share_kept", 0.0))
@@ -643,8 +879,8 @@ def f_table(res: dict[str, Any]) -> list[str]:
     """Markdown rows for the idle-connection memory workload."""
     rows = ["| server | connections established | still open | RSS before MiB | RSS after MiB "
             "| KiB per connection |", "|---|---:|---:|---:|---:|---:|"]
-    for name, runs in res["runs"].get("F", {}).items():
-        runs = _ok(runs)
+    for row in rows_of("F", res):
+        name, runs = row.label, _ok(row.runs)
         if not runs:
             rows.append(f"| {name} | failed | | | | |")
             continue
@@ -686,42 +922,45 @@ def _eff(runs: list[dict[str, Any]], real: bool = False) -> float | None:
 
 
 def ratio_table(key: str, res: dict[str, Any]) -> list[str]:
-    """rtserve / peer for the workload's headline figure, from the same run.
+    """rtserve / other for the workload's headline figure, from the same run.
 
-    For the wrk workloads a second row per rtserve variant compares requests per server
-    CPU-second, the figure least disturbed by other load on the machine.
+    Rows: the rtserve variants; columns: the baseline (``rtserve@REF``: old vs new rtserve
+    measured side by side), then the peers and the ceiling. For the wrk workloads a second
+    row per rtserve variant compares requests per server CPU-second, the figure least
+    disturbed by other load on the machine.
     """
-    by_server = res["runs"].get(key, {})
-    kinds = {s["name"]: s["kind"] for s in res["servers"]}
-    ours = [n for n in by_server if kinds.get(n) == "rtserve"]
-    peers = [n for n in by_server if kinds.get(n) != "rtserve"]
-    if not ours or not peers:
+    rows_ = rows_of(key, res)
+    ours = [r for r in rows_ if r.kind == "rtserve"]
+    others = ([r for r in rows_ if r.kind == "baseline"]
+              + [r for r in rows_ if r.kind not in ("rtserve", "baseline")])
+    if not ours or not others:
         return []
     what = {"C": "real answers/s: 2xx that are not fallbacks",
             "E": "goodput at the highest load",
             "F": "KiB per idle connection, lower is better"}.get(key, "requests/s")
-    rows = [f"Ratio rtserve / peer ({what}):", "",
-            "| | " + " | ".join(peers) + " |", "|---|" + "---:|" * len(peers)]
+    rows = [f"Ratio rtserve / other ({what}):", "",
+            "| | " + " | ".join(p.label for p in others) + " |",
+            "|---|" + "---:|" * len(others)]
     for o in ours:
-        mo = _metric(key, by_server[o])
+        mo = _metric(key, o.runs)
         cells = []
-        for p in peers:
-            mp = _metric(key, by_server[p])
+        for p in others:
+            mp = _metric(key, p.runs)
             if mo is None or mp is None:
                 cells.append("n/a")
             elif not mp:
                 cells.append("peer 0")
             else:
                 cells.append(f"{mo / mp:.2f}x")
-        rows.append(f"| {o} | " + " | ".join(cells) + " |")
+        rows.append(f"| {o.label} | " + " | ".join(cells) + " |")
         real = key == "C"
-        if WORKLOADS[key].kind == "wrk" and _eff(by_server[o], real):
-            eo = _eff(by_server[o], real)
+        if WORKLOADS[key].kind == "wrk" and _eff(o.runs, real):
+            eo = _eff(o.runs, real)
             cells = []
-            for p in peers:
-                ep = _eff(by_server[p], real)
+            for p in others:
+                ep = _eff(p.runs, real)
                 cells.append(f"{eo / ep:.2f}x" if eo and ep else "n/a")
-            rows.append(f"| {o}, per CPU-s | " + " | ".join(cells) + " |")
+            rows.append(f"| {o.label}, per CPU-s | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -745,9 +984,9 @@ def render(res: dict[str, Any]) -> str:
         else:
             out += f_table(res)
         out.append("")
-        ratios = ratio_table(key, res)
-        if ratios:
-            out += ratios + [""]
+        for extra in (sweep_table(key, res), ratio_table(key, res)):
+            if extra:
+                out += extra + [""]
     return "\n".join(out)
 
 
@@ -760,6 +999,7 @@ def _load_range(res: dict[str, Any]) -> str:
 def display_commands(commands: dict[str, str]) -> list[str]:
     """The recorded commands, one per server and generator, without this run's paths/ports."""
     subs = [(re.escape(str(BIN)) + "/", ".venv/bin/"), (re.escape(str(BENCH)), "bench"),
+            (r"/tmp/rtserve-[0-9a-f]{8}-\w+/tree", "$BASELINE"),
             (r"/tmp/rtserve-bench-\w+", "$TMP"),
             (r"127\.0\.0\.1:\d+", "127.0.0.1:$PORT"), (r"--port \d+", "--port $PORT"),
             (r"--rate \d+", "--rate $RATE"), (r"--pid \d+", "--pid $PID")]
@@ -774,6 +1014,29 @@ def display_commands(commands: dict[str, str]) -> list[str]:
     return [f"# {k}\n{v}" for k, v in seen.items()]
 
 
+def _method_extras(res: dict[str, Any]) -> list[str]:
+    """Method bullets for the options a run used (thread sweep, baseline, B's RSS)."""
+    out = []
+    if "B" in res["runs"]:
+        out.append("B also records the server tree's RSS during the measured run: the peak "
+                   "of samples\n  every 50 ms and the value at its end (VmRSS, /proc).")
+    sweep = res.get("sweep_threads")
+    if sweep:
+        ref = res.get("ref_threads", THREADS)
+        out.append(f"Thread sweep: every threaded server (rtserve's `--threads`, waitress and "
+                   f"gunicorn\n  `threads`, granian's blocking threads) ran A-E at "
+                   f"{', '.join(map(str, sweep))} threads, uvicorn's\n  /score pool C and E. "
+                   f"Tables show each server at {ref} (rtserve's count) and at its\n  own best "
+                   f"count; the sweep tables give every count. F ran at {ref} only.")
+    base = res.get("baseline")
+    if base:
+        out.append(f"Baseline: `NAME@{base['ref']}` is the same server, apps and settings "
+                   f"with the rtserve of\n  `{base['ref']}` (commit {base['commit'][:10]}, "
+                   f"src/ at {base['src_commit']}), from a temporary\n  `git worktree` put "
+                   f"first on `PYTHONPATH`; measured in the same run, interleaved.")
+    return out
+
+
 NOTES_BEGIN = "<!-- notes: kept by bench/run.py --write-docs -->"
 NOTES_END = "<!-- /notes -->"
 
@@ -785,6 +1048,7 @@ def write_docs(res: dict[str, Any], json_path: Path) -> None:
     servers = "\n".join(f"| {s['name']} | {s['kind']} | {s['note']} |" for s in res["servers"])
     cmds = "\n".join(display_commands(res["commands"]))
     opts = res["options"]
+    extra_method = "".join(f"\n- {b}" for b in _method_extras(res))
     # The hand-written analysis between the notes markers survives regeneration.
     notes = f"{NOTES_BEGIN}\n## Notes\n\n(analysis of the latest run goes here)\n{NOTES_END}"
     if DOCS.exists():
@@ -844,13 +1108,13 @@ smoke test, not figures to quote. Flame graph: `bench/profile.sh`.
   per second, and "goodput / capacity" divides it by the 1x rate.
 - F: `bench/idle_conns.py` opens {res['idle_conns']:,} connections, one answered
   `GET /hello` on each, and holds them idle; RSS (VmRSS of the server's process tree) before
-  and after, difference divided by the connections established.
+  and after, difference divided by the connections established.{extra_method}
 
 | server | kind | configuration |
 |---|---|---|
 {servers}
 
-Exact commands of this run ($PORT, $RATE, $TMP vary per run):
+Exact commands of this run ($PORT, $RATE, $TMP, $BASELINE vary per run):
 
 ```
 {cmds}
@@ -940,9 +1204,50 @@ def summarise_profile(collapsed: str, top: int = 25) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def _threads_note(server: Server, sweep: list[int]) -> str:
+    """The thread count a server's note shows: its own, or the swept counts."""
+    if sweep and server.threads:
+        return "/".join(map(str, sweep)) + " (swept)"
+    return str(server.threads or THREADS)
+
+
+def run_one(s: Server, w: Workload, ctx: Ctx, threads: int | None, what: str) -> None:
+    """Measure one server at one thread count; record a failure instead of raising."""
+    t = time.monotonic()
+    swept = ctx.results["sweep_threads"] and s.threads and w.key in s.sweep_workloads
+    label = f"{s.name} ({threads} threads)" if swept else s.name
+    res = ctx.results
+    try:
+        measure(s, w, ctx, threads)
+    except Exception as e:  # noqa: BLE001 - one failure must not end the run
+        res["runs"].setdefault(w.key, {}).setdefault(s.name, []).append(
+            {"error": str(e)[-800:], "threads": threads})
+        print(f"# {what} {label}: FAILED {str(e)[-300:]}", flush=True)
+        return
+    last = res["runs"][w.key][s.name][-1]
+    if "rps" in last:
+        fig = (f"{last['rps']:,.0f} rps, p99 {_ms(last['latency_us']['p99'])} ms, "
+               f"p99.9 {_ms(last['latency_us']['p999'])} ms")
+        if w.key == "B" and "rss_peak_kib" in last:
+            fig += (f", RSS peak {_mib(last['rss_peak_kib'])} MiB, "
+                    f"end {_mib(last['rss_end_kib'])} MiB")
+    else:
+        fig = f"{last.get('kib_per_conn', last.get('goodput_rps', 0)):,.1f}"
+    print(f"# {what} {label}: {fig} ({time.monotonic() - t:.0f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse options, run the selected servers x workloads, print and save the tables."""
-    global NICE
+    """Parse options, run the selected servers x workloads, print and save the tables.
+
+    Whatever the run leaves behind is cleaned up on the way out, however it ends: the
+    servers (atexit + signal handlers) and the baseline worktree (the ExitStack).
+    """
+    with contextlib.ExitStack() as stack:
+        return _main(argv, stack)
+
+
+def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
+    global NICE, NGINX
     ap = argparse.ArgumentParser(description="rtserve benchmark driver",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("Usage:")[1])
@@ -962,6 +1267,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-docs", action="store_true", help="rewrite docs/benchmarks.md")
     ap.add_argument("--report", type=Path, help="render an earlier results JSON, no run")
     ap.add_argument("--profile", action="store_true", help="py-spy flame graph under A")
+    ap.add_argument("--baseline", metavar="REF", default=None,
+                    help="also run each selected rtserve server as NAME@REF: the rtserve of "
+                    "git ref REF (a temporary worktree), same apps and settings")
+    ap.add_argument("--sweep-threads", metavar="LIST", default="",
+                    help=f"run every threaded server at each of these thread counts, e.g. "
+                    f"2,4,8 (A-E; {THREADS}, rtserve's count, is always included)")
     a = ap.parse_args(argv)
 
     NICE = a.nice
@@ -983,11 +1294,34 @@ def main(argv: list[str] | None = None) -> int:
     servers = [s for s in SERVERS if s.name in names or (not names and s.default)]
     if names and len(servers) != len(names):
         sys.exit(f"unknown server in {names}; known: {[s.name for s in SERVERS]}")
+    try:
+        sweep = sorted({int(t) for t in a.sweep_threads.split(",") if t.strip()})
+    except ValueError:
+        sys.exit(f"--sweep-threads wants a comma list of counts, not {a.sweep_threads!r}")
+    if sweep and min(sweep) < 1:
+        sys.exit("--sweep-threads: counts must be positive")
+    if sweep:
+        sweep = sorted({*sweep, THREADS})
     if "E" in keys and "C" not in keys and "A" not in keys:
         keys = ["C", *keys]  # E's rates come from C's capacity
     keys = [k for k in WORKLOADS if k in keys]
 
-    ensure_tools(any(s.name == "nginx" for s in servers))
+    ensure_tools(any(s.name == "nginx" for s in servers),
+                 {n for s in servers for n in s.needs} | ({"py-spy"} if a.profile else set()))
+    NGINX = which("nginx") or "nginx"
+    baseline: dict[str, str] | None = None
+    if a.baseline:
+        tree, sha = stack.enter_context(gitref.worktree(a.baseline))
+        src = gitref.src_dir(tree)
+        check_baseline_import(src)
+        twins = [baseline_twin(s, a.baseline, src) for s in servers if s.kind == "rtserve"]
+        if not twins:
+            sys.exit("--baseline: no rtserve server selected to compare with")
+        # Each twin right after its original: interleaved, like the repeats.
+        servers = [x for s in servers
+                   for x in [s, *[t for t in twins if t.name == f"{s.name}@{a.baseline}"]]]
+        baseline = {"ref": a.baseline, "commit": sha, "src_commit": gitref.src_commit(tree)}
+        print(f"# baseline {a.baseline} = {sha[:10]} in {tree}", flush=True)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # servers inherit it (F)
     atexit.register(stop_all)
@@ -1015,7 +1349,11 @@ def main(argv: list[str] | None = None) -> int:
         "options": {"repeat": repeat, "duration": f"{a.duration or 10:g} s",
                     "warmup": f"{a.warmup if a.warmup is not None else 2:g} s",
                     "short": short, "argv": sys.argv[1:]},
-        "servers": [{"name": s.name, "kind": s.kind, "note": s.note} for s in servers],
+        "servers": [{"name": s.name, "kind": s.kind,
+                     "note": s.note.format(threads=_threads_note(s, sweep))} for s in servers],
+        "ref_threads": THREADS,
+        "sweep_threads": sweep,
+        "baseline": baseline,
         "runs": {},
     }
     ctx = Ctx(tmp, env, body_file, repeat, a.duration, a.warmup, a.idle_conns, res,
@@ -1035,19 +1373,12 @@ def main(argv: list[str] | None = None) -> int:
             for s in servers:  # interleaved: background noise spreads over all servers
                 if key not in s.workloads:
                     continue
-                t = time.monotonic()
-                try:
-                    measure(s, w, ctx)
-                except Exception as e:  # noqa: BLE001 - one failure must not end the run
-                    res["runs"].setdefault(key, {}).setdefault(s.name, []).append(
-                        {"error": str(e)[-800:]})
-                    print(f"# {key} {s.name}: FAILED {str(e)[-300:]}", flush=True)
-                    continue
-                last = res["runs"][key][s.name][-1]
-                fig = (f"{last['rps']:,.0f} rps" if "rps" in last else
-                       f"{last.get('kib_per_conn', last.get('goodput_rps', 0)):,.1f}")
-                print(f"# {key} rep {rep + 1}/{reps} {s.name}: {fig} "
-                      f"({time.monotonic() - t:.0f} s)", flush=True)
+                # Only where the threads run the workload's code (F's per-connection memory
+                # does not depend on the pool; uvicorn's pool runs /score only).
+                counts = (sweep if sweep and s.threads and key in s.sweep_workloads
+                          else [s.threads])
+                for threads in counts:
+                    run_one(s, w, ctx, threads, f"{key} rep {rep + 1}/{reps}")
         print(render({**res, "runs": {key: res["runs"].get(key, {})}}), flush=True)
 
     RESULTS.mkdir(exist_ok=True)

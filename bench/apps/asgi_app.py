@@ -4,12 +4,14 @@
 (CPU burn, occasional ``time.sleep``) in a pool of 8 threads, the way FastAPI runs a
 plain ``def`` endpoint: running it on the loop would block every other connection for the
 200 ms stall, which nobody deploys. 8 threads match rtserve's ``--threads 8`` and
-gunicorn's ``--threads 8``.
+gunicorn's ``--threads 8``; ``BENCH_POOL_THREADS`` changes the count (bench/run.py
+``--sweep-threads`` sets it, so uvicorn's pool is swept like the other servers' threads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,7 +21,8 @@ from apps import logic
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="score")
+_POOL = ThreadPoolExecutor(max_workers=int(os.environ.get("BENCH_POOL_THREADS", "8")),
+                           thread_name_prefix="score")
 _HELLO_START = {
     "type": "http.response.start",
     "status": 200,
