@@ -21,6 +21,7 @@ import time
 from bisect import bisect_left
 from typing import Any
 
+from . import dashboard, slo  # issue 13 hook (observability)
 from .app import Route
 from .config import Config
 from .connection import (
@@ -40,6 +41,7 @@ from .deadlines import (
     retry_after_seconds,
 )
 from .errors import HTTPError, ParseError
+from .livestats import LiveStats  # issue 13 hook (observability)
 from .metrics import BUCKETS_NS, Metrics
 from .parser import NEED_DATA, RequestParser
 from .pool import WorkerPool
@@ -171,6 +173,13 @@ class Server:
                 lambda: self._cpu_inflight / 1e9)
         m.gauge("rtserve_concurrency_limit", "Current admission limit (0 = none).",
                 lambda: round(self._limit.limit, 2) if self._limit.enabled else 0)
+        # ---- issue 13 hook (observability): route deadlines in /metrics (slo.py); with
+        # --dashboard, a sampler ticked from _run_due, answered by _health_response.
+        deadlines = slo.export(m, app, cfg.deadline_ms)
+        self.livestats = LiveStats(m, deadlines, self.now, cfg.cpu_inflight_ms) \
+            if cfg.dashboard else None
+        self._health_paths = HEALTH_PATHS | dashboard.PATHS if cfg.dashboard else HEALTH_PATHS
+        # ---- end of issue 13 hook
 
     # ================================================================================
     # Public control (any thread)
@@ -305,6 +314,8 @@ class Server:
         if self.heartbeat is not None and self.now >= self._beat_at:
             self._beat_at = self.now + 1_000_000_000
             self.heartbeat()
+        if self.livestats is not None and self.now >= self.livestats.due:  # issue 13 hook
+            self.livestats.tick(self.now)
         if self._drain_at and self.now >= self._drain_at:
             self._drain_at = 0
             self._begin_drain()
@@ -322,7 +333,8 @@ class Server:
                 if not nxt or at < nxt:
                     nxt = at
         beat = (self._beat_at or 1) if self.heartbeat is not None else 0  # 0 = due now
-        for t in (self._accept_resume_at, self._drain_deadline, self._drain_at, beat):
+        tick = self.livestats.due if self.livestats is not None else 0  # issue 13 hook
+        for t in (self._accept_resume_at, self._drain_deadline, self._drain_at, beat, tick):
             if t and (not nxt or t < nxt):
                 nxt = t
         if not nxt:
@@ -494,7 +506,7 @@ class Server:
         self.requests_served += 1
         if self._max_requests and self.requests_served == self._max_requests:
             self._drain_at = now  # recycle: the supervisor starts a fresh process
-        if self._health and req.path in HEALTH_PATHS and req.method in ("GET", "HEAD"):
+        if self._health and req.path in self._health_paths and req.method in ("GET", "HEAD"):
             self._answer_now(conn, req, self._health_response(req.path))
             return
         target = self.app.resolve(req)
@@ -647,7 +659,7 @@ class Server:
             if req.method == "HEAD":
                 data = _head_only(data)
         else:
-            self.metrics.fallbacks += 1
+            self.metrics.count_fallback(route.name)  # issue 13 hook: counted per route
             req.status = fb.status
             data = self._fallback_bytes(route, req, why, close)
         conn.running = False
@@ -678,6 +690,9 @@ class Server:
         )
 
     def _health_response(self, path: str) -> Response:
+        if path in dashboard.PATHS:  # issue 13 hook: only routed here with --dashboard
+            status, ctype, body = dashboard.answer(self.livestats, path)
+            return Response(body, status, dashboard.headers(), ctype)
         if path == "/livez":
             return Response.text("ok\n")
         if path == "/readyz":
@@ -1192,6 +1207,8 @@ def _head_only(data: bytes) -> bytes:
 
 
 def _unrouted(req: Request) -> str:
+    if req.path in dashboard.PATHS:  # issue 13 hook: its own label, not <unrouted>
+        return req.path
     return req.path if req.path in HEALTH_PATHS else "<unrouted>"
 
 
