@@ -15,7 +15,7 @@ APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
 
 @functools.cache
-def _apt_install(package: str) -> str:
+def _apt_install(package: str, recommends: bool) -> str:
     """Install `package`; '' on success, else why not (the last lines apt printed)."""
     if shutil.which("apt-get") is None:
         return "apt-get is not available on this machine"
@@ -24,21 +24,27 @@ def _apt_install(package: str) -> str:
         return subprocess.run(args, env=APT_ENV, capture_output=True, text=True, timeout=900,
                               stdin=subprocess.DEVNULL)
 
-    res = run("apt-get", "install", "-y", "-q", package)
+    args = ["apt-get", "install", "-y", "-q", package]
+    if not recommends:
+        args.append("--no-install-recommends")
+    res = run(*args)
     if res.returncode != 0:  # a new machine may not have fetched the package lists yet
         run("apt-get", "update", "-q")
-        res = run("apt-get", "install", "-y", "-q", package)
+        res = run(*args)
     if res.returncode != 0:
         tail = " | ".join((res.stderr or res.stdout).strip().splitlines()[-3:])
         return f"apt-get install -y {package} failed: {tail}"
     return ""
 
 
-def require(binary: str, package: str) -> str:
-    """The path of `binary`, installing Debian `package` if it is missing (else skip)."""
+def require(binary: str, package: str, recommends: bool = True) -> str:
+    """The path of `binary`, installing Debian `package` if it is missing (else skip).
+
+    `recommends=False` leaves out what the package only recommends (prometheus would
+    bring a node exporter that its install script tries to start as a service)."""
     path = shutil.which(binary)
     if path is None:
-        why = _apt_install(package)
+        why = _apt_install(package, recommends)
         path = shutil.which(binary)
         if path is None:
             pytest.skip(why or f"{package} installed but {binary} is not on PATH")
