@@ -37,7 +37,6 @@
   // ---- number formats ------------------------------------------------------------------
   function fmtMs(v) {
     if (v === null || v === undefined) return "–";
-    if (v >= 1000) return (v / 1000).toFixed(v >= 10000 ? 0 : 2) + " s";
     if (v >= 100 || (v >= 10 && Number.isInteger(v))) return v.toFixed(0);
     if (v >= 10) return v.toFixed(1);
     return v.toFixed(2);
@@ -399,7 +398,10 @@
     setTile(st.fallbacks, w.fallbacks_per_s, fmtNum(w.fallbacks_per_s), w.fallbacks + " in window", w.fallbacks ? "warn" : null);
     setTile(st.sheds, w.sheds_per_s, fmtNum(w.sheds_per_s), w.sheds + " in window", w.sheds ? "bad" : null);
     setTile(st.timeouts, w.timeouts_per_s, fmtNum(w.timeouts_per_s), w.timeouts + " in window", w.timeouts ? "bad" : null);
-    st.sub.textContent = w.requests ? "" : "no requests in the last minute";
+    const idle = !w.requests && !w.fallbacks;
+    st.sub.textContent = idle ? "no requests in the last minute" : "";
+    st.card.classList.toggle("idle", idle); // an idle route folds to its header
+    if (idle) return;
     draw(st.cLat, { t: d.t, dt: d.dt, log: true, min: 0.1, fmt: fmtMs, tick: (v) => (v >= 1000 ? v / 1000 + " s" : String(Number(v.toPrecision(2)))), series: [
       { label: "p50", color: C.p50, values: p50, kind: "line", width: 2 },
       { label: "p99", color: C.p99, values: p99, kind: "line" },
