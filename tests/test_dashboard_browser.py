@@ -31,6 +31,10 @@ Object.fromEntries([...document.querySelectorAll('[data-k]')].map(e => [e.datase
 """
 
 
+# The tool may be installed by a fixture first (apt-get, a minute or two on a new machine):
+# the suite's 120 s timeout applies to the test itself, not to that install.
+pytestmark = pytest.mark.timeout(120, func_only=True)
+
 @pytest.fixture(scope="module")
 def chromium() -> str:
     return require("chromium", "chromium")

@@ -32,6 +32,10 @@ from tests.traffic import (
 RULES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 
 
+# The tool may be installed by a fixture first (apt-get, a minute or two on a new machine):
+# the suite's 120 s timeout applies to the test itself, not to that install.
+pytestmark = pytest.mark.timeout(120, func_only=True)
+
 @pytest.fixture(scope="module")
 def promtool() -> str:
     return require("promtool", "prometheus", recommends=False)
