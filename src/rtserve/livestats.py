@@ -1,4 +1,4 @@
-"""Live per-route statistics for /dashboard: a ring of the last 60 per-second deltas.
+"""Live per-route statistics for /dashboard, on the conductor: the last 60 per-second deltas.
 
 Owned by the conductor thread: it calls `tick` from its housekeeping once a second and
 `json_bytes` when it answers /dashboard.json, so nothing here needs a lock. The sampler

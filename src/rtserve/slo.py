@@ -1,8 +1,9 @@
-"""The SLO line of each route: its deadline, and the histogram bound it is judged at.
+"""Each route's SLO line, computed once at start-up (main thread): its deadline, and the
+duration bucket bound its "answered within the deadline" share is counted at.
 
-Run once, at start-up, on the thread that builds the Server (the main thread). The result
-feeds `rtserve_route_deadline_seconds` in /metrics (so Prometheus rules can count "answered
-within the deadline" per route with one join) and the dashboard's deadline lines.
+The result feeds `rtserve_route_deadline_seconds` in /metrics (so Prometheus rules can
+count "answered within the deadline" per route with one join) and the dashboard's
+deadline lines and within-deadline figures.
 
 Why a bound and not the deadline itself: a histogram only knows how many requests fell at
 or below each bucket bound. The count at the largest bound <= the deadline is exact and
