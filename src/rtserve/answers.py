@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import dashboard
 from .app import Route
 from .framing import Reply, prebuilt, serialize, simple
 from .request import Request
@@ -23,14 +24,18 @@ _METRICS_TYPE = "text/plain; version=0.0.4"
 class Answers:
     """Builds the conductor's own replies; reads the draining flag and health facts."""
 
-    __slots__ = ("_life", "_metrics", "_pool", "admission", "_fallbacks")
+    __slots__ = ("_life", "_metrics", "_pool", "admission", "livestats", "_fallbacks",
+                 "health_paths")
 
-    def __init__(self, life: Any, metrics: Any, pool: Any) -> None:
+    def __init__(self, life: Any, metrics: Any, pool: Any, dashboard_on: bool = False) -> None:
         self._life = life  # lifecycle.Lifecycle: draining, not_ready_reason
         self._metrics = metrics
         self._pool = pool
         self.admission: Any = None  # set by the server once admission exists (stuck count)
+        self.livestats: Any = None  # set by the server with --dashboard (livestats.py)
         self._fallbacks: dict[int, tuple[bytes, bytes]] = {}  # id(route) -> (head, body)
+        # The paths the reader answers with `health` (the dashboard's with --dashboard).
+        self.health_paths = HEALTH_PATHS | dashboard.PATHS if dashboard_on else HEALTH_PATHS
 
     def error(self, status: int, request: Request | None = None, extra: bytes = b"") -> Reply:
         """A 4xx/5xx with a short text body. No request (the parser refused it): close."""
@@ -56,7 +61,7 @@ class Answers:
         route: Route | None = request.route
         if route is None or route.fallback is None:
             return simple(504, request, self._life.draining)
-        self._metrics.fallbacks += 1
+        self._metrics.count_fallback(route.name)
         cached = self._fallbacks.get(id(route))
         if cached is None:
             fb = route.fallback
@@ -71,8 +76,11 @@ class Answers:
         )
 
     def health(self, request: Request) -> Reply:
-        """/livez, /readyz or /metrics (the caller checked the path is one of them)."""
+        """/livez, /readyz, /metrics or the dashboard's (the caller checked `health_paths`)."""
         path = request.path
+        if path in dashboard.PATHS:
+            status, ctype, body = dashboard.answer(self.livestats, path)
+            return self.response(request, Response(body, status, dashboard.headers(), ctype))
         if path == "/livez":
             return self.response(request, _LIVE)
         if path == "/readyz":

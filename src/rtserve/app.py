@@ -132,3 +132,7 @@ class App:
             return Response.text("Not Found\n", 404)
         allow = ", ".join(sorted(by_method))
         return Response.text("Method Not Allowed\n", 405, [("Allow", allow)])
+
+    def routes(self) -> list[Route]:
+        """Every Route once (the dashboard and /metrics list route deadlines from it)."""
+        return list({id(r): r for r in self._exact.values()}.values())

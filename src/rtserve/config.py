@@ -161,6 +161,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_config", str, "", "a logging.config.dictConfig JSON file", section="logging"),
     Setting("health_endpoints", _as_bool, True, "answer /livez, /readyz, /metrics on the conductor",
             section="logging"),
+    Setting("dashboard", _as_bool, False,
+            "serve a live page at /dashboard and its data at /dashboard.json (answered by "
+            "the conductor, like /metrics)", section="logging"),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -10,10 +10,12 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable
 
-# Seconds. Sub-millisecond resolution where real-time budgets live.
+# Seconds. Sub-millisecond resolution where real-time budgets live, and a bound at each
+# common deadline between 10 and 50 ms (15, 20, 30, 40), so "answered within the deadline"
+# is an exact bucket count, not an interpolation, for those routes (see slo.py).
 DURATION_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05,
-    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02,
+    0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 BUCKETS_NS = tuple(int(b * 1e9) for b in DURATION_BUCKETS)
 _BUCKETS_NS = BUCKETS_NS  # (the conductor inlines Histogram.observe with it)
@@ -87,6 +89,10 @@ class Metrics:
         self.shed: dict[str, int] = {}
         self.parse_errors: dict[int, int] = {}
         self.timeouts: dict[str, int] = {}
+        self.route_fallbacks: dict[str, int] = {}  # route name -> fallbacks sent
+        # route name -> (deadline in s, the bucket bound its SLO is judged at or ""),
+        # filled at start-up from the app's routes (slo.route_deadlines).
+        self.route_deadlines: dict[str, tuple[float, str]] = {}
         self.requests: dict[tuple[str, str, int], Histogram] = {}
         self.queue_wait = Histogram()
         self.timer_lag = Histogram()  # how late deadline timers fired after respond_by
@@ -106,6 +112,11 @@ class Metrics:
 
     def observe_request(self, method: str, route: str, status: int, ns: int) -> None:
         self.request_histogram(method, route, status).observe(ns)
+
+    def count_fallback(self, route: str) -> None:
+        """A fallback was sent for a request of `route` (the total and the route's count)."""
+        self.fallbacks += 1
+        self.route_fallbacks[route] = self.route_fallbacks.get(route, 0) + 1
 
     def count_shed(self, reason: str) -> None:
         self.shed[reason] = self.shed.get(reason, 0) + 1
@@ -145,6 +156,16 @@ class Metrics:
             out.append(f"# HELP {mname} {help}")
             out.append(f"# TYPE {mname} counter")
             out.append(f"{mname} {getattr(self, attr)}")
+        out.append("# HELP rtserve_route_fallbacks_total Fallback responses sent, by route.")
+        out.append("# TYPE rtserve_route_fallbacks_total counter")
+        for route, n in sorted(self.route_fallbacks.items()):
+            out.append(f'rtserve_route_fallbacks_total{{http_route="{_escape(route)}"}} {n}')
+        name = "rtserve_route_deadline_seconds"
+        out.append(f"# HELP {name} The route's deadline; slo_le is the duration bucket bound "
+                   "its within-deadline share is counted at (the largest bound <= deadline).")
+        out.append(f"# TYPE {name} gauge")
+        for route, (deadline, le) in sorted(self.route_deadlines.items()):
+            out.append(f'{name}{{http_route="{_escape(route)}",slo_le="{le}"}} {deadline}')
         _labelled(out, "rtserve_requests_shed_total", "Requests shed before a handler ran.",
                   "reason", self.shed, ("codel", "limit", "draining", "deadline"))
         _labelled(out, "rtserve_parse_errors_total", "Requests rejected by the parser.",

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .admission import Admission
-from .answers import HEALTH_PATHS, Answers
+from .answers import Answers
 from .connection import (
     CLOSING,
     READING_BODY,
@@ -65,6 +65,7 @@ class Reader:
         self._idle_ns = limits.idle_ns
         self._readahead = limits.readahead
         self._health = limits.health
+        self._health_paths = answers.health_paths
         self._max_requests = limits.max_requests
         self.requests_seen = 0  # complete requests parsed (max_requests counts these)
         self.writer: Any = None  # writer.Writer, wired by the server (the two call each other)
@@ -204,7 +205,7 @@ class Reader:
         self.requests_seen += 1
         if self.requests_seen == self._max_requests:
             self._life.recycle(now)  # the supervisor starts a fresh process
-        if self._health and req.path in HEALTH_PATHS and req.method in _HEALTH_METHODS:
+        if self._health and req.path in self._health_paths and req.method in _HEALTH_METHODS:
             self.writer.respond(conn, self._answers.health(req), now)
             return
         target = self._resolve(req)

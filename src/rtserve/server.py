@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from . import slo
 from .admission import Admission
 from .answers import Answers
 from .config import Config
@@ -26,6 +27,7 @@ from .connection import Connection
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .listener import Listener, format_address, make_listener
+from .livestats import LiveStats
 from .loop import EventLoop
 from .metrics import Metrics
 from .pool import WorkerPool
@@ -88,6 +90,7 @@ class Server:
         self.reader: Any = None
         self.writer: Any = None
         self.listener: Any = None
+        self.livestats: LiveStats | None = None  # --dashboard only
 
     # ---- control and the public view (any thread) -----------------------------------------
 
@@ -153,7 +156,7 @@ class Server:
         now = time.monotonic_ns()
         timers = self.timers = Timers(now)
         pool = self.pool
-        answers = self.answers = Answers(self.life, self.metrics, pool)
+        answers = self.answers = Answers(self.life, self.metrics, pool, cfg.dashboard)
         admission = self.admission = Admission(
             limits, cfg, self.metrics, timers, answers, pool.task_put, self.worker
         )
@@ -182,6 +185,12 @@ class Server:
         for fd, handler in self.life.install(self).items():
             loop.watch(fd, handler)
         self._register_gauges()
+        # Route deadlines in /metrics; with --dashboard, the sampler the tick feeds.
+        deadlines = slo.export(self.metrics, self.app, cfg.deadline_ms)
+        if cfg.dashboard:
+            self.livestats = answers.livestats = LiveStats(
+                self.metrics, deadlines, now, cfg.cpu_inflight_ms
+            )
         log.info("listening on %s (%d threads, pid %d)", format_address(self.address),
                  cfg.threads, os.getpid())
 
@@ -208,6 +217,11 @@ class Server:
         self.timers.tick_at = now + TICK_NS
         self.listener.on_tick(now)
         self.life.on_tick(now)
+        stats = self.livestats
+        if stats is not None and now >= stats.due:
+            stats.tick(now)
+        if stats is not None:
+            self.timers.alarm(stats.due)
 
     def _teardown(self) -> None:
         writer = self.writer

@@ -18,6 +18,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
+from . import dashboard
 from .accesslog import format_line
 from .admission import Admission
 from .answers import HEALTH_PATHS, Answers
@@ -423,5 +424,9 @@ class Writer:
 
 
 def _unrouted(req: Request) -> str:
-    return req.path if req.path in HEALTH_PATHS else "<unrouted>"
+    """The route label of an answer without a Route: the health or dashboard path itself."""
+    return req.path if req.path in _OWN_LABEL else "<unrouted>"
+
+
+_OWN_LABEL = HEALTH_PATHS | dashboard.PATHS
 

@@ -426,6 +426,10 @@ class WSGIApp:
                     return route
         return self.default_route
 
+    def routes(self) -> list[Route]:
+        """The default route and every prefix route (for the route-deadline metrics)."""
+        return [self.default_route] + [r for _, r in self._prefixes]
+
     # ---- worker side ----------------------------------------------------------------
 
     def environ(self, request: Request, errors: Any = None) -> dict[str, Any]:
