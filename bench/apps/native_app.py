@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 from apps import logic
 from rtserve import App, Request, Response
 
 app = App()
+#: BENCH_INLINE=1: /hello runs inline on the conductor (the rtserve-inline bench row).
+INLINE = os.environ.get("BENCH_INLINE") == "1"
 
 #: What a scoring service answers when the model is late: send to manual review.
 FALLBACK = Response.json({"decision": "review"})
 
 
-@app.get("/hello")
+@app.get("/hello", inline=INLINE)
 def hello(request: Request) -> Response:
     """Workloads A and B: a constant text body."""
     return Response.text("Hello, world!")

@@ -75,7 +75,11 @@ class Admission:
                 self._metrics.dead_on_arrival += 1
                 route.doa_scale *= DOA_DECAY  # a probe gets through now and then
                 return self._answers.late(req, b"dead-on-arrival")
+            if route.inline:
+                return self._run_inline(conn, rid, req, respond_by)
             self._timers.add_deadline(respond_by, conn, rid)
+        elif route.inline:
+            return self._run_inline(conn, rid, req, 0)
         limit = self.limit
         if limit.enabled and not limit.admits(self._busy + len(self.queue)):
             return self._shed_reply(req, "limit", now)
@@ -89,6 +93,16 @@ class Admission:
             conn.queue()
             self.queue.push((conn, rid, req), now)
         return None
+
+    def _run_inline(self, conn: Connection, rid: int, req: Request, respond_by: int) -> Reply:
+        """An inline route: its handler runs here, on the conductor, and its answer is
+        returned to send now. The budget and dead on arrival applied before; no deadline
+        timer can fire while it runs, so a late finish is counted as a miss."""
+        req.t_queued = req.start_ns
+        reply = self._worker(conn, rid, req, True)
+        if respond_by and req.t_end > respond_by:
+            self._metrics.deadline_misses += 1
+        return reply  # inline: always a Reply
 
     def respond_by(self, deadline_ns: int, budget: int) -> int:
         """When the answer must leave: the deadline less the margin and the recent timer

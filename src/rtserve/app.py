@@ -26,7 +26,7 @@ class Route:
     """
 
     __slots__ = ("name", "handler", "deadline_ns", "fallback", "ewma_ns", "doa_scale", "cpu_ns",
-                 "cpu_tick")
+                 "cpu_tick", "inline")
 
     def __init__(
         self,
@@ -34,6 +34,7 @@ class Route:
         handler: Handler,
         deadline_ms: float | None = None,
         fallback: Response | None = None,
+        inline: bool = False,
     ) -> None:
         if deadline_ms is not None and deadline_ms <= 0:
             raise ValueError("deadline_ms must be > 0")
@@ -49,6 +50,9 @@ class Route:
         self.doa_scale = 1.0
         self.cpu_ns = 0  # typical CPU time of the handler (sampled), for CPU-aware dispatch
         self.cpu_tick = 0  # requests seen, to sample one in CPU_SAMPLE_EVERY
+        # Run on the conductor itself, never on a worker (opt-in: see docs/deadlines.md,
+        # "Inline handlers"); such a route's statistics are then written by the conductor.
+        self.inline = inline
 
     def observe_cpu(self, cpu_ns: int) -> None:
         """Fold one sampled handler CPU time into its EWMA (alpha 0.25)."""
@@ -86,14 +90,20 @@ class App:
         *,
         deadline_ms: float | None = None,
         fallback: Response | None = None,
+        inline: bool = False,
     ) -> Callable[[Handler], Handler]:
-        """Register a handler for `path` and `methods` (GET also answers HEAD)."""
+        """Register a handler for `path` and `methods` (GET also answers HEAD).
+
+        `inline=True` runs the handler on the conductor thread instead of a worker: no
+        hand-off, for handlers that never block and take microseconds (a cache lookup, a
+        constant). While it runs nothing else is served, so it must not do I/O.
+        """
         if not path.startswith("/"):
             raise ValueError("route paths start with '/'")
 
         def register(handler: Handler) -> Handler:
             by_method = self._routes.setdefault(path, {})
-            route = Route(path, handler, deadline_ms, fallback)
+            route = Route(path, handler, deadline_ms, fallback, inline)
             for m in methods:
                 m = m.upper()
                 by_method[m] = route

@@ -57,7 +57,9 @@ class Worker:
         self.stream_high_water = stream_high_water
         self.draining = False
 
-    def __call__(self, conn: object, req_id: int, request: Request) -> Reply | object:
+    def __call__(self, conn: object, req_id: int, request: Request, inline: bool = False
+                 ) -> Reply | object:
+        """Run the handler and frame its answer (`inline`: on the conductor, see below)."""
         route = request.route
         assert route is not None  # only routed requests reach a worker
         tick = route.cpu_tick = route.cpu_tick + 1
@@ -93,6 +95,11 @@ class Worker:
             reply = serialize(request, INTERNAL_ERROR, self.draining)
         data = reply[2]
         if data.__class__ is StreamPlan:
+            if inline:  # streaming would block the conductor at the high-water mark
+                log.error("inline handler for %s %s returned a streamed body (not allowed)",
+                          request.method, request.path)
+                close_body(data.iterable)
+                return serialize(request, INTERNAL_ERROR, self.draining)
             return self._stream(conn, req_id, request, reply)  # STREAM_DONE
         return reply
 
