@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except AppImportError as exc:
         print(f"rtserve: error: {exc}", file=sys.stderr)
         return 3
-    from .server import Server, as_dispatcher
+    from .server import Server, as_dispatcher, freeze_startup_objects
 
     try:
         dispatcher = as_dispatcher(app, cfg)  # WSGI settings (route_deadline...) checked here
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_child(dispatcher, cfg)
     server = Server(dispatcher, cfg)
     log = logging.getLogger("rtserve.error")
+    freeze_startup_objects()
     code = server.serve()
     log.info("rtserve stopped (exit %d)", code)
     return code

@@ -239,6 +239,17 @@ class Server:
         self.life.close()
 
 
+def freeze_startup_objects() -> None:
+    """Move every object alive now (imported modules, the app, the parts) out of the
+    collector's reach: the process is about to serve until it exits, and a full collection
+    would otherwise walk them all again and again, a pause in some unlucky request's time.
+    Called by the command line before serving; not by `Server` (a test process starts many)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def serve(app: Any, config: Config | None = None, **settings: Any) -> int:
     """Serve `app` until drained (SIGINT/SIGTERM); returns the exit code.
 

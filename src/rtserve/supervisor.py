@@ -92,7 +92,7 @@ class Heartbeat:
 
 def run_child(app: Any, cfg: Config) -> int:
     """Serve `app` on the listener inherited from the supervisor, beating on its pipe."""
-    from .server import Server
+    from .server import Server, freeze_startup_objects
 
     fd = int(os.environ.pop(LISTEN_FD_ENV))
     beat_fd = int(os.environ.pop(BEAT_FD_ENV))
@@ -102,6 +102,7 @@ def run_child(app: Any, cfg: Config) -> int:
     os.set_blocking(beat_fd, False)
     server = Server(app, cfg, sock=socket.socket(fileno=fd))
     server.heartbeat = Heartbeat(server, beat_fd)
+    freeze_startup_objects()
     try:
         return server.serve()
     finally:
