@@ -421,9 +421,10 @@ REJECTIONS: dict[str, tuple[bytes, int]] = {
     "te_chunked_not_last": (req(b"Transfer-Encoding: chunked, gzip\r\n"), 400),
     "te_chunked_identity": (req(b"Transfer-Encoding: chunked, identity\r\n"), 400),
     "te_gzip_chunked": (req(b"Transfer-Encoding: gzip, chunked\r\n"), 501),
-    "te_identity": (req(b"Transfer-Encoding: identity\r\n"), 501),
-    "te_xchunked": (req(b"Transfer-Encoding: xchunked\r\n"), 501),
-    "te_unknown": (req(b"Transfer-Encoding: compress\r\n"), 501),
+    # RFC 9112 6.3 item 4: chunked not the final coding of a request, 400 and close.
+    "te_identity": (req(b"Transfer-Encoding: identity\r\n"), 400),
+    "te_xchunked": (req(b"Transfer-Encoding: xchunked\r\n"), 400),
+    "te_unknown": (req(b"Transfer-Encoding: compress\r\n"), 400),
     "te_empty": (req(b"Transfer-Encoding: \r\n"), 400),
     "te_vertical_tab": (req(b"Transfer-Encoding: chunked\x0b\r\n"), 400),
     "te_nel_prefix": (req(b"Transfer-Encoding: \x85chunked\r\n"), 400),

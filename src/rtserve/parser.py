@@ -615,15 +615,21 @@ def _other_target_form(method: str, target: str) -> tuple[str, str]:
 def _reject_transfer_encoding(te: str) -> None:
     """Classify a Transfer-Encoding other than exactly `chunked`; always raises.
 
-    Malformed lists and misplaced/duplicated `chunked` are 400 (framing unknowable);
-    well-formed codings we do not implement are 501 (RFC 9112 6.1).
+    - not a token list: 400;
+    - the final coding is not `chunked` (`gzip`, `identity`, `xchunked`, `chunked, gzip`):
+      the body length cannot be determined, 400 and close (RFC 9112 6.3 item 4, a MUST);
+    - `chunked` more than once: 400 (RFC 9112 6.1, a sender must not);
+    - `chunked` last after codings we do not implement (`gzip, chunked`): the framing is
+      known but the content cannot be decoded, 501 (RFC 9112 6.1, a SHOULD).
     """
     codings = [c.strip(" \t").lower() for c in te.split(",")]
     for coding in codings:
         if _CONTENT_TOKEN_RE.fullmatch(coding) is None:
             raise BadRequest("invalid Transfer-Encoding")
-    if "chunked" in codings and (codings.count("chunked") > 1 or codings[-1] != "chunked"):
-        raise BadRequest("chunked must be the final coding, once")
+    if codings[-1] != "chunked":
+        raise BadRequest("chunked is not the final transfer coding")
+    if codings.count("chunked") > 1:
+        raise BadRequest("chunked applied more than once")
     raise NotImplementedFraming("unsupported transfer coding")
 
 
