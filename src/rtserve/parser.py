@@ -79,10 +79,13 @@ _ABSOLUTE_RE = re.compile(
     r"(?i:https?)://[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]++(/[^?]*+)?(?:\?(.*+))?"
 )
 _QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+"'
-# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] ).
-# BWS ("bad" whitespace senders must not generate) is rejected, as llhttp does: one less
-# way for a proxy and us to read the same chunk line differently.
-_CHUNK_LINE_RE = re.compile(f"([0-9A-Fa-f]{{1,16}})((?:;{_TOKEN}(?:=(?:{_TOKEN}|{_QUOTED}))?)*+)")
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
+# (RFC 9112 7.1.1), val = token / quoted-string. BWS is whitespace a sender must not
+# generate but a recipient must parse, so it is accepted, and extensions are ignored.
+# A chunk line without extensions costs what it did: the group fails on its first byte.
+_BWS = r"[\t ]*+"
+_CHUNK_EXT = f"{_BWS};{_BWS}{_TOKEN}(?:{_BWS}={_BWS}(?:{_TOKEN}|{_QUOTED}))?"
+_CHUNK_LINE_RE = re.compile(f"([0-9A-Fa-f]{{1,16}})((?:{_CHUNK_EXT})*+)")
 
 _MAX_CHUNK_LINE = 4096  # one chunk-size line, extensions included
 _MAX_CHUNK_EXT_TOTAL = 16384  # all chunk extensions of one request (they cost parse time)
