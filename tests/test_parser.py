@@ -223,10 +223,18 @@ def test_any_token_method_is_accepted(method: bytes) -> None:
     assert r.method == method.decode()
 
 
-@pytest.mark.parametrize("host", [b"", b"h", b"h:80", b"[::1]:8080", b"xn--bcher-kva.example"])
+@pytest.mark.parametrize("host", [b"h", b"h:80", b"h:", b"[::1]:8080", b"xn--bcher-kva.example"])
 def test_valid_host_values(host: bytes) -> None:
     (r,) = parse_all(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
     assert r.raw_headers == [("host", host.decode())]
+
+
+def test_valid_host_is_cached_and_an_empty_one_never_is() -> None:
+    """The Host cache skips the check for values seen before; "" depends on the target."""
+    (r,) = parse_all(b"GET http://h/ HTTP/1.1\r\nHost: \r\n\r\n")  # absolute-form: fine
+    assert r.raw_headers == [("host", "")]
+    assert error_status(b"GET / HTTP/1.1\r\nHost: \r\n\r\n") == 400  # not cached above
+    assert error_status(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n") == 400
 
 
 def test_target_keeps_percent_encoding_and_raw_bytes() -> None:
@@ -552,6 +560,8 @@ REJECTIONS: dict[str, tuple[bytes, int]] = {
     "host_with_space": (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
     "host_with_userinfo": (b"GET / HTTP/1.1\r\nHost: u@h\r\n\r\n", 400),
     "host_with_slash": (b"GET / HTTP/1.1\r\nHost: h/p\r\n\r\n", 400),
+    "host_empty": (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", 400),
+    "host_ipv6_zone_id": (b"GET / HTTP/1.1\r\nHost: [fe80::1%25eth0]\r\n\r\n", 400),
     # Expect
     "expect_unknown": (req(b"Expect: foo\r\nContent-Length: 1\r\n", b"x"), 417),
 }

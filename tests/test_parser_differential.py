@@ -299,8 +299,10 @@ H11_LENIENT = {
     ),
     **dict.fromkeys(["connect", "connect_origin_form"], "CONNECT is the caller's business"),
     **dict.fromkeys(
-        ["host_with_slash", "host_with_space", "host_with_userinfo"], "Host value not validated"
+        ["host_with_slash", "host_with_space", "host_with_userinfo", "host_ipv6_zone_id"],
+        "Host value not validated",
     ),
+    "host_empty": "an empty Host is valid syntax; RFC 9110 4.2.1's empty-host rule not applied",
     "expect_unknown": "unknown expectations are the caller's business",
 }
 
@@ -338,6 +340,8 @@ HTTPTOOLS_LENIENT = {
             "host_with_slash",
             "host_with_space",
             "host_with_userinfo",
+            "host_empty",
+            "host_ipv6_zone_id",
         ],
         "Host is not checked at all (missing, duplicate or malformed)",
     ),

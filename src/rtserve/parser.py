@@ -13,6 +13,7 @@ Interface (see docs/parser.md): `feed(bytes)`, then `next_event()` returns one c
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from rtserve.errors import (
@@ -74,10 +75,14 @@ _FIELD_CACHE_LINE = 256
 _VALID_HOSTS: set[str] = set()
 _VALID_HOSTS_MAX = 256
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
-_HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]*+")
-_ABSOLUTE_RE = re.compile(
-    r"(?i:https?)://[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]++(/[^?]*+)?(?:\?(.*+))?"
-)
+# Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2-3.2.3): an IP-literal in
+# brackets (group 1, checked by _host_named) or a reg-name of unreserved / sub-delims /
+# pct-encoded (group 2, may be empty), then an optional port of digits (may be empty).
+_REG_NAME = r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]++|%[0-9A-Fa-f]{2})*+"
+_HOST_RE = re.compile(f"(?:\\[([^\\]]*+)\\]|({_REG_NAME}))(?::[0-9]*+)?")
+_IPVFUTURE_RE = re.compile(r"[vV][0-9A-Fa-f]++\.[A-Za-z0-9\-._~!$&'()*+,;=:]++")
+# absolute-form: authority (group 1, checked as a Host value), path, query.
+_ABSOLUTE_RE = re.compile(r"(?i:https?)://([^/?]*+)(/[^?]*+)?(?:\?(.*+))?")
 _QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+"'
 # chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
 # (RFC 9112 7.1.1), val = token / quoted-string. BWS is whitespace a sender must not
@@ -276,11 +281,15 @@ class RequestParser:
             if http11:
                 raise BadRequest("missing Host")
         elif host not in _VALID_HOSTS:
-            if _HOST_RE.fullmatch(host) is None:
-                raise BadRequest("invalid Host")
-            if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
-                _VALID_HOSTS.clear()
-            _VALID_HOSTS.add(host)
+            if _host_named(host, "Host"):
+                if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
+                    _VALID_HOSTS.clear()
+                _VALID_HOSTS.add(host)
+            elif target[0] == "/" or target == "*":
+                # The target URI takes its authority from Host; an http(s) URI with an
+                # empty host is invalid (RFC 9110 4.2.1, RFC 9112 3.3). In absolute-form
+                # the target's own authority is used instead (RFC 9112 3.2.2).
+                raise BadRequest("Host names no host")
 
         if conn is None:
             keep_alive = http11
@@ -612,7 +621,33 @@ def _other_target_form(method: str, target: str) -> tuple[str, str]:
     m = _ABSOLUTE_RE.fullmatch(target)
     if m is None:
         raise BadRequest("invalid request-target")
-    return m[1] or "/", m[2] or ""
+    if not _host_named(m[1], "request-target authority"):
+        raise BadRequest("absolute-form without a host")  # RFC 9110 4.2.1
+    return m[2] or "/", m[3] or ""
+
+
+def _host_named(value: str, what: str) -> bool:
+    """Check a Host value (or an absolute-form authority) against `host [ ":" port ]`.
+
+    True if it names a host, False if the host part is empty (`""`, `":80"`: valid syntax,
+    meaning "no authority"); raises BadRequest for anything else: userinfo, bad
+    percent-encoding, characters outside reg-name, a port that is not digits, or an
+    IP-literal that is neither an IPv6 address (no zone id) nor an IPvFuture.
+    """
+    m = _HOST_RE.fullmatch(value)
+    if m is None:
+        raise BadRequest("invalid " + what)
+    literal = m[1]
+    if literal is None:
+        return bool(m[2])
+    if _IPVFUTURE_RE.fullmatch(literal) is None:
+        if "%" in literal:  # RFC 6874 zone ids are not part of RFC 3986's IP-literal
+            raise BadRequest("invalid " + what)
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            raise BadRequest("invalid " + what) from None
+    return True
 
 
 def _reject_transfer_encoding(te: str) -> None:
