@@ -242,6 +242,14 @@ def test_target_keeps_percent_encoding_and_raw_bytes() -> None:
     assert (r.path, r.query_string) == ("/a%20b/%7E", "q=%2F|{}")
 
 
+@pytest.mark.parametrize("version", [b"1.2", b"1.9"])
+def test_higher_minor_version_is_read_as_1_1(version: bytes) -> None:
+    """RFC 9110 6.2: processed as 1.1, including its defaults (keep-alive, Host)."""
+    (r,) = parse_all(b"GET / HTTP/" + version + b"\r\nHost: h\r\n\r\n")
+    assert (r.version, r.keep_alive) == ("HTTP/1.1", True)
+    assert error_status(b"GET / HTTP/" + version + b"\r\n\r\n") == 400  # Host required
+
+
 @pytest.mark.parametrize(
     "line",
     [b"5 ;a=b", b"5\t;a=b", b"5; a=b", b"5;a =b", b"5;a= b", b"5 ; a = b", b'5 ; q = "x y"'],
@@ -528,7 +536,6 @@ REJECTIONS: dict[str, tuple[bytes, int]] = {
     "version_trailing_space": (b"GET / HTTP/1.1 \r\nHost: h\r\n\r\n", 400),
     "version_2_0": (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505),
     "version_3_0": (b"GET / HTTP/3.0\r\nHost: h\r\n\r\n", 505),
-    "version_1_2": (b"GET / HTTP/1.2\r\nHost: h\r\n\r\n", 505),
     "version_0_9_explicit": (b"GET / HTTP/0.9\r\n\r\n", 505),
     "h2_preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
     "double_space": (b"GET  / HTTP/1.1\r\nHost: h\r\n\r\n", 400),

@@ -294,7 +294,7 @@ H11_LENIENT = {
         "request-target form not checked",
     ),
     **dict.fromkeys(
-        ["h2_preface", "version_0_9_explicit", "version_1_2", "version_2_0", "version_3_0"],
+        ["h2_preface", "version_0_9_explicit", "version_2_0", "version_3_0"],
         "any HTTP/d.d version accepted",
     ),
     **dict.fromkeys(["connect", "connect_origin_form"], "CONNECT is the caller's business"),

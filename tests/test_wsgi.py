@@ -156,6 +156,25 @@ def test_get_environ_is_complete_and_valid():
     lint.check()
 
 
+def test_higher_minor_version_is_served_as_http_1_1():
+    """RFC 9110 6.2: HTTP/1.2 is processed as 1.1, answered as 1.1, and the app is told 1.1."""
+    with running_server(environ_app) as addr:
+        s = connect(addr)
+        try:
+            s.sendall(b"GET / HTTP/1.2\r\nHost: h\r\n\r\n")
+            f = s.makefile("rb")
+            head = [f.readline()]
+            while head[-1] not in (b"\r\n", b""):
+                head.append(f.readline())
+            length = next(int(line.split(b":")[1]) for line in head
+                          if line.lower().startswith(b"content-length:"))
+            env = json.loads(f.read(length))
+        finally:
+            s.close()
+    assert head[0].startswith(b"HTTP/1.1 200 ")
+    assert env["SERVER_PROTOCOL"] == "HTTP/1.1"
+
+
 def test_multiprocess_flag_follows_processes():
     cfg = Config(_env={}, processes="4")
     env = WSGIApp(environ_app, cfg).environ(_request("GET", "/"))

@@ -54,8 +54,9 @@ _TARGET = r"[\x21\x22\x24-\x7e]++"
 
 # The whole head (request line, field lines, empty line) in one call: the fast path. Run on
 # the receive buffer (bytes) so the same call also finds where the head ends.
+# Any HTTP/1.x: a minor version above 1 is read as 1.1 (RFC 9110 6.2).
 _HEAD_RE = re.compile(
-    f"{_TOKEN} {_TARGET} HTTP/1\\.[01]\\r\\n(?:{_FIELD_LINE})*+\\r\\n".encode("latin-1")
+    f"{_TOKEN} {_TARGET} HTTP/1\\.[0-9]\\r\\n(?:{_FIELD_LINE})*+\\r\\n".encode("latin-1")
 )
 # Request line with any one-digit version, to tell 505 (well-formed, other version) from 400.
 _REQUEST_LINE_RE = re.compile(f"({_TOKEN}) ({_TARGET}) HTTP/([0-9])\\.([0-9])")
@@ -277,6 +278,10 @@ class RequestParser:
             raise NotImplementedFraming("CONNECT not implemented")
 
         http11 = version == "HTTP/1.1"
+        if not http11 and version != "HTTP/1.0":
+            # HTTP/1.2 and up: processed as the highest 1.x we implement (RFC 9110 6.2).
+            version = "HTTP/1.1"
+            http11 = True
         if host is None:
             if http11:
                 raise BadRequest("missing Host")
@@ -580,7 +585,7 @@ def _check_request_line(line: str) -> None:
     m = _REQUEST_LINE_RE.fullmatch(line)
     if m is None:
         raise BadRequest("invalid request line")
-    if (m[3], m[4]) not in (("1", "0"), ("1", "1")):
+    if m[3] != "1":  # another major version (2, 3, 0.9 spelled out): RFC 9110 6.2, 15.6.6
         raise VersionNotSupported("HTTP version not supported")
 
 
