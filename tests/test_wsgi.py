@@ -156,6 +156,19 @@ def test_get_environ_is_complete_and_valid():
     lint.check()
 
 
+def test_trailer_fields_never_reach_the_environ():
+    """RFC 9110 6.5.1: trailers are discarded, never merged into the header fields."""
+    with running_server(environ_app) as addr:
+        status, _, body = raw(
+            addr,
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Checksum: abc\r\nServer-Timing: db;dur=5\r\n\r\n",
+        )
+    env = json.loads(body)
+    assert status == 200 and env["body"] == "abc"
+    assert "HTTP_X_CHECKSUM" not in env and "HTTP_SERVER_TIMING" not in env
+
+
 def test_higher_minor_version_is_served_as_http_1_1():
     """RFC 9110 6.2: HTTP/1.2 is processed as 1.1, answered as 1.1, and the app is told 1.1."""
     with running_server(environ_app) as addr:

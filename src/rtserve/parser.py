@@ -99,7 +99,29 @@ _MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
 
 # Fields the parser itself interprets.
 _SPECIAL = frozenset(("host", "content-length", "transfer-encoding", "connection", "expect"))
-_FORBIDDEN_TRAILERS = frozenset(("content-length", "transfer-encoding", "host"))
+# Fields a sender must not put in a trailer section because they are evaluated before the
+# content (RFC 9110 6.5.1: framing, routing, authentication, request modifiers, response
+# controls, content format), plus connection control and rtserve's own deadline fields.
+# Trailers are never merged into the headers (they are discarded); one of these in them
+# is refused with 400, as a client probing for a recipient that would merge it.
+_FORBIDDEN_TRAILERS = frozenset((
+    # framing (RFC 9112 6, RFC 9110 6.6.2)
+    "content-length", "transfer-encoding", "trailer",
+    # connection control (RFC 9110 7.6.1, 7.8, 10.1.4)
+    "connection", "keep-alive", "proxy-connection", "te", "upgrade",
+    # routing (RFC 9110 7.2, 7.6.2; RFC 7239 and its X- forerunners, see proxy.py)
+    "host", "max-forwards", "forwarded", "x-forwarded-for", "x-forwarded-host",
+    "x-forwarded-proto",
+    # authentication and state (RFC 9110 11.6, 11.7; RFC 6265)
+    "authorization", "proxy-authorization", "cookie",
+    # request modifiers (RFC 9110 10.1.1, 13.1, 14.2; RFC 9111 5.2, 5.4)
+    "expect", "range", "if-match", "if-none-match", "if-modified-since",
+    "if-unmodified-since", "if-range", "cache-control", "pragma",
+    # content format (RFC 9110 8.3, 8.4, 14.4)
+    "content-type", "content-encoding", "content-range",
+    # the client deadline, read from the head before dispatch (docs/deadlines.md)
+    "x-request-deadline-ms", "grpc-timeout", "x-envoy-expected-rq-timeout-ms",
+))
 
 # parser states
 _HEAD, _BODY_CL, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _DEAD = range(7)
