@@ -156,6 +156,16 @@ def test_get_environ_is_complete_and_valid():
     lint.check()
 
 
+@pytest.mark.parametrize("method", [b"BREW", b"get", b"M-SEARCH", b"PROPFIND", b"X!#$%&'*+.^_`|~1"])
+def test_any_token_method_reaches_the_wsgi_app_unchanged(method: bytes):
+    """RFC 9110 9.1: a method is a case-sensitive token; the server refuses none but CONNECT
+    and leaves what a method means to the application (no 405/501 from the adapter)."""
+    with running_server(environ_app) as addr:
+        status, _, body = raw(addr, method + b" /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert status == 200
+    assert json.loads(body)["REQUEST_METHOD"] == method.decode()
+
+
 def test_trailer_fields_never_reach_the_environ():
     """RFC 9110 6.5.1: trailers are discarded, never merged into the header fields."""
     with running_server(environ_app) as addr:
