@@ -237,9 +237,26 @@ def test_valid_host_is_cached_and_an_empty_one_never_is() -> None:
     assert error_status(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n") == 400
 
 
-def test_target_keeps_percent_encoding_and_raw_bytes() -> None:
-    (r,) = parse_all(b"GET /a%20b/%7E?q=%2F|{} HTTP/1.1\r\nHost: h\r\n\r\n")
-    assert (r.path, r.query_string) == ("/a%20b/%7E", "q=%2F|{}")
+def test_path_is_decoded_target_and_raw_path_are_not() -> None:
+    (r,) = parse_all(b"GET /a%20b/%7E%2F?q=%2F|{} HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert r.target == "/a%20b/%7E%2F?q=%2F|{}"
+    assert (r.path, r.raw_path, r.query_string) == ("/a b/~/", "/a%20b/%7E%2F", "q=%2F|{}")
+
+
+def test_path_without_percent_is_the_raw_path_object() -> None:
+    """No `%`: nothing decoded, and `path is raw_path` (what the App's check relies on)."""
+    (r,) = parse_all(b"GET /plain/path?x=%41 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert r.path == "/plain/path" and r.path is r.raw_path
+
+
+def test_path_decodes_utf8_and_replaces_invalid_sequences() -> None:
+    (r,) = parse_all(b"GET /caf%C3%A9/%FF%2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert (r.path, r.raw_path) == ("/caf\u00e9/\ufffd%2", "/caf%C3%A9/%FF%2")
+
+
+def test_absolute_form_path_is_decoded_too() -> None:
+    (r,) = parse_all(b"GET http://h/%65cho HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert (r.path, r.raw_path) == ("/echo", "/%65cho")
 
 
 @pytest.mark.parametrize("version", [b"1.2", b"1.9"])

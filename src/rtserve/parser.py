@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from urllib.parse import unquote_to_bytes
 
 from rtserve.errors import (
     BadRequest,
@@ -298,6 +299,10 @@ class RequestParser:
             path, query = _other_target_form(method, target)
         if method == "CONNECT":
             raise NotImplementedFraming("CONNECT not implemented")
+        raw_path = path
+        if "%" in path:  # decode only then: the common path costs one `in`
+            # UTF-8, invalid sequences replaced (U+FFFD); half the cost of unquote().
+            path = unquote_to_bytes(path).decode("utf-8", "replace")
 
         http11 = version == "HTTP/1.1"
         if not http11 and version != "HTTP/1.0":
@@ -364,6 +369,7 @@ class RequestParser:
             chunked,
             keep_alive,
             expect_continue,
+            raw_path,
         )
         if chunked:
             self.pending = request
