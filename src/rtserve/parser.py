@@ -89,10 +89,11 @@ _QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*
 # chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
 # (RFC 9112 7.1.1), val = token / quoted-string. BWS is whitespace a sender must not
 # generate but a recipient must parse, so it is accepted, and extensions are ignored.
-# A chunk line without extensions costs what it did: the group fails on its first byte.
 _BWS = r"[\t ]*+"
 _CHUNK_EXT = f"{_BWS};{_BWS}{_TOKEN}(?:{_BWS}={_BWS}(?:{_TOKEN}|{_QUOTED}))?"
 _CHUNK_LINE_RE = re.compile(f"([0-9A-Fa-f]{{1,16}})((?:{_CHUNK_EXT})*+)")
+# The usual line has no extension: matched in the receive buffer, no slice or decode.
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 _MAX_CHUNK_LINE = 4096  # one chunk-size line, extensions included
 _MAX_CHUNK_EXT_TOTAL = 16384  # all chunk extensions of one request (they cost parse time)
@@ -534,17 +535,19 @@ class RequestParser:
             return False
         if i > _MAX_CHUNK_LINE:
             raise BadRequest("chunk-size line too long")
-        m = _CHUNK_LINE_RE.fullmatch(buf[:i].decode("latin-1"))
-        if m is None:
-            raise BadRequest("invalid chunk-size line")
-        size_hex, ext = m.groups()
-        if ext:
+        if _CHUNK_SIZE_RE.fullmatch(buf, 0, i) is not None:  # no extension: the common line
+            size = int(buf[:i], 16)
+        else:
+            m = _CHUNK_LINE_RE.fullmatch(buf[:i].decode("latin-1"))
+            if m is None:
+                raise BadRequest("invalid chunk-size line")
+            size_hex, ext = m.groups()
             self._ext_total += len(ext)
             if self._ext_total > _MAX_CHUNK_EXT_TOTAL:
                 raise BadRequest("chunk extensions too long")
+            size = int(size_hex, 16)
         del buf[: i + 2]
         self._seen = 0
-        size = int(size_hex, 16)
         if size == 0:
             self._state = _TRAILERS
             self._checked = 0
