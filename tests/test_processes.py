@@ -377,6 +377,30 @@ def test_max_requests_recycles_children_without_failing_a_request(supervised):
     assert "died" not in s.log()
 
 
+def test_max_requests_recycle_keeps_serving_for_drain_seconds(supervised):
+    """A recycle is a drain like SIGTERM's: the child goes on answering (reporting /readyz
+    503) for --drain-seconds while its replacement starts, then exits 0. Before, it
+    stopped accepting at its max_requests-th request, so no child ever answered more."""
+    s = start(supervised, "--processes", "2", "--max-requests", "4", "--drain-seconds", "2")
+    port = s.ready(2)
+    served: dict[int, int] = {}
+    failures: list[str] = []
+    for _ in range(300):  # until one child is seen past its limit
+        try:
+            pid = pid_of(port)
+        except (OSError, AssertionError) as exc:
+            failures.append(repr(exc))
+            continue
+        served[pid] = served.get(pid, 0) + 1
+        if served[pid] > 4:
+            break
+    assert failures == []
+    recycled = next(pid for pid, n in served.items() if n > 4)
+    s.wait_for(rf"process {recycled} is draining: starting its replacement")
+    s.wait_for(rf"process {recycled} exited \(exit code 0\)", timeout=20)
+    assert "died" not in s.log()
+
+
 def test_child_drains_when_its_supervisor_is_killed(supervised):
     s = start(supervised, "--processes", "2")
     s.ready(2)

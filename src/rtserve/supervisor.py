@@ -34,6 +34,10 @@ Signals: SIGTERM/SIGINT drain every child (each reports /readyz 503 for
 all have exited; a second SIGINT or SIGQUIT: children quit at once. SIGHUP: rolling
 restart, one slot at a time: start the new child on the slot's listener, wait until it
 beats (it is accepting), then SIGTERM the old one. The port never lacks a listener.
+
+Recycling (`--max-requests`): a child counts the requests its application resolves and
+then drains as a SIGTERM would, `--drain-seconds` included, while the supervisor starts
+its replacement (`Recycle`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import selectors
 import signal
 import socket
@@ -90,6 +95,38 @@ class Heartbeat:
             s.request_drain()
 
 
+class Recycle:
+    """A child's dispatcher with `--max-requests`: counts the requests it resolves, then
+    asks its server to drain (`Server.stop()`, the drain a SIGTERM starts).
+
+    So a recycle is a drain like any other: /readyz reports 503 for `--drain-seconds`
+    while the process keeps serving, then it stops accepting and finishes what is in
+    flight; its "draining" heartbeat has the supervisor start the replacement at once.
+    The conductor's own max_requests count (given 0 here) would skip `--drain-seconds`.
+    Requests the conductor answers itself (/livez, /readyz, /metrics) are not counted.
+    """
+
+    __slots__ = ("app", "server", "left")
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.server: Any = None
+        self.left = limit
+
+    def resolve(self, request: Any) -> Any:
+        """Conductor thread: the wrapped resolve; the limit-th request starts the drain."""
+        self.left -= 1
+        if self.left == 0:
+            self.server.stop()  # acted on at the next loop turn, after this dispatch
+        return self.app.resolve(request)
+
+    def routes(self) -> Any:
+        return self.app.routes()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)
+
+
 def run_child(app: Any, cfg: Config) -> int:
     """Serve `app` on the listener inherited from the supervisor, beating on its pipe."""
     from .conductor import Server
@@ -100,7 +137,14 @@ def run_child(app: Any, cfg: Config) -> int:
     for f in (fd, beat_fd):
         os.set_inheritable(f, False)  # not into subprocesses the application may start
     os.set_blocking(beat_fd, False)
+    recycle = None
+    if cfg.max_requests:
+        limit = cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
+        app = recycle = Recycle(app, limit)
+        cfg = cfg.replace(max_requests=0, max_requests_jitter=0)
     server = Server(app, cfg, sock=socket.socket(fileno=fd))
+    if recycle is not None:
+        recycle.server = server
     server.heartbeat = Heartbeat(server, beat_fd)
     try:
         return server.serve()
