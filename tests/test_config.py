@@ -98,3 +98,20 @@ def test_a_wsgi_app_with_a_resolve_method_is_still_wsgi():
     assert isinstance(as_dispatcher(Router(), cfg), WSGIApp)
     native = App()
     assert as_dispatcher(native, cfg) is native
+def test_a_list_from_the_environment_may_be_a_json_list():
+    """Items with commas (a JSON fallback body) need JSON; plain text is split on commas."""
+    env = {"RTSERVE_FALLBACK": '["/a=200:{\\"x\\":1,\\"y\\":2}", "/b=503:busy, later"]',
+           "RTSERVE_ROUTE_DEADLINE": " [ ] "}
+    cfg = Config(_env=env)
+    assert cfg.fallback == ['/a=200:{"x":1,"y":2}', "/b=503:busy, later"]
+    assert cfg.route_deadline == []
+    cfg = Config(_env={"RTSERVE_FORWARDED_ALLOW_IPS": "10.0.0.1, [::1],10.0.0.0/8"})
+    assert cfg.forwarded_allow_ips == ["10.0.0.1", "[::1]", "10.0.0.0/8"]  # [::1] is no JSON
+
+
+@pytest.mark.parametrize("text", ['["/a=20", ', '["/a=20", 5]', '["/a=20"] x', '[""'])
+def test_a_bad_json_list_is_an_error_that_names_the_setting(text):
+    with pytest.raises(ConfigError, match="route_deadline"):
+        Config(_env={"RTSERVE_ROUTE_DEADLINE": text})
+
+

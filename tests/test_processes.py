@@ -423,7 +423,7 @@ def test_children_get_the_supervisors_settings_as_flags():
         _env={}, processes="4", threads=3, deadline_ms=25.5, access_log=True,
         health_endpoints=False, root_path="-odd", heartbeat_timeout=7,
         fallback=['/score=200:{"decision":"review","score":0}', "/x=503:busy"],
-        route_deadline=["/score=20"],
+        route_deadline=["/score=20"], forwarded_allow_ips=["10.0.0.1", "10.0.0.0/8"],
     )
     argv = child_args("pkg.mod:app", cfg)
     assert argv[1:4] == ["-m", "rtserve", "pkg.mod:app"]

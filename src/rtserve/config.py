@@ -7,7 +7,9 @@ with a message that names it.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +45,26 @@ def _as_bool(v: Any) -> bool:
     raise ValueError(f"not a boolean: {v!r}")
 
 
+_JSON_LIST_START = re.compile(r"\[\s*[\"\]]")
+
+
 def _as_list(v: Any) -> list[str]:
+    """A list setting from a list, or from text: a JSON list of strings (`["a,b", "c"]`,
+    for items that contain commas) or else comma-separated items (`a, c`).
+
+    Text is JSON when it starts with `["` or is `[]` (spaces allowed), so a bracketed IPv6
+    address (`[::1]`) is still one comma-separated item.
+    """
     if isinstance(v, str):
+        text = v.strip()
+        if _JSON_LIST_START.match(text):
+            try:
+                items = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON list: {exc}") from None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError("not a JSON list of strings")
+            return items
         return [p.strip() for p in v.split(",") if p.strip()]
     return [str(p) for p in v]
 
@@ -215,6 +235,11 @@ def settings_markdown() -> str:
         "a command-line flag (`--threads 4`) and an environment variable",
         "(`RTSERVE_THREADS=4`). Precedence: flag or keyword, then environment, then default.",
         "An unknown setting or an invalid value is an error that names it.",
+        "",
+        "A list setting given as text (a variable, a non-repeatable flag) is a JSON list of",
+        "strings when it starts with `[\"` (`RTSERVE_FALLBACK='[\"/a=200:{\\\"x\\\":1}\"]'`),",
+        "for items that contain commas; otherwise it is split on commas.",
+        "",
         "This page is generated from `src/rtserve/config.py`"
         " (`python -m rtserve.config > docs/configuration.md`).",
         "",

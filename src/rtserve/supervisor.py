@@ -43,6 +43,7 @@ its replacement (`Recycle`).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import random
@@ -203,6 +204,7 @@ def child_args(app_spec: str, cfg: Config) -> list[str]:
 
     Children get RTSERVE_* settings removed from their environment, so these flags are the
     whole configuration and a child's Config equals the supervisor's (processes aside).
+    A list that is not a repeatable flag goes as JSON, so items with commas survive.
     """
     args = [sys.executable, "-m", "rtserve", app_spec]
     for s in SETTINGS:
@@ -215,6 +217,8 @@ def child_args(app_spec: str, cfg: Config) -> list[str]:
             args.extend(f"{s.flag}={item}" for item in value)
         elif s.type.__name__ == "_as_bool":
             args.append(s.flag if value else "--no-" + s.flag[2:])
+        elif isinstance(value, list):
+            args.append(f"{s.flag}={json.dumps(value)}")
         else:
             args.append(f"{s.flag}={value}")
     return args

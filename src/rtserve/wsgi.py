@@ -315,8 +315,8 @@ def parse_route_deadlines(entries: Iterable[str]) -> dict[str, float]:
 def parse_fallbacks(entries: Iterable[str]) -> dict[str, Response]:
     """`['/score=200:{"decision":"review"}']` -> {"/score": Response}. A body that parses
     as JSON is sent as application/json, anything else as text/plain."""
-    # An env var value is split on commas; a prefix always starts with '/', so a piece
-    # that does not is the rest of the previous entry's body (JSON has commas).
+    # An env var value that is not a JSON list is split on commas; a prefix always starts
+    # with '/', so a piece that does not is the rest of the previous entry's body.
     joined: list[str] = []
     for entry in entries:
         if joined and not entry.lstrip().startswith("/"):
