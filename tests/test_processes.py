@@ -401,6 +401,41 @@ def test_max_requests_recycle_keeps_serving_for_drain_seconds(supervised):
     assert "died" not in s.log()
 
 
+def test_sighup_rereads_the_config_file(supervised, tmp_path):
+    """SIGHUP re-reads --config and restarts the children with it; a file that no longer
+    parses changes nothing. max_body_size shows which settings a child runs with."""
+    conf = tmp_path / "rtserve.toml"
+    conf.write_text("max_body_size = 10\n")
+    s = start(supervised, "--processes", "2", "--config", str(conf))
+    port = s.ready(2)
+
+    def post20() -> int:
+        with connect(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                         b"Content-Length: 20\r\n\r\n" + b"x" * 20)
+            return read_response(sock)[0]
+
+    assert post20() == 413
+    old = set(s.started_pids())
+    conf.write_text("max_body_size = 100\n")
+    mark = s.mark()
+    s.proc.send_signal(signal.SIGHUP)
+    s.wait_for(r"SIGHUP: max_body_size: 10 -> 100", start=mark)
+    s.wait_for(r"reload complete", start=mark, timeout=30)
+    for pid in old:
+        s.wait_for(rf"process {pid} exited \(exit code 0\)", start=mark)
+    assert [post20() for _ in range(4)] == [501] * 4  # read past the parser: no POST route
+
+    conf.write_text("max_body_size = -1\n")
+    mark = s.mark()
+    running = set(s.started_pids())
+    s.proc.send_signal(signal.SIGHUP)
+    s.wait_for(r"SIGHUP: .*max_body_size.*left as they were", start=mark)
+    assert "rolling restart" not in "\n".join(s.lines[mark:])  # logged in the same call
+    assert set(s.started_pids()) == running
+    assert post20() == 501
+
+
 def test_child_drains_when_its_supervisor_is_killed(supervised):
     s = start(supervised, "--processes", "2")
     s.ready(2)
