@@ -45,6 +45,22 @@ POST_1K = (
     b"\r\n" + _BODY
 )
 
+# Chunked upload as a streaming client sends it: three chunks, no extensions (the common
+# case the chunk-size line regex must keep cheap), no trailers.
+POST_CHUNKED = (
+    b"POST /score HTTP/1.1\r\n"
+    b"Host: scoring.internal:8080\r\n"
+    b"User-Agent: payment-gateway/3.1.4\r\n"
+    b"Content-Type: application/json\r\n"
+    b"X-Request-Deadline-Ms: 20\r\n"
+    b"Transfer-Encoding: chunked\r\n"
+    b"\r\n"
+    b"100\r\n" + _BODY[:256] + b"\r\n"
+    b"100\r\n" + _BODY[256:512] + b"\r\n"
+    b"200\r\n" + _BODY[512:] + b"\r\n"
+    b"0\r\n\r\n"
+)
+
 
 POOL_SIZE = 4096
 
@@ -224,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [
         ("GET, 6 headers", variants(GET_6, b"X-Request-Id")),
         ("POST 1 KiB JSON (CL)", variants(POST_1K, b"X-Request-Deadline-Ms")),
+        ("POST 1 KiB, 3 chunks", variants(POST_CHUNKED, b"X-Request-Deadline-Ms")),
     ]
     version = sys.version.split()[0]
     print(f"python {version}; best of {args.repeat} x {args.number} calls; ns/request")

@@ -98,3 +98,92 @@ def test_a_wsgi_app_with_a_resolve_method_is_still_wsgi():
     assert isinstance(as_dispatcher(Router(), cfg), WSGIApp)
     native = App()
     assert as_dispatcher(native, cfg) is native
+
+
+# ---- list settings from text: JSON or commas ----------------------------------------------
+
+
+def test_a_list_from_the_environment_may_be_a_json_list():
+    """Items with commas (a JSON fallback body) need JSON; plain text is split on commas."""
+    env = {"RTSERVE_FALLBACK": '["/a=200:{\\"x\\":1,\\"y\\":2}", "/b=503:busy, later"]',
+           "RTSERVE_ROUTE_DEADLINE": " [ ] "}
+    cfg = Config(_env=env)
+    assert cfg.fallback == ['/a=200:{"x":1,"y":2}', "/b=503:busy, later"]
+    assert cfg.route_deadline == []
+    cfg = Config(_env={"RTSERVE_FORWARDED_ALLOW_IPS": "10.0.0.1, [::1],10.0.0.0/8"})
+    assert cfg.forwarded_allow_ips == ["10.0.0.1", "[::1]", "10.0.0.0/8"]  # [::1] is no JSON
+
+
+@pytest.mark.parametrize("text", ['["/a=20", ', '["/a=20", 5]', '["/a=20"] x', '[""'])
+def test_a_bad_json_list_is_an_error_that_names_the_setting(text):
+    with pytest.raises(ConfigError, match="route_deadline"):
+        Config(_env={"RTSERVE_ROUTE_DEADLINE": text})
+
+
+# ---- the config file --------------------------------------------------------------------------
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "rtserve.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_sits_between_the_environment_and_the_defaults(tmp_path):
+    path = write(tmp_path, 'threads = 3\nbacklog = 7\naccess_log = true\n'
+                           'route_deadline = ["/a=5", "/b,c=6"]\nheader_timeout = 2.5\n')
+    cfg = Config(_env={"RTSERVE_CONFIG": path, "RTSERVE_BACKLOG": "9"}, header_timeout=1)
+    assert (cfg.threads, cfg.backlog, cfg.header_timeout) == (3, 9, 1.0)  # file, env, kwarg
+    assert cfg.access_log is True and cfg.route_deadline == ["/a=5", "/b,c=6"]
+    assert cfg.keepalive_timeout == 5.0  # nobody set it: the default
+    assert Config(_env={}, config=path).threads == 3  # the path as a keyword (or --config)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("thread = 3\n", "unknown setting 'thread'"),
+        ('config = "other.toml"\n', "unknown setting 'config'"),
+        ("threads = 1.5\n", "threads"),  # read as the text "1.5", as RTSERVE_THREADS would be
+        ('threads = "many"\n', "threads"),
+        ("threads = \n", "rtserve.toml"),  # not TOML
+    ],
+)
+def test_a_bad_config_file_is_an_error_that_names_it(tmp_path, text, match):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as info:
+        Config(_env={}, config=path)
+    assert "rtserve.toml" in str(info.value)
+
+
+def test_a_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no-such.toml"):
+        Config(_env={}, config=str(tmp_path / "no-such.toml"))
+
+
+def test_replace_keeps_the_resolved_values_without_reading_the_file_again(tmp_path):
+    path = write(tmp_path, "threads = 3\n")
+    cfg = Config(_env={}, config=path)
+    (tmp_path / "rtserve.toml").unlink()
+    again = cfg.replace(backlog=5)
+    assert (again.threads, again.backlog, again.config) == (3, 5, path)
+
+
+def test_sighup_settings_come_from_the_file_as_it_is_now(tmp_path):
+    """reload_config: the file is re-read, flags still win, listener settings wait."""
+    from rtserve.supervisor import reload_config
+
+    path = write(tmp_path, 'threads = 3\nmax_body_size = 10\nbind = "127.0.0.1:9000"\n')
+    flags = {"config": path, "max_body_size": "20"}
+    cfg = Config(_env={}, **flags)
+    assert (cfg.threads, cfg.max_body_size, cfg.bind) == (3, 20, "127.0.0.1:9000")
+    write(tmp_path, 'threads = 5\nmax_body_size = 99\nbind = "127.0.0.1:9001"\n')
+    new, notes = reload_config(cfg, flags)
+    assert (new.threads, new.max_body_size, new.bind) == (5, 20, "127.0.0.1:9000")
+    assert notes == [
+        "bind changed to '127.0.0.1:9001': needs a restart, keeping '127.0.0.1:9000'",
+        "threads: 3 -> 5",
+    ]
+    write(tmp_path, "threads = 0\n")
+    with pytest.raises(ConfigError, match="threads"):
+        reload_config(cfg, flags)

@@ -11,15 +11,17 @@ import requests
 from tests.helpers import connect, read_response_file, recv_until_closed
 
 
-def test_hello_404_405(addr):
+def test_hello_404_405_501(addr):
     r = requests.get(f"http://{addr[0]}:{addr[1]}/hello", timeout=5)
     assert r.status_code == 200 and r.text == "Hello, world!\n"
     assert "date" in r.headers
     r = requests.get(f"http://{addr[0]}:{addr[1]}/nothing-here", timeout=5)
     assert r.status_code == 404
-    r = requests.delete(f"http://{addr[0]}:{addr[1]}/hello", timeout=5)
+    r = requests.post(f"http://{addr[0]}:{addr[1]}/hello", timeout=5)  # POST: /echo has it
     assert r.status_code == 405
     assert r.headers["allow"] == "GET, HEAD"
+    r = requests.delete(f"http://{addr[0]}:{addr[1]}/hello", timeout=5)  # no route has DELETE
+    assert r.status_code == 501 and "allow" not in r.headers
 
 
 def test_query_headers_and_client_address(addr):

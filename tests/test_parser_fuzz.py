@@ -8,6 +8,8 @@ long-running harness built on the same generators.
 
 from __future__ import annotations
 
+import re
+
 import h11
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -71,6 +73,10 @@ def mutated(draw: st.DrawFn) -> bytes:
             data[pos:pos] = data[pos:end]
     return bytes(data)
 
+
+# The one place we are more lenient than h11 on purpose: RFC 9112 7.1.1 allows BWS before
+# the `;` of a chunk extension, h11's chunk-header regex does not (docs/parser.md).
+_CHUNK_BWS_BEFORE_EXT = re.compile(rb"\r\n[0-9A-Fa-f]++[ \t]++;")
 
 fuzz_input = st.one_of(mutated(), request_bytes, st.binary(max_size=700))
 
@@ -153,6 +159,8 @@ def test_never_more_lenient_than_h11(data: bytes) -> None:
     try:
         theirs = parse_h11(consumed)
     except h11.RemoteProtocolError as exc:
+        if "chunk header" in str(exc) and _CHUNK_BWS_BEFORE_EXT.search(consumed):
+            return
         raise AssertionError(f"we accepted what h11 rejects: {exc}") from exc
     fold = [(n, v.lower() if n == "transfer-encoding" else v) for n, v in ours[2]]
     assert (ours[0], ours[1], fold, ours[3]) == (

@@ -377,6 +377,65 @@ def test_max_requests_recycles_children_without_failing_a_request(supervised):
     assert "died" not in s.log()
 
 
+def test_max_requests_recycle_keeps_serving_for_drain_seconds(supervised):
+    """A recycle is a drain like SIGTERM's: the child goes on answering (reporting /readyz
+    503) for --drain-seconds while its replacement starts, then exits 0. Before, it
+    stopped accepting at its max_requests-th request, so no child ever answered more."""
+    s = start(supervised, "--processes", "2", "--max-requests", "4", "--drain-seconds", "2")
+    port = s.ready(2)
+    served: dict[int, int] = {}
+    failures: list[str] = []
+    for _ in range(300):  # until one child is seen past its limit
+        try:
+            pid = pid_of(port)
+        except (OSError, AssertionError) as exc:
+            failures.append(repr(exc))
+            continue
+        served[pid] = served.get(pid, 0) + 1
+        if served[pid] > 4:
+            break
+    assert failures == []
+    recycled = next(pid for pid, n in served.items() if n > 4)
+    s.wait_for(rf"process {recycled} is draining: starting its replacement")
+    s.wait_for(rf"process {recycled} exited \(exit code 0\)", timeout=20)
+    assert "died" not in s.log()
+
+
+def test_sighup_rereads_the_config_file(supervised, tmp_path):
+    """SIGHUP re-reads --config and restarts the children with it; a file that no longer
+    parses changes nothing. max_body_size shows which settings a child runs with."""
+    conf = tmp_path / "rtserve.toml"
+    conf.write_text("max_body_size = 10\n")
+    s = start(supervised, "--processes", "2", "--config", str(conf))
+    port = s.ready(2)
+
+    def post20() -> int:
+        with connect(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                         b"Content-Length: 20\r\n\r\n" + b"x" * 20)
+            return read_response(sock)[0]
+
+    assert post20() == 413
+    old = set(s.started_pids())
+    conf.write_text("max_body_size = 100\n")
+    mark = s.mark()
+    s.proc.send_signal(signal.SIGHUP)
+    s.wait_for(r"SIGHUP: max_body_size: 10 -> 100", start=mark)
+    s.wait_for(r"reload complete", start=mark, timeout=30)
+    for pid in old:
+        s.wait_for(rf"process {pid} exited \(exit code 0\)", start=mark)
+    assert [post20() for _ in range(4)] == [501] * 4  # read past the parser: no POST route
+
+    conf.write_text("max_body_size = -1\n")
+    mark = s.mark()
+    running = set(s.started_pids())
+    s.proc.send_signal(signal.SIGHUP)
+    s.wait_for(r"SIGHUP: .*max_body_size.*left as they were", start=mark)
+    assert "rolling restart" not in "\n".join(s.lines[mark:])  # logged in the same call
+    assert set(s.started_pids()) == running
+    assert post20() == 501
+
+
 def test_child_drains_when_its_supervisor_is_killed(supervised):
     s = start(supervised, "--processes", "2")
     s.ready(2)
@@ -399,7 +458,7 @@ def test_children_get_the_supervisors_settings_as_flags():
         _env={}, processes="4", threads=3, deadline_ms=25.5, access_log=True,
         health_endpoints=False, root_path="-odd", heartbeat_timeout=7,
         fallback=['/score=200:{"decision":"review","score":0}', "/x=503:busy"],
-        route_deadline=["/score=20"],
+        route_deadline=["/score=20"], forwarded_allow_ips=["10.0.0.1", "10.0.0.0/8"],
     )
     argv = child_args("pkg.mod:app", cfg)
     assert argv[1:4] == ["-m", "rtserve", "pkg.mod:app"]

@@ -156,6 +156,69 @@ def test_get_environ_is_complete_and_valid():
     lint.check()
 
 
+@pytest.mark.parametrize("method", [b"BREW", b"get", b"M-SEARCH", b"PROPFIND", b"X!#$%&'*+.^_`|~1"])
+def test_any_token_method_reaches_the_wsgi_app_unchanged(method: bytes):
+    """RFC 9110 9.1: a method is a case-sensitive token; the server refuses none but CONNECT
+    and leaves what a method means to the application (no 405/501 from the adapter)."""
+    with running_server(environ_app) as addr:
+        status, _, body = raw(addr, method + b" /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert status == 200
+    assert json.loads(body)["REQUEST_METHOD"] == method.decode()
+
+
+def test_path_info_is_decoded_exactly_once():
+    """The parser decodes request.path for the native App; PATH_INFO comes from the raw path,
+    so `%2525` is `%25` (not `%`), and `%2F` is `/` as PEP 3333 has it (RAW_URI tells)."""
+    with running_server(environ_app) as addr:
+        _, _, b1 = raw(addr, b"GET /p%2525/a%2Fb HTTP/1.1\r\nHost: h\r\n\r\n")
+        _, _, b2 = raw(addr, b"GET /caf%C3%A9%FF HTTP/1.1\r\nHost: h\r\n\r\n")
+    e1, e2 = json.loads(b1), json.loads(b2)
+    assert (e1["PATH_INFO"], e1["RAW_URI"]) == ("/p%25/a/b", "/p%2525/a%2Fb")
+    assert e2["PATH_INFO"] == b"/caf\xc3\xa9\xff".decode("latin-1")  # bytes, not U+FFFD
+
+
+def test_route_prefix_matches_the_path_decoded_once():
+    """Prefixes match the raw path decoded once (as PATH_INFO), whatever request.path holds:
+    `%25C3` is the text `%C3`, not the byte it would give if decoded twice."""
+    w = WSGIApp(environ_app, Config(_env={}, route_deadline=["/caf%C3%A9=20"]))
+    decoded = Request("GET", "/caf%C3%A9/x", "/caf\u00e9/x", "", "HTTP/1.1", [("host", "h")],
+                      raw_path="/caf%C3%A9/x")
+    assert w.resolve(decoded).name == "wsgi:/caf%C3%A9"
+    assert w.resolve(_request("GET", "/caf%25C3%25A9/x")) is w.default_route  # %25: data
+
+
+def test_higher_minor_version_is_served_as_http_1_1():
+    """RFC 9110 6.2: HTTP/1.2 is processed as 1.1, answered as 1.1, and the app is told 1.1."""
+    with running_server(environ_app) as addr:
+        s = connect(addr)
+        try:
+            s.sendall(b"GET / HTTP/1.2\r\nHost: h\r\n\r\n")
+            f = s.makefile("rb")
+            head = [f.readline()]
+            while head[-1] not in (b"\r\n", b""):
+                head.append(f.readline())
+            length = next(int(line.split(b":")[1]) for line in head
+                          if line.lower().startswith(b"content-length:"))
+            env = json.loads(f.read(length))
+        finally:
+            s.close()
+    assert head[0].startswith(b"HTTP/1.1 200 ")
+    assert env["SERVER_PROTOCOL"] == "HTTP/1.1"
+
+
+def test_trailer_fields_never_reach_the_environ():
+    """RFC 9110 6.5.1: trailers are discarded, never merged into the header fields."""
+    with running_server(environ_app) as addr:
+        status, _, body = raw(
+            addr,
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Checksum: abc\r\nServer-Timing: db;dur=5\r\n\r\n",
+        )
+    env = json.loads(body)
+    assert status == 200 and env["body"] == "abc"
+    assert "HTTP_X_CHECKSUM" not in env and "HTTP_SERVER_TIMING" not in env
+
+
 def test_multiprocess_flag_follows_processes():
     cfg = Config(_env={}, processes="4")
     env = WSGIApp(environ_app, cfg).environ(_request("GET", "/"))

@@ -3,6 +3,13 @@
 Routing runs on the conductor (one dict lookup) because the route carries what the
 conductor enforces: the deadline, the fallback and the service-time estimate used for
 admission. Handlers run on workers.
+
+Routes match the percent-decoded path (`request.path`: `/%65cho` is `/echo`), segment by
+segment: an encoded slash `%2F` is data inside a segment, not a separator, so `/a%2Fb`
+matches no route `/a/b` (RFC 3986 2.2: a percent-encoded reserved character is not the
+delimiter). Methods are case-sensitive tokens (RFC 9110 9.1): a method no route
+implements is 501, a method another route implements is 405 with Allow on a known path,
+404 on an unknown one.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ class App:
     def __init__(self) -> None:
         self._routes: dict[str, dict[str, Route]] = {}
         self._exact: dict[tuple[str, str], Route] = {}
+        self._methods: set[str] = set()  # every method some route implements (HEAD too)
 
     def route(
         self,
@@ -108,9 +116,11 @@ class App:
                 m = m.upper()
                 by_method[m] = route
                 self._exact[(m, path)] = route
+                self._methods.add(m)
                 if m == "GET" and "HEAD" not in by_method:
                     by_method["HEAD"] = route
                     self._exact[("HEAD", path)] = route
+                    self._methods.add("HEAD")
             return handler
 
         return register
@@ -133,11 +143,20 @@ class App:
     # ---- conductor side -------------------------------------------------------------
 
     def resolve(self, request: Request) -> Route | Response:
-        """The route for a request, or the 404/405 response to send without a worker."""
-        route = self._exact.get((request.method, request.path))
-        if route is not None:
-            return route
-        by_method = self._routes.get(request.path)
+        """The route for a request, or the 404/405/501 response to send without a worker."""
+        path = request.path
+        raw = request.raw_path
+        if path is not raw and path.count("/") != raw.count("/"):
+            # Decoding turned a %2F into "/": that segment holds a slash, and no route
+            # (split on "/") has such a segment. Checked only when something was decoded.
+            by_method = None
+        else:
+            route = self._exact.get((request.method, path))
+            if route is not None:
+                return route
+            by_method = self._routes.get(path)
+        if request.method not in self._methods:
+            return Response.text("Not Implemented\n", 501)
         if by_method is None:
             return Response.text("Not Found\n", 404)
         allow = ", ".join(sorted(by_method))

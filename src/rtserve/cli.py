@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if procs > 1:  # the supervisor never imports the app: its first children check it
         from .supervisor import run_supervisor
 
-        return run_supervisor(args.app, cfg, procs)
+        return run_supervisor(args.app, cfg, procs, overrides)
     try:
         app = load_app(args.app)
     except AppImportError as exc:

@@ -1,13 +1,17 @@
 """Every setting in one declarative table (waitress `_params`, gunicorn `Setting` style).
 
-The table feeds keyword arguments (`Config(threads=4)`), CLI flags (`--threads 4`) and
-environment variables (`RTSERVE_THREADS=4`). An unknown or invalid setting is rejected
-with a message that names it.
+The table feeds keyword arguments (`Config(threads=4)`), CLI flags (`--threads 4`),
+environment variables (`RTSERVE_THREADS=4`) and an optional TOML file (`--config FILE`,
+`threads = 4`), which the supervisor re-reads on SIGHUP. An unknown or invalid setting is
+rejected with a message that names it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +47,26 @@ def _as_bool(v: Any) -> bool:
     raise ValueError(f"not a boolean: {v!r}")
 
 
+_JSON_LIST_START = re.compile(r"\[\s*[\"\]]")
+
+
 def _as_list(v: Any) -> list[str]:
+    """A list setting from a list, or from text: a JSON list of strings (`["a,b", "c"]`,
+    for items that contain commas) or else comma-separated items (`a, c`).
+
+    Text is JSON when it starts with `["` or is `[]` (spaces allowed), so a bracketed IPv6
+    address (`[::1]`) is still one comma-separated item.
+    """
     if isinstance(v, str):
+        text = v.strip()
+        if _JSON_LIST_START.match(text):
+            try:
+                items = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON list: {exc}") from None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError("not a JSON list of strings")
+            return items
         return [p.strip() for p in v.split(",") if p.strip()]
     return [str(p) for p in v]
 
@@ -85,6 +107,8 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
+    Setting("config", str, "", "a TOML file of settings (name = value); the supervisor "
+            "re-reads it on SIGHUP"),
     # -- listener and pool
     Setting("bind", str, "127.0.0.1:8080", "address to listen on, HOST:PORT", _bind),
     Setting("threads", int, 8, "worker threads that run handlers", _positive),
@@ -169,22 +193,59 @@ SETTINGS: tuple[Setting, ...] = (
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
-class Config:
-    """Resolved settings: defaults, then environment, then explicit keyword arguments."""
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings of a TOML file, as the environment would give them; ConfigError if the
+    file cannot be read or names an unknown setting.
 
-    def __init__(self, _env: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+    Scalars become text (`threads = 1.5` fails as `RTSERVE_THREADS=1.5` does, instead of
+    int() quietly truncating it); lists stay lists. `config` cannot be set from a file.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r}: {exc}") from None
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in BY_NAME or name == "config":
+            raise ConfigError(f"config file {path!r}: unknown setting {name!r}")
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif not isinstance(value, (list, str)):
+            value = str(value)
+        out[name] = value
+    return out
+
+
+class Config:
+    """Resolved settings: keyword arguments, then environment, then the config file, then
+    defaults (the first that sets a value wins)."""
+
+    def __init__(
+        self, _env: Mapping[str, str] | None = None, _read_file: bool = True, **kwargs: Any
+    ) -> None:
         env = os.environ if _env is None else _env
+        for name in kwargs:
+            if name not in BY_NAME:
+                raise ConfigError(f"unknown setting {name!r}")
+        path = kwargs.get("config", env.get(BY_NAME["config"].env, ""))
+        path = BY_NAME["config"].cast(path)
+        from_file = read_config_file(path) if path and _read_file else {}
         values: dict[str, Any] = {}
         for s in SETTINGS:
-            if s.env in env:
+            if s.name in kwargs:
+                values[s.name] = s.cast(kwargs[s.name])
+            elif s.env in env:
                 values[s.name] = s.cast(env[s.env])
+            elif s.name in from_file:
+                try:
+                    values[s.name] = s.cast(from_file[s.name])
+                except ConfigError as exc:
+                    raise ConfigError(f"config file {path!r}: {exc}") from None
             else:
                 values[s.name] = s.cast(s.default) if s.default is not None else None
-        for name, value in kwargs.items():
-            setting = BY_NAME.get(name)
-            if setting is None:
-                raise ConfigError(f"unknown setting {name!r}")
-            values[name] = setting.cast(value)
         self._values = values
         self.__dict__.update(values)
 
@@ -195,9 +256,10 @@ class Config:
         return dict(self._values)
 
     def replace(self, **kwargs: Any) -> Config:
+        """These settings changed, every other one as resolved here (no file re-read)."""
         merged = dict(self._values)
         merged.update(kwargs)
-        return Config(_env={}, **merged)
+        return Config(_env={}, _read_file=False, **merged)  # every value is explicit
 
 
 def settings_markdown() -> str:
@@ -206,9 +268,22 @@ def settings_markdown() -> str:
         "# Configuration",
         "",
         "Every setting is a keyword argument (`Config(threads=4)`, `serve(app, threads=4)`),",
-        "a command-line flag (`--threads 4`) and an environment variable",
-        "(`RTSERVE_THREADS=4`). Precedence: flag or keyword, then environment, then default.",
+        "a command-line flag (`--threads 4`), an environment variable (`RTSERVE_THREADS=4`)",
+        "and a line of the TOML file named by `--config` (`threads = 4`). Precedence: flag",
+        "or keyword, then environment, then the config file, then default.",
         "An unknown setting or an invalid value is an error that names it.",
+        "",
+        "A list setting given as text (a variable, a non-repeatable flag) is a JSON list of",
+        "strings when it starts with `[\"` (`RTSERVE_FALLBACK='[\"/a=200:{\\\"x\\\":1}\"]'`),",
+        "for items that contain commas; otherwise it is split on commas. In the file, write",
+        "a TOML list (`route_deadline = [\"/score=20\", \"/batch=200\"]`).",
+        "",
+        "Under the supervisor (`--processes N`), SIGHUP re-reads the config file and restarts",
+        "the processes one by one with the result (see docs/deploy.md, \"Reload\"). Flags and",
+        "`RTSERVE_*` variables are fixed for the life of the process and keep winning over",
+        "the file; `bind`, `backlog`, `reuse_port`, `share_listener` and `processes` need a",
+        "restart. A single process reads the file once, at start.",
+        "",
         "This page is generated from `src/rtserve/config.py`"
         " (`python -m rtserve.config > docs/configuration.md`).",
         "",

@@ -13,7 +13,9 @@ Interface (see docs/parser.md): `feed(bytes)`, then `next_event()` returns one c
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from urllib.parse import unquote_to_bytes
 
 from rtserve.errors import (
     BadRequest,
@@ -53,8 +55,9 @@ _TARGET = r"[\x21\x22\x24-\x7e]++"
 
 # The whole head (request line, field lines, empty line) in one call: the fast path. Run on
 # the receive buffer (bytes) so the same call also finds where the head ends.
+# Any HTTP/1.x: a minor version above 1 is read as 1.1 (RFC 9110 6.2).
 _HEAD_RE = re.compile(
-    f"{_TOKEN} {_TARGET} HTTP/1\\.[01]\\r\\n(?:{_FIELD_LINE})*+\\r\\n".encode("latin-1")
+    f"{_TOKEN} {_TARGET} HTTP/1\\.[0-9]\\r\\n(?:{_FIELD_LINE})*+\\r\\n".encode("latin-1")
 )
 # Request line with any one-digit version, to tell 505 (well-formed, other version) from 400.
 _REQUEST_LINE_RE = re.compile(f"({_TOKEN}) ({_TARGET}) HTTP/([0-9])\\.([0-9])")
@@ -74,15 +77,23 @@ _FIELD_CACHE_LINE = 256
 _VALID_HOSTS: set[str] = set()
 _VALID_HOSTS_MAX = 256
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
-_HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]*+")
-_ABSOLUTE_RE = re.compile(
-    r"(?i:https?)://[A-Za-z0-9\-._~!$&'()*+,;=%:\[\]]++(/[^?]*+)?(?:\?(.*+))?"
-)
+# Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2-3.2.3): an IP-literal in
+# brackets (group 1, checked by _host_named) or a reg-name of unreserved / sub-delims /
+# pct-encoded (group 2, may be empty), then an optional port of digits (may be empty).
+_REG_NAME = r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]++|%[0-9A-Fa-f]{2})*+"
+_HOST_RE = re.compile(f"(?:\\[([^\\]]*+)\\]|({_REG_NAME}))(?::[0-9]*+)?")
+_IPVFUTURE_RE = re.compile(r"[vV][0-9A-Fa-f]++\.[A-Za-z0-9\-._~!$&'()*+,;=:]++")
+# absolute-form: authority (group 1, checked as a Host value), path, query.
+_ABSOLUTE_RE = re.compile(r"(?i:https?)://([^/?]*+)(/[^?]*+)?(?:\?(.*+))?")
 _QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+"'
-# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] ).
-# BWS ("bad" whitespace senders must not generate) is rejected, as llhttp does: one less
-# way for a proxy and us to read the same chunk line differently.
-_CHUNK_LINE_RE = re.compile(f"([0-9A-Fa-f]{{1,16}})((?:;{_TOKEN}(?:=(?:{_TOKEN}|{_QUOTED}))?)*+)")
+# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
+# (RFC 9112 7.1.1), val = token / quoted-string. BWS is whitespace a sender must not
+# generate but a recipient must parse, so it is accepted, and extensions are ignored.
+_BWS = r"[\t ]*+"
+_CHUNK_EXT = f"{_BWS};{_BWS}{_TOKEN}(?:{_BWS}={_BWS}(?:{_TOKEN}|{_QUOTED}))?"
+_CHUNK_LINE_RE = re.compile(f"([0-9A-Fa-f]{{1,16}})((?:{_CHUNK_EXT})*+)")
+# The usual line has no extension: matched in the receive buffer, no slice or decode.
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 _MAX_CHUNK_LINE = 4096  # one chunk-size line, extensions included
 _MAX_CHUNK_EXT_TOTAL = 16384  # all chunk extensions of one request (they cost parse time)
@@ -90,7 +101,29 @@ _MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
 
 # Fields the parser itself interprets.
 _SPECIAL = frozenset(("host", "content-length", "transfer-encoding", "connection", "expect"))
-_FORBIDDEN_TRAILERS = frozenset(("content-length", "transfer-encoding", "host"))
+# Fields a sender must not put in a trailer section because they are evaluated before the
+# content (RFC 9110 6.5.1: framing, routing, authentication, request modifiers, response
+# controls, content format), plus connection control and rtserve's own deadline fields.
+# Trailers are never merged into the headers (they are discarded); one of these in them
+# is refused with 400, as a client probing for a recipient that would merge it.
+_FORBIDDEN_TRAILERS = frozenset((
+    # framing (RFC 9112 6, RFC 9110 6.6.2)
+    "content-length", "transfer-encoding", "trailer",
+    # connection control (RFC 9110 7.6.1, 7.8, 10.1.4)
+    "connection", "keep-alive", "proxy-connection", "te", "upgrade",
+    # routing (RFC 9110 7.2, 7.6.2; RFC 7239 and its X- forerunners, see proxy.py)
+    "host", "max-forwards", "forwarded", "x-forwarded-for", "x-forwarded-host",
+    "x-forwarded-proto",
+    # authentication and state (RFC 9110 11.6, 11.7; RFC 6265)
+    "authorization", "proxy-authorization", "cookie",
+    # request modifiers (RFC 9110 10.1.1, 13.1, 14.2; RFC 9111 5.2, 5.4)
+    "expect", "range", "if-match", "if-none-match", "if-modified-since",
+    "if-unmodified-since", "if-range", "cache-control", "pragma",
+    # content format (RFC 9110 8.3, 8.4, 14.4)
+    "content-type", "content-encoding", "content-range",
+    # the client deadline, read from the head before dispatch (docs/deadlines.md)
+    "x-request-deadline-ms", "grpc-timeout", "x-envoy-expected-rq-timeout-ms",
+))
 
 # parser states
 _HEAD, _BODY_CL, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _DEAD = range(7)
@@ -267,17 +300,29 @@ class RequestParser:
             path, query = _other_target_form(method, target)
         if method == "CONNECT":
             raise NotImplementedFraming("CONNECT not implemented")
+        raw_path = path
+        if "%" in path:  # decode only then: the common path costs one `in`
+            # UTF-8, invalid sequences replaced (U+FFFD); half the cost of unquote().
+            path = unquote_to_bytes(path).decode("utf-8", "replace")
 
         http11 = version == "HTTP/1.1"
+        if not http11 and version != "HTTP/1.0":
+            # HTTP/1.2 and up: processed as the highest 1.x we implement (RFC 9110 6.2).
+            version = "HTTP/1.1"
+            http11 = True
         if host is None:
             if http11:
                 raise BadRequest("missing Host")
         elif host not in _VALID_HOSTS:
-            if _HOST_RE.fullmatch(host) is None:
-                raise BadRequest("invalid Host")
-            if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
-                _VALID_HOSTS.clear()
-            _VALID_HOSTS.add(host)
+            if _host_named(host, "Host"):
+                if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
+                    _VALID_HOSTS.clear()
+                _VALID_HOSTS.add(host)
+            elif target[0] == "/" or target == "*":
+                # The target URI takes its authority from Host; an http(s) URI with an
+                # empty host is invalid (RFC 9110 4.2.1, RFC 9112 3.3). In absolute-form
+                # the target's own authority is used instead (RFC 9112 3.2.2).
+                raise BadRequest("Host names no host")
 
         if conn is None:
             keep_alive = http11
@@ -325,6 +370,7 @@ class RequestParser:
             chunked,
             keep_alive,
             expect_continue,
+            raw_path,
         )
         if chunked:
             self.pending = request
@@ -489,17 +535,19 @@ class RequestParser:
             return False
         if i > _MAX_CHUNK_LINE:
             raise BadRequest("chunk-size line too long")
-        m = _CHUNK_LINE_RE.fullmatch(buf[:i].decode("latin-1"))
-        if m is None:
-            raise BadRequest("invalid chunk-size line")
-        size_hex, ext = m.groups()
-        if ext:
+        if _CHUNK_SIZE_RE.fullmatch(buf, 0, i) is not None:  # no extension: the common line
+            size = int(buf[:i], 16)
+        else:
+            m = _CHUNK_LINE_RE.fullmatch(buf[:i].decode("latin-1"))
+            if m is None:
+                raise BadRequest("invalid chunk-size line")
+            size_hex, ext = m.groups()
             self._ext_total += len(ext)
             if self._ext_total > _MAX_CHUNK_EXT_TOTAL:
                 raise BadRequest("chunk extensions too long")
+            size = int(size_hex, 16)
         del buf[: i + 2]
         self._seen = 0
-        size = int(size_hex, 16)
         if size == 0:
             self._state = _TRAILERS
             self._checked = 0
@@ -568,7 +616,7 @@ def _check_request_line(line: str) -> None:
     m = _REQUEST_LINE_RE.fullmatch(line)
     if m is None:
         raise BadRequest("invalid request line")
-    if (m[3], m[4]) not in (("1", "0"), ("1", "1")):
+    if m[3] != "1":  # another major version (2, 3, 0.9 spelled out): RFC 9110 6.2, 15.6.6
         raise VersionNotSupported("HTTP version not supported")
 
 
@@ -609,21 +657,53 @@ def _other_target_form(method: str, target: str) -> tuple[str, str]:
     m = _ABSOLUTE_RE.fullmatch(target)
     if m is None:
         raise BadRequest("invalid request-target")
-    return m[1] or "/", m[2] or ""
+    if not _host_named(m[1], "request-target authority"):
+        raise BadRequest("absolute-form without a host")  # RFC 9110 4.2.1
+    return m[2] or "/", m[3] or ""
+
+
+def _host_named(value: str, what: str) -> bool:
+    """Check a Host value (or an absolute-form authority) against `host [ ":" port ]`.
+
+    True if it names a host, False if the host part is empty (`""`, `":80"`: valid syntax,
+    meaning "no authority"); raises BadRequest for anything else: userinfo, bad
+    percent-encoding, characters outside reg-name, a port that is not digits, or an
+    IP-literal that is neither an IPv6 address (no zone id) nor an IPvFuture.
+    """
+    m = _HOST_RE.fullmatch(value)
+    if m is None:
+        raise BadRequest("invalid " + what)
+    literal = m[1]
+    if literal is None:
+        return bool(m[2])
+    if _IPVFUTURE_RE.fullmatch(literal) is None:
+        if "%" in literal:  # RFC 6874 zone ids are not part of RFC 3986's IP-literal
+            raise BadRequest("invalid " + what)
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            raise BadRequest("invalid " + what) from None
+    return True
 
 
 def _reject_transfer_encoding(te: str) -> None:
     """Classify a Transfer-Encoding other than exactly `chunked`; always raises.
 
-    Malformed lists and misplaced/duplicated `chunked` are 400 (framing unknowable);
-    well-formed codings we do not implement are 501 (RFC 9112 6.1).
+    - not a token list: 400;
+    - the final coding is not `chunked` (`gzip`, `identity`, `xchunked`, `chunked, gzip`):
+      the body length cannot be determined, 400 and close (RFC 9112 6.3 item 4, a MUST);
+    - `chunked` more than once: 400 (RFC 9112 6.1, a sender must not);
+    - `chunked` last after codings we do not implement (`gzip, chunked`): the framing is
+      known but the content cannot be decoded, 501 (RFC 9112 6.1, a SHOULD).
     """
     codings = [c.strip(" \t").lower() for c in te.split(",")]
     for coding in codings:
         if _CONTENT_TOKEN_RE.fullmatch(coding) is None:
             raise BadRequest("invalid Transfer-Encoding")
-    if "chunked" in codings and (codings.count("chunked") > 1 or codings[-1] != "chunked"):
-        raise BadRequest("chunked must be the final coding, once")
+    if codings[-1] != "chunked":
+        raise BadRequest("chunked is not the final transfer coding")
+    if codings.count("chunked") > 1:
+        raise BadRequest("chunked applied more than once")
     raise NotImplementedFraming("unsupported transfer coding")
 
 

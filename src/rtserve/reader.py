@@ -67,7 +67,7 @@ class Reader:
         self._health = limits.health
         self._health_paths = answers.health_paths
         self._max_requests = limits.max_requests
-        self.requests_seen = 0  # complete requests parsed (max_requests counts these)
+        self.requests_seen = 0  # routed requests (max_requests counts these)
         self.writer: Any = None  # writer.Writer, wired by the server (the two call each other)
 
     # ---- a new connection -----------------------------------------------------------------
@@ -202,12 +202,12 @@ class Reader:
         req.client = conn.addr
         req.start_ns = conn.req_start or now
         conn.req_start = now if conn.parser.buffered else 0  # a pipelined request began
-        self.requests_seen += 1
-        if self.requests_seen == self._max_requests:
-            self._life.recycle(now)  # the supervisor starts a fresh process
         if self._health and req.path in self._health_paths and req.method in _HEALTH_METHODS:
             self.writer.respond(conn, self._answers.health(req), now)
             return
+        self.requests_seen += 1  # health checks are not counted: they would recycle idlers
+        if self.requests_seen == self._max_requests:
+            self._life.recycle(now)  # drain (honouring drain_seconds); a supervisor replaces us
         target = self._resolve(req)
         if isinstance(target, Response):
             self.writer.respond(conn, self._answers.response(req, target), now)

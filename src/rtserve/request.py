@@ -64,12 +64,19 @@ class Request:
 
     Filled by the parser (method .. body), stamped by the conductor (client, start_ns,
     deadline_ns). `deadline` and `remaining()` let a handler cut its own work short.
+
+    `path` is the percent-decoded path (UTF-8, invalid sequences replaced by U+FFFD) that
+    the native App routes on; `raw_path` is the path exactly as sent, and is the same str
+    object as `path` when the target has no `%`, so "was anything decoded" is one `is`.
+    An encoded slash `%2F` decodes to `/` in `path`; only `raw_path` tells it from a
+    separator (the App does: see docs/parser.md, "Paths").
     """
 
     __slots__ = (
         "method",
         "target",
         "path",
+        "raw_path",
         "query_string",
         "version",
         "raw_headers",
@@ -102,10 +109,12 @@ class Request:
         chunked: bool = False,
         keep_alive: bool = True,
         expect_continue: bool = False,
+        raw_path: str | None = None,
     ) -> None:
         self.method = method
         self.target = target
         self.path = path
+        self.raw_path = path if raw_path is None else raw_path
         self.query_string = query_string
         self.version = version
         self.raw_headers = raw_headers

@@ -31,14 +31,21 @@ A write that fails with EPIPE tells the child its supervisor is gone: it drains.
 
 Signals: SIGTERM/SIGINT drain every child (each reports /readyz 503 for
 `--drain-seconds`, then stops accepting and finishes in-flight requests) and exit 0 once
-all have exited; a second SIGINT or SIGQUIT: children quit at once. SIGHUP: rolling
-restart, one slot at a time: start the new child on the slot's listener, wait until it
-beats (it is accepting), then SIGTERM the old one. The port never lacks a listener.
+all have exited; a second SIGINT or SIGQUIT: children quit at once. SIGHUP: re-read the
+config file (`--config`), then a rolling restart with the settings that gives, one slot at
+a time: start the new child on the slot's listener, wait until it beats (it is
+accepting), then SIGTERM the old one. The port never lacks a listener. A config file that
+no longer parses leaves everything as it was (logged).
+
+Recycling (`--max-requests`): a child's conductor counts the requests it routes (health
+endpoints excluded) and then drains as a SIGTERM would, `--drain-seconds` included
+(lifecycle.py), while its "draining" heartbeat has the supervisor start the replacement.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import selectors
@@ -50,7 +57,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SETTINGS, Config
+from .config import SETTINGS, Config, ConfigError
 
 log = logging.getLogger("rtserve.error")
 
@@ -155,15 +162,21 @@ def reuseport_available() -> bool:
     return hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
 
 
+# Settings the supervisor itself applies once: they shape the listeners and the slots.
+RESTART_ONLY = ("bind", "backlog", "reuse_port", "share_listener", "processes")
+
+
 def child_args(app_spec: str, cfg: Config) -> list[str]:
     """The command line of a child: every setting that differs from its default, as a flag.
 
-    Children get RTSERVE_* settings removed from their environment, so these flags are the
-    whole configuration and a child's Config equals the supervisor's (processes aside).
+    Children get RTSERVE_* settings removed from their environment and no --config, so
+    these flags are the whole configuration and a child's Config equals the supervisor's
+    (processes and config aside). A list that is not a repeatable flag goes as JSON, so
+    items with commas survive.
     """
     args = [sys.executable, "-m", "rtserve", app_spec]
     for s in SETTINGS:
-        if s.name == "processes":
+        if s.name in ("processes", "config"):
             continue
         value = getattr(cfg, s.name)
         if value == s.cast(s.default):
@@ -172,17 +185,41 @@ def child_args(app_spec: str, cfg: Config) -> list[str]:
             args.extend(f"{s.flag}={item}" for item in value)
         elif s.type.__name__ == "_as_bool":
             args.append(s.flag if value else "--no-" + s.flag[2:])
+        elif isinstance(value, list):
+            args.append(f"{s.flag}={json.dumps(value)}")
         else:
             args.append(f"{s.flag}={value}")
     return args
 
 
+def reload_config(cfg: Config, overrides: dict[str, Any]) -> tuple[Config, list[str]]:
+    """The settings a SIGHUP gives: flags (`overrides`) and environment as at start, the
+    config file as it is now. Returns the new Config and one line per change; a change to
+    a RESTART_ONLY setting is reported and not applied. ConfigError if the file is bad."""
+    new = Config(**overrides)
+    keep = {name: getattr(cfg, name) for name in RESTART_ONLY}
+    notes = []
+    for s in SETTINGS:
+        old_value, new_value = getattr(cfg, s.name), getattr(new, s.name)
+        if old_value == new_value:
+            continue
+        if s.name in keep:
+            notes.append(f"{s.name} changed to {new_value!r}: needs a restart, "
+                         f"keeping {old_value!r}")
+        else:
+            notes.append(f"{s.name}: {old_value!r} -> {new_value!r}")
+    return new.replace(**keep), notes
+
+
 class Supervisor:
     """Starts `procs` children of `app_spec` and keeps them running until told to stop."""
 
-    def __init__(self, app_spec: str, cfg: Config, procs: int) -> None:
+    def __init__(
+        self, app_spec: str, cfg: Config, procs: int, overrides: dict[str, Any] | None = None
+    ) -> None:
         self.app_spec = app_spec
         self.cfg = cfg
+        self.overrides = dict(overrides or {})  # the command-line flags, re-applied on SIGHUP
         self.procs = procs
         self.argv = child_args(app_spec, cfg)
         setting_envs = {s.env for s in SETTINGS}
@@ -412,6 +449,15 @@ class Supervisor:
     def start_reload(self) -> None:
         if self.stopping:
             return
+        try:
+            cfg, notes = reload_config(self.cfg, self.overrides)
+        except ConfigError as exc:
+            log.error("SIGHUP: %s: settings and processes left as they were", exc)
+            return
+        for note in notes:
+            log.info("SIGHUP: %s", note)
+        self.cfg = cfg  # heartbeat_timeout, drain_seconds, graceful_timeout apply here now
+        self.argv = child_args(self.app_spec, cfg)  # and every setting to the new children
         slots = [s.index for s in self.slots]
         if self.reload is None:
             self.reload = Reload(queue=slots)
@@ -565,6 +611,10 @@ class Supervisor:
         return self.exit_code
 
 
-def run_supervisor(app_spec: str, cfg: Config, procs: int) -> int:
-    """`rtserve APP --processes N` (N > 1): the supervisor's main; returns the exit code."""
-    return Supervisor(app_spec, cfg, procs).run()
+def run_supervisor(
+    app_spec: str, cfg: Config, procs: int, overrides: dict[str, Any] | None = None
+) -> int:
+    """`rtserve APP --processes N` (N > 1): the supervisor's main; returns the exit code.
+
+    `overrides` are the command-line settings: on SIGHUP they still win over the file."""
+    return Supervisor(app_spec, cfg, procs, overrides).run()

@@ -315,8 +315,8 @@ def parse_route_deadlines(entries: Iterable[str]) -> dict[str, float]:
 def parse_fallbacks(entries: Iterable[str]) -> dict[str, Response]:
     """`['/score=200:{"decision":"review"}']` -> {"/score": Response}. A body that parses
     as JSON is sent as application/json, anything else as text/plain."""
-    # An env var value is split on commas; a prefix always starts with '/', so a piece
-    # that does not is the rest of the previous entry's body (JSON has commas).
+    # An env var value that is not a JSON list is split on commas; a prefix always starts
+    # with '/', so a piece that does not is the rest of the previous entry's body.
     joined: list[str] = []
     for entry in entries:
         if joined and not entry.lstrip().startswith("/"):
@@ -416,7 +416,7 @@ class WSGIApp:
         prefixes = self._prefixes
         if not prefixes:
             return self.default_route
-        path = request.path
+        path = request.raw_path  # request.path is decoded as UTF-8 text; PEP 3333 wants bytes
         if "%" in path:
             path = _as_path_info(path)
         for prefix, route in prefixes:
@@ -458,8 +458,8 @@ class WSGIApp:
             env["CONTENT_LENGTH"] = str(len(request.body))  # de-chunked by the server
         if request.chunked:
             env.pop("HTTP_TRANSFER_ENCODING", None)  # the app sees the de-chunked body
-        env["REQUEST_METHOD"] = request.method
-        path = request.path
+        env["REQUEST_METHOD"] = request.method  # any token, case kept (RFC 9110 9.1)
+        path = request.raw_path  # decoded once here, as PEP 3333 says (never twice)
         if "%" in path:
             path = unquote_to_bytes(path).decode("latin-1")
         root = self.root_path

@@ -9,8 +9,13 @@ Expectation (<name>.expect), `key: value` lines, `#` comments:
   invalid: status (what the server answers), close (always yes), why, limits (optional
            `name=value` parser/server settings, e.g. `max_request_line=64`).
   valid:   statuses (one per pipelined request, as answered by the test app), requests
-           (count, default 1), method/path/query/body (first request, escapes allowed),
-           keep_alive (yes/no), echo (body the /echo route must send back), close, limits.
+           (count, default 1), method/path/raw_path/query/version/body (first request as
+           parsed, escapes allowed), headers (its header names in order, space-separated),
+           keep_alive (yes/no), echo (body of the first response: /echo sends the request
+           body back, /names the header names), header_<name> (a field of the first
+           response, e.g. header_allow), close, limits.
+  both:    rfc (the section the case checks; every case written since the corpus began
+           names one), why.
 """
 
 from __future__ import annotations

@@ -61,9 +61,17 @@ def test_parser_accepts(case: Case, bytewise: bool) -> None:
     requests = parse(case.raw, case.limits, bytewise)
     assert len(requests) == int(case.expect.get("requests", "1"))
     first = requests[0]
-    for key, attr in (("method", "method"), ("path", "path"), ("query", "query_string")):
+    for key, attr in (
+        ("method", "method"),
+        ("path", "path"),
+        ("raw_path", "raw_path"),
+        ("query", "query_string"),
+        ("version", "version"),
+    ):
         if key in case.expect:
-            assert getattr(first, attr) == case.expect[key]
+            assert getattr(first, attr) == case.expect[key], key
+    if "headers" in case.expect:  # trailers in particular must never show up here
+        assert [name for name, _ in first.raw_headers] == case.expect["headers"].split()
     if "body" in case.expect:
         assert first.body == case.text("body")
     if "keep_alive" in case.expect:
@@ -83,6 +91,15 @@ def make_app() -> App:
     @app.post("/echo")
     def echo(request: Request) -> Response:
         return Response(request.body, content_type="application/octet-stream")
+
+    @app.route("/names", ("GET", "POST"))
+    def names(request: Request) -> Response:
+        """The header names the handler sees, in order (trailers must not be among them)."""
+        return Response.text(" ".join(name for name, _ in request.headers.raw()))
+
+    @app.get("/a/b")
+    def a_b(request: Request) -> Response:
+        return Response.text("a/b")
 
     return app
 
@@ -139,23 +156,53 @@ def test_server_rejects_and_closes(case: Case, servers: Any) -> None:
     assert_fresh_client_served(addr)
 
 
+class StatusLines:
+    """A response file that remembers the status line of each response read through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.lines: list[bytes] = []
+        self._next_is_status = False
+
+    def expect_status(self) -> None:
+        self._next_is_status = True
+
+    def readline(self) -> bytes:
+        line = self.f.readline()
+        if self._next_is_status:
+            self.lines.append(line)
+            self._next_is_status = False
+        return line
+
+    def read(self, n: int = -1) -> bytes:
+        return self.f.read(n)
+
+
 @pytest.mark.parametrize("case", VALID, ids=str)
 def test_server_serves_valid(case: Case, servers: Any) -> None:
     addr = servers(case.limits)
     with connect(addr) as sock:
         sock.sendall(case.raw)
         f = sock.makefile("rb")
-        statuses, bodies = [], []
+        lines = StatusLines(f)
+        statuses, bodies, heads = [], [], []
         while len(statuses) < len(case.statuses):
-            status, _headers, body = read_response_file(f)
+            lines.expect_status()
+            status, headers, body = read_response_file(lines)
             if 100 <= status < 200:
                 continue  # an interim 100 Continue may precede the answer
             statuses.append(status)
             bodies.append(body)
+            heads.append(headers)
         assert statuses == case.statuses
+        # Whatever 1.x minor version the request had, the answer is HTTP/1.1 (RFC 9110 6.2).
+        assert all(line.startswith(b"HTTP/1.1 ") for line in lines.lines), lines.lines
         echo = case.text("echo")
         if echo is not None:
             assert bodies[0] == echo
+        for key, value in case.expect.items():
+            if key.startswith("header_"):
+                assert heads[0].get(key[len("header_"):]) == value, key
         if case.expect.get("close") == "yes":
             assert f.read() == b""  # the server closed after the last response
         else:  # still open: the same connection serves another request
