@@ -15,7 +15,7 @@ from examples.fraud.transaction import from_mapping
 
 from tests.fraud_support import tx_body
 
-SETTINGS = Settings(deadline_ms=20, reserve_ms=2, min_fetch_ms=0.3)
+SETTINGS = Settings(deadline_ms=20, reserve_ms=2, min_fetch_ms=0.3, fetch_timeout_ms=5)
 
 
 class Clock:
@@ -70,9 +70,14 @@ def test_with_time_to_spare_the_model_decides(model: Model) -> None:
     out, store = decide(model, 0.019)
     assert out.path == "model" and out.decision in ("approve", "review", "decline")
     assert 0.0 <= out.score <= 1.0
-    # The fetch may use what the model and the reserve leave.
-    assert store.timeouts == [pytest.approx(0.019 - 0.002 - 0.001)]
+    assert store.timeouts == [pytest.approx(0.005)]  # fetch_timeout_ms
     assert store.outcomes == [out.decision == "decline"]
+
+
+def test_the_fetch_timeout_shrinks_to_the_time_left(model: Model) -> None:
+    _, store = decide(model, 0.007)
+    # What the model (1 ms) and the reserve (2 ms) leave, under the 5 ms cap.
+    assert store.timeouts == [pytest.approx(0.007 - 0.002 - 0.001)]
 
 
 def test_too_little_time_skips_the_store_and_the_rules_decide(model: Model) -> None:
@@ -94,7 +99,7 @@ def test_a_store_error_is_not_a_failed_request(model: Model) -> None:
 
 
 def test_a_slow_fetch_leaves_no_room_for_the_model(model: Model) -> None:
-    out, store = decide(model, 0.019, spend=0.0165)  # 2.5 ms left: reserve + 0.5 ms
+    out, store = decide(model, 0.0075, spend=0.005)  # 2.5 ms left: reserve + 0.5 ms
     assert out.path == "rules" and out.reasons[0] == "no_time_for_model"
     assert store.outcomes == [out.decision == "decline"]
 
