@@ -15,6 +15,7 @@ Each decision carries `X-Fraud-Path` (model, rules) and `Server-Timing` (ms): `w
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 
 from examples import hello
@@ -47,8 +48,9 @@ def create_app(store: FeatureStore | None = None, model: Model | None = None,
     env = os.environ if env is None else env
     settings = settings or Settings.from_env(env)
     stall = stall or StallSwitch.from_env(env)
-    service = FraudService(StallingStore(store or store_from_env(env), stall),
-                           model or Model(), settings)
+    if store is None:
+        store = store_from_env(env)
+    service = FraudService(StallingStore(store, stall), model or Model(), settings)
     app = App()
     app.service = service  # type: ignore[attr-defined]  # for tests and tools
     app.stall = stall  # type: ignore[attr-defined]
@@ -65,7 +67,7 @@ def create_app(store: FeatureStore | None = None, model: Model | None = None,
         out = service.decide(tx, request.remaining)
         resp = Response.json(out.body())
         wait_ms = (request.t_start - request.start_ns) / 1e6
-        handler_ms = (_now_ns() - request.start_ns) / 1e6
+        handler_ms = (time.monotonic_ns() - request.start_ns) / 1e6
         resp.headers.append(("X-Fraud-Path", out.path))
         resp.headers.append(("Server-Timing", f"wait;dur={wait_ms:.3f}, features;dur="
                              f"{out.features_s * 1e3:.3f}, model;dur={out.model_s * 1e3:.3f}, "
@@ -96,8 +98,3 @@ def create_app(store: FeatureStore | None = None, model: Model | None = None,
 
     return app
 
-
-def _now_ns() -> int:
-    import time
-
-    return time.monotonic_ns()
