@@ -66,18 +66,17 @@ class RedisStore:
                 pending.append(self._pending.popleft())
             except IndexError:  # another thread took the last one
                 break
-        buckets = merchant_buckets(ts)
-        cmds = [
-            *pending,
+        card = [  # the first reply is the history: (ts - 24 h, ts]
             ["ZRANGEBYSCORE", key, f"({ts - HISTORY_S!r}", repr(ts)],
             ["ZADD", key, repr(ts), member],
             ["ZREMRANGEBYSCORE", key, "-inf", repr(ts - HISTORY_S)],
             ["ZREMRANGEBYRANK", key, 0, -(MAX_EVENTS_PER_CARD + 1)],
             ["EXPIRE", key, CARD_TTL_S],
-            *(["HMGET", self._mkey(tx.merchant_id, b), "n", "d"] for b in buckets),
         ]
+        merchant = [["HMGET", self._mkey(tx.merchant_id, b), "n", "d"]
+                    for b in merchant_buckets(ts)]
         try:
-            replies = self.client.execute(cmds, timeout)
+            replies = self.client.execute([*pending, *card, *merchant], timeout)
         except RedisTimeout as exc:
             raise StoreTimeout(str(exc)) from None
         except RedisError as exc:
@@ -88,7 +87,7 @@ class RedisStore:
                 raise StoreError(f"redis refused a command: {r}")
         history = [_event(m) for m in replies[0]]
         n = d = 0
-        for counts in replies[5:]:
+        for counts in replies[len(card):]:
             n += int(counts[0] or 0)
             d += int(counts[1] or 0)
         return compute(tx, history, MerchantStats(n, d))

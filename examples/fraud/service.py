@@ -115,7 +115,7 @@ class FraudService:
             out = Outcome(v.decision, v.score, [why, *v.reasons[1:]], "rules", t1 - t0)
         elif remaining() - self._reserve > self.model.latency.value:
             p = self.model.score(features)
-            out = Outcome(self.model.decision(p), round(p, 4),
+            out = Outcome(self.model.decision(p), round(p, 6),
                           [r for r, _ in rules.reasons(features)], "model", t1 - t0,
                           _perf() - t1)
         else:
