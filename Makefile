@@ -1,10 +1,15 @@
-# rtserve: `make serve` runs the demo, `make test` runs the whole suite.
+# rtserve: `make serve` runs the demo (the fraud-scoring reference service), `make test`
+# runs the whole suite, `make load` drives the demo with stalls on (RATE=500 DURATION=10).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint venv clean bench bench-quick callgrind
+RATE ?= 500
+DURATION ?= 10
+FRAUD_STAMP := $(VENV)/.installed-fraud
+
+.PHONY: serve load fraud-bench test lint venv clean bench bench-quick callgrind
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +21,24 @@ $(STAMP): pyproject.toml | $(PY)
 
 venv: $(STAMP)
 
-serve: | $(PY)
-	$(PY) -m pip install -q -e .
-	$(VENV)/bin/rtserve examples.hello:app --bind 127.0.0.1:8080
+$(FRAUD_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[fraud]'
+	touch $(FRAUD_STAMP)
+
+# The fraud-scoring reference service (examples/fraud) with the in-process feature store;
+# it also answers the first demo's /hello, /slow and /echo; the live page is /dashboard.
+serve: $(FRAUD_STAMP)
+	$(VENV)/bin/rtserve examples.fraud:app --bind 127.0.0.1:8080 --dashboard
+
+# Open-loop load on 127.0.0.1:8080 (started for the run if `make serve` is not running),
+# 1% of feature fetches stalling 200 ms; a line per second.
+load: $(FRAUD_STAMP)
+	$(PY) bench/fraud_load.py --port 8080 --rate $(RATE) --duration $(DURATION)
+
+# rtserve (1 and 2 processes) against FastAPI on uvicorn, open loop at 1x and 2x capacity.
+fraud-bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/fraud_bench.py
 
 test: $(STAMP)
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)

@@ -16,6 +16,12 @@ Prints one JSON object on stdout. Run pinned to the load-generator CPU:
 
     taskset -c 1 python bench/openloop.py --port 8080 --rate 900 --duration 10 \\
         --path /score --body-file tx.json
+
+``--body-lines FILE`` sends one body per line of FILE instead, in turn (a stream of
+different transactions); ``--capture NAME`` keeps that response header of each request,
+and ``--records FILE`` writes every counted request (intended time, latency, status,
+fallback, captured headers) as JSON lines. ``run(progress=...)`` reports the records
+completed since its last call about once a second (bench/fraud_load.py prints them).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import select
 import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 _NS = 1_000_000_000
@@ -54,6 +61,7 @@ class Record:
     latency_ns: int  # -1 when not answered
     status: int  # 0 when not answered (error or timeout)
     fallback: bool
+    captured: dict[str, str] | None = None  # the --capture headers of the response
 
 
 def _parse_response(buf: bytearray) -> tuple[int, int, bool, bool] | None:
@@ -63,6 +71,13 @@ def _parse_response(buf: bytearray) -> tuple[int, int, bool, bool] | None:
     the response is not complete yet. Only Content-Length bodies are supported (every
     benchmarked server sends one for these endpoints).
     """
+    parsed = _parse(buf, ())
+    return None if parsed is None else parsed[:4]
+
+
+def _parse(buf: bytearray, capture: Sequence[str]
+           ) -> tuple[int, int, bool, bool, dict[str, str] | None] | None:
+    """_parse_response, plus the values of the (lower-case) ``capture`` headers."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -72,9 +87,12 @@ def _parse_response(buf: bytearray) -> tuple[int, int, bool, bool] | None:
     length = 0
     fallback = False
     close = False
+    captured: dict[str, str] | None = {} if capture else None
     for line in lines[1:]:
         name, _, value = line.partition(":")
         lname = name.strip().lower()
+        if captured is not None and lname in capture:
+            captured[lname] = value.strip()
         if lname == "content-length":
             length = int(value.strip())
         elif lname == "x-rtserve-fallback":
@@ -84,22 +102,34 @@ def _parse_response(buf: bytearray) -> tuple[int, int, bool, bool] | None:
     total = end + 4 + length
     if len(buf) < total:
         return None
-    return total, status, fallback, close
+    return total, status, fallback, close, captured
 
 
-def run(host: str, port: int, rate: float, duration: float, warmup: float, path: str,
-        body: bytes, max_conns: int, init_conns: int, grace: float,
-        deadline_ms: float) -> dict:
-    """Drive the server at ``rate`` requests/s for ``warmup + duration`` seconds.
-
-    Requests intended during the warm-up are sent but not counted.
-    """
+def _request(host: str, port: int, path: str, body: bytes) -> bytes:
     method = "POST" if body else "GET"
     head = (f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             "User-Agent: rtserve-openloop\r\n")
     if body:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-    request = head.encode() + b"\r\n" + body
+    return head.encode() + b"\r\n" + body
+
+
+def run(host: str, port: int, rate: float, duration: float, warmup: float, path: str,
+        body: bytes, max_conns: int, init_conns: int, grace: float,
+        deadline_ms: float, *, bodies: Sequence[bytes] = (), capture: Sequence[str] = (),
+        progress: Callable[[list[Record]], None] | None = None,
+        keep: list[Record] | None = None) -> dict:
+    """Drive the server at ``rate`` requests/s for ``warmup + duration`` seconds.
+
+    Requests intended during the warm-up are sent but not counted. ``bodies``, when
+    given, are sent in turn instead of ``body``; ``capture`` names response headers to
+    keep in each Record; ``progress`` gets the records completed since its previous call,
+    about once a second; ``keep`` receives the counted records.
+    """
+    requests = [_request(host, port, path, b) for b in bodies] or \
+        [_request(host, port, path, body)]
+    capture = tuple(h.lower() for h in capture)
+    sent = 0  # requests sent: the next body is requests[sent % len(requests)]
 
     ep = select.epoll()
     conns: dict[int, Conn] = {}
@@ -143,9 +173,11 @@ def run(host: str, port: int, rate: float, duration: float, warmup: float, path:
         c.sock.close()
 
     def send_on(c: Conn, intended: int) -> None:
-        nonlocal inflight
+        nonlocal inflight, sent
         c.intended_ns = intended
         inflight += 1
+        request = requests[sent % len(requests)]
+        sent += 1
         try:
             n = c.sock.send(request)
         except (BlockingIOError, InterruptedError):
@@ -167,9 +199,15 @@ def run(host: str, port: int, rate: float, duration: float, warmup: float, path:
     interval = _NS / rate
     k = 0
     next_due = t_start
+    reported = 0  # records handed to progress so far
+    next_report = t_start + _NS
 
     while True:
         now = time.monotonic_ns()
+        if progress is not None and now >= next_report:
+            progress(records[reported:])
+            reported = len(records)
+            next_report += _NS
         while next_due <= now and next_due < t_stop:
             waiting.append(next_due)
             k += 1
@@ -193,6 +231,8 @@ def run(host: str, port: int, rate: float, duration: float, warmup: float, path:
             wake = next_due
         else:
             wake = t_end
+        if progress is not None:
+            wake = min(wake, next_report)
         timeout = max(0.0, (wake - time.monotonic_ns()) / _NS)
         for fd, ev in ep.poll(timeout):
             c = conns.get(fd)
@@ -235,14 +275,15 @@ def run(host: str, port: int, rate: float, duration: float, warmup: float, path:
                     close_conn(c, True)
                     continue
                 c.buf += data
-                parsed = _parse_response(c.buf)
+                parsed = _parse(c.buf, capture)
                 if parsed is None:
                     continue
-                used, status, fallback, close = parsed
+                used, status, fallback, close, captured = parsed
                 del c.buf[:used]
                 t = time.monotonic_ns()
                 if c.intended_ns:
-                    records.append(Record(c.intended_ns, t - c.intended_ns, status, fallback))
+                    records.append(Record(c.intended_ns, t - c.intended_ns, status, fallback,
+                                          captured))
                     c.intended_ns = 0
                     inflight -= 1
                 if close:
@@ -262,8 +303,16 @@ def run(host: str, port: int, rate: float, duration: float, warmup: float, path:
     for intended in waiting:
         records.append(Record(intended, -1, 0, False))
     ep.close()
+    if progress is not None and reported < len(records):
+        progress(records[reported:])
 
     counted = [r for r in records if t_count <= r.intended_ns < t_stop]
+    # Real answers (2xx, not a fallback) that *completed* in the measured window, whatever
+    # their intended time: the throughput of a saturated server (a capacity probe).
+    done_real = sum(1 for r in records if r.status and 200 <= r.status < 300 and not r.fallback
+                    and t_count <= r.intended_ns + r.latency_ns < t_stop)
+    if keep is not None:
+        keep.extend(counted)
     offered = len(counted)
     deadline_ns = int(deadline_ms * 1e6)
     answered = [r for r in counted if r.status]
@@ -308,6 +357,7 @@ def run(host: str, port: int, rate: float, duration: float, warmup: float, path:
         # Goodput: real answers (2xx, not a fallback) within the deadline, per second.
         "goodput_rps": len(good) / duration,
         "within_2xx_rps": len(within) / duration,
+        "real_done_rps": done_real / duration,
     }
 
 
@@ -325,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-conns", type=int, default=64)
     p.add_argument("--grace", type=float, default=2.0, help="seconds to wait at the end")
     p.add_argument("--deadline-ms", type=float, default=50.0)
+    p.add_argument("--body-lines", default="", help="send these bodies in turn, one a line")
+    p.add_argument("--capture", action="append", default=[],
+                   help="response header to keep per request (repeatable)")
+    p.add_argument("--records", default="", help="write counted requests as JSON lines")
     a = p.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -332,8 +386,20 @@ def main(argv: list[str] | None = None) -> int:
     if a.body_file:
         with open(a.body_file, "rb") as f:
             body = f.read()
+    bodies: list[bytes] = []
+    if a.body_lines:
+        with open(a.body_lines, "rb") as f:
+            bodies = [line.rstrip(b"\n") for line in f if line.strip()]
+    kept: list[Record] = []
     res = run(a.host, a.port, a.rate, a.duration, a.warmup, a.path, body, a.max_conns,
-              a.init_conns, a.grace, a.deadline_ms)
+              a.init_conns, a.grace, a.deadline_ms, bodies=bodies, capture=a.capture,
+              keep=kept)
+    if a.records:
+        with open(a.records, "w") as f:
+            for r in kept:
+                f.write(json.dumps({"intended_ns": r.intended_ns, "latency_ns": r.latency_ns,
+                                    "status": r.status, "fallback": r.fallback,
+                                    "captured": r.captured}) + "\n")
     json.dump(res, sys.stdout)
     sys.stdout.write("\n")
     return 0

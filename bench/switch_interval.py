@@ -43,8 +43,8 @@ def child(interval_ms: float, burners: int) -> None:
     """Serve on an ephemeral port; print the port; run until stdin closes."""
     sys.path.insert(0, os.path.join(ROOT, "src"))
     from rtserve import App, Request, Response
-    from rtserve.server import Server
     from rtserve.config import Config
+    from rtserve.server import Server
 
     app = App()
     stop = threading.Event()

@@ -387,3 +387,24 @@ def test_a_stream_whose_head_went_out_before_respond_by_is_no_longer_bounded(
         assert status == 200 and "x-rtserve-fallback" not in headers
         assert body == b"first;second;"
         c.close()
+
+
+def test_handler_sees_when_the_conductor_stops_waiting() -> None:
+    """request.respond_by is the deadline less the margin: what a handler must beat."""
+    from rtserve import App, Response
+    from tests.helpers import Client, server_thread
+
+    app = App()
+
+    @app.get("/when", deadline_ms=500)
+    def when(request: Request) -> Response:
+        assert request.deadline is not None and request.respond_by is not None
+        return Response.json({"gap_ms": (request.deadline - request.respond_by) * 1000})
+
+    with server_thread(app, threads=1, deadline_margin_ms=2) as server:
+        c = Client(server.address)
+        status, _, body = c.request("GET", "/when")
+        c.close()
+    import json
+
+    assert status == 200 and json.loads(body)["gap_ms"] >= 2.0 - 1e-6

@@ -70,7 +70,7 @@ class Admission:
             budget = cb
         if budget:
             req.deadline_ns = start + budget
-            respond_by = self.respond_by(req.deadline_ns, budget)
+            respond_by = req.respond_by_ns = self.respond_by(req.deadline_ns, budget)
             if respond_by - now <= route.ewma_ns * route.doa_scale:
                 self._metrics.dead_on_arrival += 1
                 route.doa_scale *= DOA_DECAY  # a probe gets through now and then

@@ -88,6 +88,7 @@ class Request:
         "client",
         "start_ns",
         "deadline_ns",
+        "respond_by_ns",
         "route",
         "status",
         "t_queued",
@@ -126,6 +127,7 @@ class Request:
         self.client: tuple[str, int] | None = None
         self.start_ns = 0
         self.deadline_ns = 0  # 0 = no deadline
+        self.respond_by_ns = 0  # when the conductor sends the fallback instead (0 = none)
         self.route: Route | None = None  # set by the reader when routed
         self.status = 0  # the status sent (set when the response is built)
         self.t_queued = 0  # monotonic ns: handed to the queue / a worker
@@ -159,6 +161,13 @@ class Request:
     def deadline(self) -> float | None:
         """The respond-by time on the `time.monotonic()` clock, or None without a deadline."""
         return self.deadline_ns / 1e9 if self.deadline_ns else None
+
+    @property
+    def respond_by(self) -> float | None:
+        """When, on the `time.monotonic()` clock, the conductor stops waiting for this
+        handler and sends the fallback or 504: the deadline less the margin and the recent
+        timer lateness. An answer must be ready before this, not before `deadline`."""
+        return self.respond_by_ns / 1e9 if self.respond_by_ns else None
 
     def remaining(self) -> float:
         """Seconds left before the deadline (negative when late; inf without a deadline)."""

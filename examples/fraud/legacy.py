@@ -1,15 +1,10 @@
-"""Fraud scoring behind a payment gateway: every answer within 20 ms, or a safe fallback.
+"""The first demo's `POST /score`: a toy logistic model, kept for its clients and tests.
 
-    rtserve examples.fraud:app --bind 127.0.0.1:8080 --threads 8
     curl -s -X POST localhost:8080/score -H 'X-Request-Deadline-Ms: 15' \\
          -d '{"amount": 129.5, "country": "FR", "card_country": "US", "hour": 3}'
 
-`POST /score` has a 20 ms route deadline. If the model has not answered 1 ms before it
-(`--deadline-margin-ms`), the conductor sends the precomputed fallback
-`{"decision": "review"}` with `X-Rtserve-Fallback: deadline` (like a card network's
-stand-in processing), and the model's late answer is dropped. A caller may shorten the
-budget (`X-Request-Deadline-Ms`, `grpc-timeout`, `x-envoy-expected-rq-timeout-ms`), never
-lengthen it. `?stall_ms=N` makes the model stall, to watch the fallback happen.
+`?stall_ms=N` makes the model stall, to watch the route's fallback `{"decision":
+"review"}` go out at its 20 ms deadline. The reference service is `POST /authorize`.
 """
 
 from __future__ import annotations
@@ -17,9 +12,7 @@ from __future__ import annotations
 import math
 import time
 
-from rtserve import App, Request, Response
-
-app = App()
+from rtserve import Request, Response
 
 REVIEW = Response.json({"decision": "review"})
 
@@ -62,7 +55,6 @@ def score_tx(tx: dict, remaining_s: float) -> tuple[float, bool]:
     return 1.0 / (1.0 + math.exp(-z)), full
 
 
-@app.post("/score", deadline_ms=20, fallback=REVIEW)
 def score(request: Request) -> Response:
     try:
         tx = request.json()
@@ -76,8 +68,3 @@ def score(request: Request) -> Response:
     p, full = score_tx(tx, request.remaining())
     decision = "decline" if p > 0.9 else "review" if p > 0.5 else "approve"
     return Response.json({"decision": decision, "score": round(p, 4), "full_model": full})
-
-
-@app.get("/")
-def index(request: Request) -> Response:
-    return Response.text("POST /score with a JSON transaction; /metrics, /readyz, /livez\n")
