@@ -121,6 +121,7 @@ class Connection:
         "timer_at",
         "timer_kind",
         "heap_at",
+        "unsent",
     )
 
     def __init__(self, sock: socket.socket, addr: Any, parser: RequestParser) -> None:
@@ -142,6 +143,7 @@ class Connection:
         self.timer_at = 0  # ns; 0 = no timer (timers.py)
         self.timer_kind = T_NONE
         self.heap_at = 0  # time of this connection's live timer-heap entry (timers.py)
+        self.unsent = 0  # unacknowledged bytes in the send queue when T_WRITE was armed
 
     def _to(self, new: State) -> None:
         if self.state * 8 + new not in _ALLOWED:
