@@ -159,10 +159,12 @@ def child_args(app_spec: str, cfg: Config) -> list[str]:
 
     Children get RTSERVE_* settings removed from their environment, so these flags are the
     whole configuration and a child's Config equals the supervisor's (processes aside).
+    Secret settings (the keyfile password) go by environment instead (`child_env`): a
+    command line is readable by every user of the machine.
     """
     args = [sys.executable, "-m", "rtserve", app_spec]
     for s in SETTINGS:
-        if s.name == "processes":
+        if s.name == "processes" or s.secret:
             continue
         value = getattr(cfg, s.name)
         if value == s.cast(s.default):
@@ -176,6 +178,15 @@ def child_args(app_spec: str, cfg: Config) -> list[str]:
     return args
 
 
+def child_env(cfg: Config) -> dict[str, str]:
+    """The secret settings that differ from their default, as RTSERVE_* variables."""
+    return {
+        s.env: str(getattr(cfg, s.name))
+        for s in SETTINGS
+        if s.secret and getattr(cfg, s.name) != s.cast(s.default)
+    }
+
+
 class Supervisor:
     """Starts `procs` children of `app_spec` and keeps them running until told to stop."""
 
@@ -186,6 +197,7 @@ class Supervisor:
         self.argv = child_args(app_spec, cfg)
         setting_envs = {s.env for s in SETTINGS}
         self.env = {k: v for k, v in os.environ.items() if k not in setting_envs}
+        self.env.update(child_env(cfg))
         self.env[CHILD_ENV] = str(os.getpid())
         self.slots: list[Slot] = []
         self.children: list[Child] = []
