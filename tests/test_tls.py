@@ -657,6 +657,39 @@ def test_minimum_version_13_refuses_a_tls12_client(certs: Certs) -> None:
         assert requests.get(url(srv, "/hello"), verify=certs.ca, timeout=10).status_code == 200
 
 
+def test_tls12_client_with_a_cipher_list(certs: Certs) -> None:
+    settings = tls_settings(certs, ssl_ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
+    with server_thread(tls_app(), **settings) as srv:
+        ctx = client_context(certs)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        sock = tls_connect(srv.address, ctx)
+        assert sock.version() == "TLSv1.2"
+        assert json.loads(get_over(sock, "/tls")[2])["tls"]["cipher"] == (
+            "ECDHE-ECDSA-AES128-GCM-SHA256")
+        sock.close()
+        ctx.set_ciphers("ECDHE-ECDSA-CHACHA20-POLY1305")  # not in the server's list
+        with pytest.raises(ssl.SSLError):
+            tls_connect(srv.address, ctx)
+        wait_for(lambda: srv.metrics.tls_errors.get("cipher") == 1, what="the count")
+
+
+def test_a_client_that_rejects_our_certificate_is_counted_as_an_alert(certs: Certs) -> None:
+    with server_thread(tls_app(), **tls_settings(certs)) as srv:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            tls_connect(srv.address, client_context(certs, ca=certs.other_ca))
+        wait_for(lambda: srv.metrics.tls_errors.get("alert") == 1, what="the count")
+
+
+def test_a_client_offering_only_h2_gets_http11_without_alpn(certs: Certs) -> None:
+    with server_thread(tls_app(), **tls_settings(certs)) as srv:
+        ctx = client_context(certs)
+        ctx.set_alpn_protocols(["h2"])
+        sock = tls_connect(srv.address, ctx)
+        assert sock.selected_alpn_protocol() is None
+        assert get_over(sock, "/hello")[0] == 200
+        sock.close()
+
+
 # ---- reloading certificates --------------------------------------------------------------
 
 
