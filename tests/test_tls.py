@@ -125,12 +125,14 @@ def client_context(certs: Certs, cert: str | None = None, ca: str | None = None
 
 def tls_connect(addr: tuple[str, int], ctx: ssl.SSLContext, rcvbuf: int = 0,
                 timeout: float = 10.0) -> ssl.SSLSocket:
+    """A TLS client socket. Ragged EOFs are not suppressed: a server that closes without
+    close_notify makes a read raise SSLEOFError, so `recv() == b""` means a clean close."""
     raw = socket.socket()
     if rcvbuf:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
     raw.settimeout(timeout)
     raw.connect(addr)
-    return ctx.wrap_socket(raw, server_hostname="localhost")
+    return ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False)
 
 
 def url(srv: Any, path: str) -> str:
@@ -254,6 +256,39 @@ def test_pipelining_over_tls(certs: Certs, tls_server: Any) -> None:
     sock.close()
 
 
+def test_expect_100_continue_over_tls(certs: Certs, tls_server: Any) -> None:
+    sock = tls_connect(tls_server.address, client_context(certs))
+    sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                 b"Expect: 100-continue\r\n\r\n")
+    f = sock.makefile("rb")
+    assert f.readline() == b"HTTP/1.1 100 Continue\r\n" and f.readline() == b"\r\n"
+    sock.sendall(b"hello")
+    status, _, body = read_response_file(f)
+    assert (status, body) == (200, b"hello")
+    f.close()
+    sock.close()
+
+
+def test_drain_finishes_tls_requests_in_flight_and_closes_idle_ones_cleanly(
+        certs: Certs) -> None:
+    with server_thread(tls_app(), **tls_settings(certs)) as srv:
+        busy = tls_connect(srv.address, client_context(certs))
+        busy.sendall(b"GET /slow?seconds=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle = tls_connect(srv.address, client_context(certs))
+        assert get_over(idle, "/hello")[0] == 200
+        wait_for(lambda: srv.admission.busy == 1, what="the slow request to run")
+        srv.stop()
+        assert idle.recv(10) == b""  # close_notify (a ragged close would raise)
+        f = busy.makefile("rb")
+        status, headers, body = read_response_file(f)
+        assert (status, body, headers["connection"]) == (200, b"slow\n", "close")
+        assert f.read() == b""
+        f.close()
+        busy.close()
+        idle.close()
+        assert srv.stopped.wait(10)
+
+
 @pytest.mark.parametrize("path", [f"/big?size={BIG}", "/file"])
 def test_4_mib_to_a_slow_tls_reader_with_bounded_buffers(certs: Certs, tls_server: Any,
                                                          path: str) -> None:
@@ -279,6 +314,81 @@ def test_4_mib_to_a_slow_tls_reader_with_bounded_buffers(certs: Certs, tls_serve
     assert body == PATTERN * (BIG // 256)
     assert 0 < most <= CHUNK  # the socket was full at times; the unsent tail stayed small
     assert tls_server.metrics.timeouts.get("write", 0) == 0
+
+
+def test_close_notify_that_finds_the_send_buffer_full_waits_for_room(certs: Certs) -> None:
+    """A response that just fits the socket buffers of a client that is not reading leaves
+    no room for the close_notify after it: the server waits for EPOLLOUT (tls_want
+    CLOSE_NOTIFY) instead of closing without it. The test finds such a response size with
+    tiny buffers (server SO_SNDBUF 4 KiB, client SO_RCVBUF 1 KiB): the largest body that
+    still goes out whole, then sizes just below it. Then the client reads: the whole body,
+    then a clean TLS close (a ragged one would raise)."""
+    from rtserve.connection import T_LINGER
+    from rtserve.tlsio import CLOSE_NOTIFY
+
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(64)
+    with server_thread(tls_app(), sock=lst, **tls_settings(certs)) as srv:
+        ctx = client_context(certs)
+
+        def probe(size: int) -> tuple[ssl.SSLSocket, Any]:
+            """POST a body of `size` to /echo without reading; the server's Connection
+            once it has done all it can (response blocked, or closing)."""
+            sock = tls_connect(srv.address, ctx, rcvbuf=1024)
+            me = sock.getsockname()
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n" % size + b"x" * size)
+            found: list[Any] = []
+
+            def settled() -> bool:
+                for c in list(srv.conns.values()):
+                    # Final states only: blocked mid-response, lingering after the
+                    # close_notify went out, or waiting to send it.
+                    if tuple(c.addr) == me and (
+                            (c.state.name == "WRITING" and c.out is not None) or
+                            (c.state.name == "CLOSING" and (
+                                c.timer_kind == T_LINGER or c.tls_want == CLOSE_NOTIFY))):
+                        found.append(c)
+                        return True
+                return False
+
+            wait_for(settled, what="the server to finish writing what it can")
+            return sock, found[0]
+
+        def search() -> tuple[ssl.SSLSocket, int] | None:
+            """The largest body that goes out whole (bisection), then the bytes around it;
+            the connection left waiting to send its close_notify, or None."""
+            fits, blocks = 1000, 64 << 10
+            while blocks - fits > 1:
+                mid = (fits + blocks) // 2
+                sock, conn = probe(mid)
+                if conn.out is not None:
+                    blocks = mid
+                else:
+                    fits = mid
+                sock.close()
+            for size in range(fits + 16, fits - 112, -1):
+                sock, conn = probe(size)
+                if conn.tls_want == CLOSE_NOTIFY:
+                    return sock, size
+                sock.close()
+            return None
+
+        # The window is a few bytes wide and where it lies moves between connections by
+        # more than that (a few hundred bytes): search again until one connection hits it.
+        for _ in range(8):
+            hit = search()
+            if hit is not None:
+                break
+        else:
+            raise AssertionError("no response size left the close_notify waiting")
+        sock, size = hit
+        data = closed_by_server(sock)  # reading makes room; then close_notify and FIN
+        sock.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body == b"x" * size
 
 
 # ---- openssl s_client ---------------------------------------------------------------------
