@@ -8,6 +8,7 @@ Drain phases: requested (with `--drain-seconds`, /readyz says 503 while still se
 a load balancer moves away) -> draining (listener closed, idle keep-alive connections
 closed, in-flight requests finish with `Connection: close`) -> at `--graceful-timeout`,
 503 for what still waits, then exit. A second SIGINT or a SIGQUIT exits at once.
+SIGHUP calls `on_hup` (server.py sets it to reload the TLS context) or is ignored.
 """
 
 from __future__ import annotations
