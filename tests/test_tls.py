@@ -745,9 +745,8 @@ def test_server_refuses_a_mismatched_key_in_process(certs: Certs) -> None:
         pass
 
 
-@pytest.mark.parametrize("how", ["file", "env"])
-def test_encrypted_key_with_its_password(certs: Certs, how: str,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("how", ["file", "setting"])
+def test_encrypted_key_with_its_password(certs: Certs, how: str) -> None:
     settings: dict[str, Any] = {"certfile": certs.cert, "keyfile": certs.encrypted_key}
     if how == "file":
         settings["keyfile_password_file"] = certs.password_file
