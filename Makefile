@@ -42,6 +42,7 @@ fraud-bench: $(STAMP)
 
 test: $(STAMP)
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
+	@command -v openssl >/dev/null || (apt-get update -qq && apt-get install -y -qq openssl)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -23,12 +23,17 @@ def running_server(app: Any, **settings: Any) -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def server_thread(app: Any, **settings: Any) -> Iterator[Server]:
-    """Like running_server, but yields the Server (for metrics and internals)."""
+def server_thread(app: Any, sock: socket.socket | None = None,
+                  **settings: Any) -> Iterator[Server]:
+    """Like running_server, but yields the Server (for metrics and internals).
+
+    `sock` is a listening socket to serve on instead of binding one (to set socket
+    options that accepted connections inherit, such as SO_SNDBUF).
+    """
     settings.setdefault("bind", "127.0.0.1:0")
     settings.setdefault("graceful_timeout", 5.0)
     cfg = Config(_env={}, **settings)
-    server = Server(as_dispatcher(app, cfg), cfg)
+    server = Server(as_dispatcher(app, cfg), cfg, sock=sock)
     t = threading.Thread(target=server.serve, name="rtserve-conductor", daemon=True)
     t.start()
     if not server.started.wait(10) or server.address is None:

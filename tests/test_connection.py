@@ -30,6 +30,9 @@ ALL = list(State)
 
 # connection.py's diagram, edge by edge.
 EXPECTED = {
+    (S.HANDSHAKE, S.READING_HEAD),
+    (S.HANDSHAKE, S.CLOSING),
+    (S.HANDSHAKE, S.CLOSED),
     (S.READING_HEAD, S.READING_BODY),
     (S.READING_HEAD, S.QUEUED),
     (S.READING_HEAD, S.RUNNING),
@@ -63,6 +66,15 @@ EVENTS: dict[State, Callable[[Connection], None]] = {
 }
 # An event that is a no-op rather than a move: body_pending while the body is pending.
 NO_OP = {(S.READING_BODY, S.READING_BODY)}
+# The one target reached by two events: READING_HEAD by reset() (after a response) and by
+# handshake_done() (after a TLS handshake); each refuses the other's source.
+INFO = object()  # stands for the tls.TLSInfo a handshake gives
+
+
+def event(old: State, new: State) -> Callable[[Connection], None]:
+    if new is S.READING_HEAD and old is S.HANDSHAKE:
+        return lambda c: c.handshake_done(INFO)
+    return EVENTS[new]
 
 GET = b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n"
 GET10 = b"GET /old HTTP/1.0\r\n\r\n"
@@ -98,7 +110,7 @@ def forced(c: Connection, state: State) -> Connection:
 
 def test_the_table_is_the_diagram() -> None:
     assert set(TRANSITIONS) == EXPECTED
-    assert len(REFUSED) == 49 - 18
+    assert len(REFUSED) == 64 - 21
 
 
 def test_a_new_connection_reads_a_head(conn: Connection) -> None:
@@ -182,6 +194,37 @@ def test_parse_error_answered_from_reading_body(conn: Connection) -> None:
         conn.parser.next_event()
     conn.respond(exc.value.status, False)
     assert conn.state is S.WRITING and conn.status == 400 and not conn.keep_alive
+
+
+def test_tls_handshake_then_a_request() -> None:
+    a, b = socket.socketpair()
+    try:
+        c = Connection(a, ("client", 1), RequestParser(), handshake=True)
+        assert c.state is S.HANDSHAKE and c.tls is None
+        c.timer_at = 77  # the handshake timer
+        c.handshake_done(INFO)
+        assert c.state is S.READING_HEAD and c.tls is INFO and c.timer_at == 0
+        c.begin(parse(c, GET))
+        c.run()
+        c.respond(200, True)
+        c.reset()
+        assert c.state is S.READING_HEAD and c.tls is INFO  # kept for the next request
+    finally:
+        a.close()
+        b.close()
+
+
+def test_refused_handshake_lingers_then_closes() -> None:
+    a, b = socket.socketpair()
+    try:
+        c = Connection(a, ("client", 1), RequestParser(), handshake=True)
+        c.linger()  # a plain-HTTP 400 or an alert went out
+        assert c.state is S.CLOSING
+        c.closed()
+        assert c.state is S.CLOSED
+    finally:
+        a.close()
+        b.close()
 
 
 def test_linger_then_closed(conn: Connection) -> None:
@@ -303,14 +346,17 @@ def test_to_allows_every_move_in_the_table(conn: Connection, pair: tuple[State, 
     assert conn.state is new
 
 
-@pytest.mark.parametrize("pair", [p for p in REFUSED if p not in NO_OP], ids=_id)
+# HANDSHAKE is only ever a connection's first state (Connection(..., handshake=True)): no
+# event moves into it, so the refusals into it are the table's alone (tested above).
+@pytest.mark.parametrize("pair", [p for p in REFUSED if p not in NO_OP and p[1] is not S.HANDSHAKE],
+                         ids=_id)
 def test_the_event_for_a_refused_move_raises(conn: Connection, pair: tuple[State, State]) -> None:
     """Each event method refuses every state it must not move from, and leaves it alone."""
     old, new = pair
     forced(conn, old)
     conn.request = request = parse(conn, GET)
     with pytest.raises(InvalidTransition):
-        EVENTS[new](conn)
+        event(old, new)(conn)
     assert conn.state is old and conn.request is request
 
 
@@ -319,8 +365,24 @@ def test_the_event_for_an_allowed_move_makes_it(conn: Connection,
                                                 pair: tuple[State, State]) -> None:
     old, new = pair
     forced(conn, old)
-    EVENTS[new](conn)
+    event(old, new)(conn)
     assert conn.state is new
+
+
+@pytest.mark.parametrize("state", [s for s in ALL if s is not S.HANDSHAKE], ids=lambda s: s.name)
+def test_handshake_done_only_ends_a_handshake(conn: Connection, state: State) -> None:
+    forced(conn, state)
+    with pytest.raises(InvalidTransition, match=f"handshake_done in {state.name}"):
+        conn.handshake_done(INFO)
+    assert conn.state is state and conn.tls is None
+
+
+def test_reset_cannot_end_a_handshake(conn: Connection) -> None:
+    """The table allows HANDSHAKE -> READING_HEAD, but only as handshake_done's move."""
+    forced(conn, S.HANDSHAKE)
+    with pytest.raises(InvalidTransition, match="HANDSHAKE -> READING_HEAD"):
+        conn.reset()
+    assert conn.state is S.HANDSHAKE
 
 
 def test_body_pending_while_pending_is_no_move(conn: Connection) -> None:

@@ -98,6 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     configure_logging(cfg)
+    from .tls import TLSFileError, build_context, requested
+
+    if requested(cfg):
+        # Checked before anything starts (the supervisor's children build their own).
+        try:
+            build_context(cfg)
+        except TLSFileError as exc:
+            print(f"rtserve: error: {exc}", file=sys.stderr)
+            return 3
+        except ConfigError as exc:
+            parser.error(str(exc))
     procs = (os.cpu_count() or 1) if cfg.processes == "auto" else int(cfg.processes)
     if procs > 1:  # the supervisor never imports the app: its first children check it
         from .supervisor import run_supervisor

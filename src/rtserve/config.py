@@ -83,6 +83,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     repeatable: bool = False  # CLI flag may be given several times (list value)
     section: str = "server"
+    secret: bool = False  # never on a command line the supervisor builds (see child_args)
 
     @property
     def flag(self) -> str:
@@ -175,6 +176,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("share_listener", _as_bool, False,
             "processes accept from one inherited listener instead of one SO_REUSEPORT "
             "listener each", section="processes"),
+    # -- TLS (see docs/tls.md); files are read at start, and again on SIGHUP
+    Setting("certfile", str, "", "PEM certificate chain; set it to serve HTTPS", section="tls"),
+    Setting("keyfile", str, "", "PEM private key of the certificate (default: in the certfile)",
+            section="tls"),
+    Setting("keyfile_password", str, "",
+            "password of an encrypted keyfile (prefer the environment or a password file: a "
+            "flag shows in ps)", section="tls", secret=True),
+    Setting("keyfile_password_file", str, "",
+            "file whose first line is the keyfile's password", section="tls"),
+    Setting("ca_certs", str, "",
+            "PEM CA certificates that client certificates must chain to (mutual TLS)",
+            section="tls"),
+    Setting("client_cert", str, "none", "ask clients for a certificate (mutual TLS)", None,
+            ("none", "optional", "required"), section="tls"),
+    Setting("ssl_ciphers", str, "",
+            "OpenSSL cipher list for TLS 1.2 (default: OpenSSL's; TLS 1.3 suites are "
+            "OpenSSL's)", section="tls"),
+    Setting("tls_min_version", str, "1.2", "oldest TLS version accepted", None, ("1.2", "1.3"),
+            section="tls"),
+    Setting("tls_handshake_timeout", float, 5.0,
+            "seconds a TLS handshake may take before the connection is closed", _positive,
+            section="tls"),
     # -- logging and observability
     Setting("log_level", str, "info", "logging level", None,
             ("critical", "error", "warning", "info", "debug"), section="logging"),
@@ -296,10 +319,11 @@ def settings_markdown() -> str:
                   "|---|---|---|---|"]
         for s in rows:
             default = s.default if s.default not in ("", []) else "—"
+            secret = " (secret: not passed on child command lines)" if s.secret else ""
             choices = f" ({', '.join(s.choices)})" if s.choices else ""
             again = " (repeatable)" if s.repeatable else ""
             lines.append(
-                f"| `{s.flag}` | `{s.env}` | `{default}` | {s.help}{choices}{again} |"
+                f"| `{s.flag}` | `{s.env}` | `{default}` | {s.help}{choices}{again}{secret} |"
             )
         lines.append("")
     return "\n".join(lines)

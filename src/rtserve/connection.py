@@ -5,6 +5,9 @@ this file, as one method per event, so the I/O code (reader.py, writer.py) asks 
 and never assigns `state` itself.
 
 ```
+HANDSHAKE (TLS only: a TLS connection starts here)
+   | handshake done              \ refused (plain HTTP answered 400, or a TLS alert)
+   v                              +--------------------------------------> CLOSING
            head parsed, body pending
 READING_HEAD ---------------------> READING_BODY
    |   ^  \ request complete              | request complete
@@ -27,7 +30,9 @@ its response is framed). Its write buffer (`out`) and body source (`body`: a wor
 `StreamChannel` or a `FileBody`) are data owned by writer.py; "a 100 Continue is still
 going out while the body arrives" is READING_BODY with `out` set, and `continue_sent`
 says the interim answer for the request in flight was already queued. The timer fields
-are timers.py's.
+are timers.py's. `tls` holds what a finished TLS handshake established (tls.TLSInfo) and
+`tls_want` which readiness an SSL read or write is waiting for in the other direction
+(tlsio.py's).
 
 Workers see a Connection only as an opaque token handed back with their result;
 `awaits(req_id)` tells whether a result is still wanted, so a late result never reaches
@@ -52,11 +57,17 @@ class State(IntEnum):
     WRITING = 4  # the response is being sent
     CLOSING = 5  # response sent, write side shut, discarding input until EOF (linger)
     CLOSED = 6
+    # Last in number, first in life: the `state <= READING_BODY` tests of reader.py must
+    # not take a handshake for reading.
+    HANDSHAKE = 7  # TLS: the handshake is under way (tlsio.py); no HTTP byte read yet
 
 
 S = State
 TRANSITIONS: frozenset[tuple[State, State]] = frozenset(
     {
+        (S.HANDSHAKE, S.READING_HEAD),
+        (S.HANDSHAKE, S.CLOSING),  # refused: a plain-HTTP 400 or an alert, then linger
+        (S.HANDSHAKE, S.CLOSED),
         (S.READING_HEAD, S.READING_BODY),
         (S.READING_HEAD, S.QUEUED),
         (S.READING_HEAD, S.RUNNING),
@@ -89,14 +100,16 @@ RUNNING = State.RUNNING
 WRITING = State.WRITING
 CLOSING = State.CLOSING
 CLOSED = State.CLOSED
+HANDSHAKE = State.HANDSHAKE
 
 
 class InvalidTransition(RuntimeError):
     """A bug: the conductor asked for a state change the table does not allow."""
 
 
-# Timer kinds (what expiry means for the connection); see timers.py.
-T_NONE, T_HEADER, T_BODY, T_IDLE, T_WRITE, T_LINGER = range(6)
+# Timer kinds (what expiry means for the connection); see timers.py. The loop hands kinds
+# up to T_IDLE to the reader (tlsio.TLSReader for T_HANDSHAKE), the rest to the writer.
+T_NONE, T_HANDSHAKE, T_HEADER, T_BODY, T_IDLE, T_WRITE, T_LINGER = range(7)
 
 
 class Connection:
@@ -121,14 +134,18 @@ class Connection:
         "timer_at",
         "timer_kind",
         "heap_at",
+        "unsent",
+        "tls",
+        "tls_want",
     )
 
-    def __init__(self, sock: socket, addr: Any, parser: RequestParser) -> None:
+    def __init__(self, sock: socket, addr: Any, parser: RequestParser,
+                 handshake: bool = False) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.addr = addr
         self.parser = parser
-        self.state = READING_HEAD
+        self.state = HANDSHAKE if handshake else READING_HEAD
         self.mask = 0  # the epoll mask registered for fd
         self.req_id = 0  # id of the newest request; a completion must carry it to be used
         self.request: Request | None = None  # the request being answered
@@ -142,6 +159,9 @@ class Connection:
         self.timer_at = 0  # ns; 0 = no timer (timers.py)
         self.timer_kind = T_NONE
         self.heap_at = 0  # time of this connection's live timer-heap entry (timers.py)
+        self.unsent = 0  # unacknowledged bytes in the send queue when T_WRITE was armed
+        self.tls: Any = None  # tls.TLSInfo once the handshake is done (None: plain HTTP)
+        self.tls_want = 0  # tlsio.py: an SSL call waiting for the other readiness (0: none)
 
     def _to(self, new: State) -> None:
         if self.state * 8 + new not in _ALLOWED:
@@ -149,6 +169,14 @@ class Connection:
         self.state = new
 
     # ---- events, in the order a request meets them ------------------------------------
+
+    def handshake_done(self, tls: Any) -> None:
+        """The TLS handshake finished: `tls` (a tls.TLSInfo) is what it established."""
+        if self.state is not HANDSHAKE:  # WRITING -> READING_HEAD is reset()'s edge
+            raise InvalidTransition(f"handshake_done in {self.state.name} ({self!r})")
+        self._to(READING_HEAD)
+        self.tls = tls
+        self.timer_at = 0  # the handshake timer ends; the header timer takes over
 
     def body_pending(self) -> None:
         """The head is parsed and its body is still arriving."""
@@ -194,12 +222,17 @@ class Connection:
 
     def reset(self) -> None:
         """The response is out and the connection stays open: wait for the next request."""
-        self._to(READING_HEAD)
+        # The table's one edge into READING_HEAD besides handshake_done's, checked inline
+        # (this runs per request, and must not let a handshake skip to reading).
+        if self.state is not WRITING:
+            raise InvalidTransition(f"{self.state.name} -> READING_HEAD ({self!r})")
+        self.state = READING_HEAD
         self.request = None
         self.timer_at = 0
 
     def linger(self) -> None:
-        """The response is out and our write side is shut: discard input until EOF."""
+        """The response is out (or the handshake refused) and our write side is shut:
+        discard input until EOF."""
         self._to(CLOSING)
         self.request = None
 

@@ -8,6 +8,7 @@ Drain phases: requested (with `--drain-seconds`, /readyz says 503 while still se
 a load balancer moves away) -> draining (listener closed, idle keep-alive connections
 closed, in-flight requests finish with `Connection: close`) -> at `--graceful-timeout`,
 503 for what still waits, then exit. A second SIGINT or a SIGQUIT exits at once.
+SIGHUP calls `on_hup` (server.py sets it to reload the TLS context) or is ignored.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class Lifecycle:
         # Supervisor hook (supervisor.py): called at most once per second from the tick,
         # and at once when a drain is requested, so a stuck conductor is noticed.
         self.heartbeat: Callable[[], None] | None = None
+        # SIGHUP in this process: reload what can be reloaded in place (the TLS context,
+        # set by server.py). The supervisor, which owns SIGHUP, restarts children instead.
+        self.on_hup: Callable[[], Any] | None = None
         self._beat_at = 0
         self._graceful_ns = graceful_ns
         self._graceful_s = graceful_timeout_s
@@ -113,7 +117,10 @@ class Lifecycle:
                          self._graceful_s)
                 self.request_drain(now)
             elif signum == signal.SIGHUP:
-                log.info("SIGHUP ignored in a single process (the supervisor reloads)")
+                if self.on_hup is not None:
+                    self.on_hup()
+                else:
+                    log.info("SIGHUP ignored in a single process (the supervisor reloads)")
 
     def _on_control(self, now: int) -> None:
         try:

@@ -16,7 +16,7 @@ class Limits:
         "threads", "max_connections", "header_ns", "body_ns", "idle_ns", "write_ns",
         "graceful_ns", "drain_ns", "readahead", "max_request_line", "max_header_block",
         "max_header_count", "max_body_size", "default_deadline_ns", "margin_ns",
-        "cpu_cap_ns", "health", "access_log", "max_requests",
+        "cpu_cap_ns", "health", "access_log", "max_requests", "handshake_ns",
     )
 
     def __init__(self, cfg: Config, max_requests: int) -> None:
@@ -39,3 +39,4 @@ class Limits:
         self.health = cfg.health_endpoints
         self.access_log = cfg.access_log
         self.max_requests = max_requests  # with its jitter already drawn (0 = never)
+        self.handshake_ns = int(cfg.tls_handshake_timeout * 1e9)

@@ -86,6 +86,9 @@ class Metrics:
         self.accept_pauses = 0
         self.handler_errors = 0
         self.internal_errors = 0
+        self.tls = False  # serving TLS: the TLS series are rendered (server.py sets it)
+        self.tls_handshakes = 0
+        self.tls_errors: dict[str, int] = {}
         self.shed: dict[str, int] = {}
         self.parse_errors: dict[int, int] = {}
         self.timeouts: dict[str, int] = {}
@@ -126,6 +129,9 @@ class Metrics:
 
     def count_timeout(self, kind: str) -> None:
         self.timeouts[kind] = self.timeouts.get(kind, 0) + 1
+
+    def count_tls_error(self, reason: str) -> None:
+        self.tls_errors[reason] = self.tls_errors.get(reason, 0) + 1
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         self.gauges.append((name, help, read))
@@ -170,8 +176,19 @@ class Metrics:
                   "reason", self.shed, ("codel", "limit", "draining", "deadline"))
         _labelled(out, "rtserve_parse_errors_total", "Requests rejected by the parser.",
                   "status", {str(k): v for k, v in self.parse_errors.items()}, ())
+        kinds = ("header", "body", "idle", "write") + (("handshake",) if self.tls else ())
         _labelled(out, "rtserve_timeouts_total", "Connections closed by a timer.",
-                  "kind", self.timeouts, ("header", "body", "idle", "write"))
+                  "kind", self.timeouts, kinds)
+        if self.tls:
+            from .tls import ERROR_KINDS
+
+            name = "rtserve_tls_handshakes_total"
+            out.append(f"# HELP {name} TLS handshakes completed.")
+            out.append(f"# TYPE {name} counter")
+            out.append(f"{name} {self.tls_handshakes}")
+            _labelled(out, "rtserve_tls_errors_total",
+                      "TLS connections closed by a TLS error (handshake or record), by kind.",
+                      "reason", self.tls_errors, ERROR_KINDS)
         for gname, help, read in self.gauges:
             out.append(f"# HELP {gname} {help}")
             out.append(f"# TYPE {gname} gauge")

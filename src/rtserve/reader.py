@@ -12,6 +12,7 @@ from __future__ import annotations
 import _socket
 import select
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from .admission import Admission
@@ -67,6 +68,13 @@ class Reader:
         self._health = limits.health
         self._health_paths = answers.health_paths
         self._max_requests = limits.max_requests
+        self._new_parser = partial(
+            RequestParser,
+            max_request_line=limits.max_request_line,
+            max_header_block=limits.max_header_block,
+            max_header_count=limits.max_header_count,
+            max_body_size=limits.max_body_size,
+        )
         self.requests_seen = 0  # routed requests (max_requests counts these)
         self.writer: Any = None  # writer.Writer, wired by the server (the two call each other)
 
@@ -74,17 +82,7 @@ class Reader:
 
     def open(self, sock: _socket.socket, addr: Any, now: int) -> int:
         """Adopt an accepted socket; returns how many connections are open."""
-        lim = self._limits
-        conn = Connection(
-            sock,
-            addr,
-            RequestParser(
-                max_request_line=lim.max_request_line,
-                max_header_block=lim.max_header_block,
-                max_header_count=lim.max_header_count,
-                max_body_size=lim.max_body_size,
-            ),
-        )
+        conn = Connection(sock, addr, self._new_parser())
         conns = self._conns
         conns[conn.fd] = conn
         self._ep.register(conn.fd, READ_MASK)

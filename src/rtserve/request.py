@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 if TYPE_CHECKING:
     from .app import Route
+    from .tls import TLSInfo
 
 
 class Headers(Mapping[str, str]):
@@ -63,7 +64,8 @@ class Request:
     """An HTTP request as a handler sees it.
 
     Filled by the parser (method .. body), stamped by the conductor (client, start_ns,
-    deadline_ns). `deadline` and `remaining()` let a handler cut its own work short.
+    deadline_ns, and `tls_info` on a TLS connection). `deadline` and `remaining()` let a
+    handler cut its own work short; `scheme` and `tls` say how the connection is secured.
 
     `path` is the percent-decoded path (UTF-8, invalid sequences replaced by U+FFFD) that
     the native App routes on; `raw_path` is the path exactly as sent, and is the same str
@@ -96,7 +98,12 @@ class Request:
         "t_end",
         "_headers",
         "_query",
+        "tls_info",
     )
+
+    # Set by tlsio.TLSReader on requests that came over TLS and never assigned otherwise,
+    # so plain HTTP pays nothing for it; read it through `tls` and `scheme`.
+    tls_info: TLSInfo
 
     def __init__(
         self,
@@ -143,6 +150,25 @@ class Request:
         if h is None:
             h = self._headers = Headers(self.raw_headers)
         return h
+
+    @property
+    def scheme(self) -> str:
+        """"https" for a request that came over TLS, else "http" (the connection's own
+        scheme: proxy headers are the WSGI adapter's business, see docs/wsgi.md)."""
+        try:
+            self.tls_info  # noqa: B018  (set on TLS requests only)
+        except AttributeError:
+            return "http"
+        return "https"
+
+    @property
+    def tls(self) -> Mapping[str, Any] | None:
+        """What the TLS handshake established, read-only (docs/tls.md lists the keys:
+        version, cipher, alpn, client_verify, client_subject ...); None over plain HTTP."""
+        try:
+            return self.tls_info.fields
+        except AttributeError:
+            return None
 
     @property
     def query(self) -> dict[str, list[str]]:

@@ -5,7 +5,9 @@ Built on the main thread; `serve()` then runs on the thread that becomes the con
 meets them: loop.py (epoll) -> listener.py (accept) -> reader.py (recv, parse, route) ->
 admission.py (budget, queue, gates) -> pool.py + worker.py (the handler, on a worker) ->
 writer.py (completion, send, keep-alive or close); timers.py, answers.py and lifecycle.py
-serve them. Config is converted once into `Limits`.
+serve them. Config is converted once into `Limits`. With `--certfile` the reader and the
+writer are tlsio.py's TLSReader and TLSWriter (handshake, SSL reads and writes), chosen
+here once, and tls.py's context is built before serving (a bad file fails the start).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from .metrics import Metrics
 from .pool import WorkerPool
 from .reader import Reader
 from .timers import TICK_NS, Timers
+from .tls import TLSContexts, requested
+from .tlsio import TLSReader, TLSWriter
 from .worker import Worker
 from .writer import Writer
 
@@ -77,6 +81,11 @@ class Server:
         self.pool = WorkerPool(cfg.threads)
         self.worker = Worker(self.pool, cfg.stream_high_water)
         self.life = Lifecycle(limits.graceful_ns, limits.drain_ns, cfg.graceful_timeout)
+        # Built now, on the calling thread: a bad certificate fails here, before serving.
+        self.tls = TLSContexts(cfg) if requested(cfg) else None
+        if self.tls is not None:
+            self.metrics.tls = True
+            self.life.on_hup = self.tls.reload
         self._sock = sock
         self.address: Any = None
         self.started = threading.Event()
@@ -161,14 +170,19 @@ class Server:
             limits, cfg, self.metrics, timers, answers, pool.task_put, self.worker
         )
         answers.admission = admission
-        reader = self.reader = Reader(
-            limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics, self.app,
-            answers, admission, self.life,
-        )
-        writer = self.writer = Writer(
-            limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics, admission,
-            answers, self.life, pool.take_completions, cfg.access_log_format,
-        )
+        reader_args = (limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics,
+                       self.app, answers, admission, self.life)
+        writer_args = (limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics,
+                       admission, answers, self.life, pool.take_completions,
+                       cfg.access_log_format)
+        reader: Reader
+        writer: Writer
+        if self.tls is not None:
+            reader = self.reader = TLSReader(*reader_args, tls=self.tls)
+            writer = self.writer = TLSWriter(*writer_args)
+        else:
+            reader = self.reader = Reader(*reader_args)
+            writer = self.writer = Writer(*writer_args)
         reader.writer = writer
         writer.reader = reader
         admission.answer = writer.answer
@@ -191,8 +205,8 @@ class Server:
             self.livestats = answers.livestats = LiveStats(
                 self.metrics, deadlines, now, cfg.cpu_inflight_ms
             )
-        log.info("listening on %s (%d threads, pid %d)", format_address(self.address),
-                 cfg.threads, os.getpid())
+        log.info("listening on %s%s (%d threads, pid %d)", format_address(self.address),
+                 " (TLS)" if self.tls is not None else "", cfg.threads, os.getpid())
 
     def _register_gauges(self) -> None:
         m = self.metrics

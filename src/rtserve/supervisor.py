@@ -172,11 +172,12 @@ def child_args(app_spec: str, cfg: Config) -> list[str]:
     Children get RTSERVE_* settings removed from their environment and no --config, so
     these flags are the whole configuration and a child's Config equals the supervisor's
     (processes and config aside). A list that is not a repeatable flag goes as JSON, so
-    items with commas survive.
+    items with commas survive. Secret settings (the keyfile password) go by environment
+    instead (`child_env`): a command line is readable by every user of the machine.
     """
     args = [sys.executable, "-m", "rtserve", app_spec]
     for s in SETTINGS:
-        if s.name in ("processes", "config"):
+        if s.name in ("processes", "config") or s.secret:
             continue
         value = getattr(cfg, s.name)
         if value == s.cast(s.default):
@@ -211,6 +212,15 @@ def reload_config(cfg: Config, overrides: dict[str, Any]) -> tuple[Config, list[
     return new.replace(**keep), notes
 
 
+def child_env(cfg: Config) -> dict[str, str]:
+    """The secret settings that differ from their default, as RTSERVE_* variables."""
+    return {
+        s.env: str(getattr(cfg, s.name))
+        for s in SETTINGS
+        if s.secret and getattr(cfg, s.name) != s.cast(s.default)
+    }
+
+
 class Supervisor:
     """Starts `procs` children of `app_spec` and keeps them running until told to stop."""
 
@@ -224,6 +234,7 @@ class Supervisor:
         self.argv = child_args(app_spec, cfg)
         setting_envs = {s.env for s in SETTINGS}
         self.env = {k: v for k, v in os.environ.items() if k not in setting_envs}
+        self.env.update(child_env(cfg))
         self.env[CHILD_ENV] = str(os.getpid())
         self.slots: list[Slot] = []
         self.children: list[Child] = []

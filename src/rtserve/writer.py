@@ -9,10 +9,13 @@ is closed (unregistered from epoll first).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import select
 import socket
+import struct
+import termios
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -50,6 +53,23 @@ READ_MASK = select.EPOLLIN | select.EPOLLRDHUP
 RECV_SIZE = 65536
 LINGER_NS = 2_000_000_000
 _monotonic_ns = time.monotonic_ns
+_TIOCOUTQ = termios.TIOCOUTQ  # SIOCOUTQ on a socket: bytes sent but not yet acknowledged
+_ioctl = fcntl.ioctl
+_INT = struct.Struct("i")
+_INT_ZERO = bytes(_INT.size)
+
+
+def unsent_bytes(fd: int) -> int:
+    """Bytes in the socket's send queue the peer has not acknowledged yet (-1 if unknown).
+
+    The write-stall timer compares two readings: a client that keeps reading, however
+    slowly, makes this fall even while EPOLLOUT stays away (the kernel only reports the
+    socket writable once a third of a large send buffer is free).
+    """
+    try:
+        return _INT.unpack(_ioctl(fd, _TIOCOUTQ, _INT_ZERO))[0]
+    except OSError:
+        return -1
 
 
 class Writer:
@@ -204,7 +224,7 @@ class Writer:
             return True
         conn.out = memoryview(data)[n:]
         self._set_mask(conn, conn.mask | EPOLLOUT)
-        self._arm(conn, now + self._write_ns, T_WRITE)
+        self._arm_write(conn, now)
         return False
 
     def _send_pair(self, conn: Connection, pair: tuple[bytes, bytes], now: int) -> bool:
@@ -224,8 +244,13 @@ class Writer:
             return True
         conn.out = memoryview(body)[n - hlen:] if n >= hlen else memoryview(head[n:] + body)
         self._set_mask(conn, conn.mask | EPOLLOUT)
-        self._arm(conn, now + self._write_ns, T_WRITE)
+        self._arm_write(conn, now)
         return False
+
+    def _arm_write(self, conn: Connection, now: int) -> None:
+        """The socket is full: arm the write-stall timer, noting what the kernel holds."""
+        conn.unsent = unsent_bytes(conn.fd)
+        self._arm(conn, now + self._write_ns, T_WRITE)
 
     def on_writable(self, conn: Connection, now: int) -> None:
         out = conn.out
@@ -239,7 +264,7 @@ class Writer:
                 return
             if n < len(out):
                 conn.out = out[n:]
-                self._arm(conn, now + self._write_ns, T_WRITE)
+                self._arm_write(conn, now)
                 return
             conn.out = None
         if conn.state is WRITING:
@@ -277,7 +302,7 @@ class Writer:
                     n = os.sendfile(conn.fd, fileno, body.offset, min(body.count, 1 << 20))
                 except (BlockingIOError, InterruptedError):
                     self._set_mask(conn, conn.mask | EPOLLOUT)
-                    self._arm(conn, now + self._write_ns, T_WRITE)
+                    self._arm_write(conn, now)
                     return False
                 except OSError:
                     self.abort(conn)
@@ -319,11 +344,15 @@ class Writer:
                 # keep-alive) and nothing of it is left unread: it may send no more
                 # (RFC 9112 section 9.6), so there is nothing a lingering close would
                 # protect the response from. Close now, as nginx does.
-                self.close(conn)
+                self._close_asked(conn, now)
                 return
             self._close_after_response(conn, now)
             return
         conn.reset()
+
+    def _close_asked(self, conn: Connection, now: int) -> None:
+        """Close after a response the client asked to be the last (see finish)."""
+        self.close(conn)
 
     def _close_after_response(self, conn: Connection, now: int) -> None:
         """Shut our write side and discard input until EOF (lingering close), so unread
@@ -355,9 +384,19 @@ class Writer:
                 return
 
     def on_timer(self, conn: Connection, kind: int, now: int) -> None:
-        """A write-stall or linger timer expired."""
+        """A write-stall or linger timer expired.
+
+        A write stalls when the kernel delivered nothing since the timer was armed: a
+        client that reads slowly through a small receive buffer drains the send queue
+        without EPOLLOUT coming back for longer than write_timeout, and is served on.
+        """
         st = conn.state
         if kind == T_WRITE and (st is WRITING or conn.out is not None):
+            unsent = unsent_bytes(conn.fd)
+            if 0 <= unsent < conn.unsent:  # the client took bytes: progress, wait on
+                conn.unsent = unsent
+                self._arm(conn, now + self._write_ns, T_WRITE)
+                return
             self._metrics.count_timeout("write")
             self.abort(conn)
         elif kind == T_LINGER and st is CLOSING:

@@ -387,6 +387,10 @@ class WSGIApp:
             "wsgi.input_terminated": True,  # the whole body was read before the app runs
             "wsgi.url_scheme": "http",
         }
+        if cfg.certfile:  # every connection of this server is TLS: constants, set once
+            self._base["wsgi.url_scheme"] = "https"
+            self._base["HTTPS"] = "on"
+            self.environ = self._tls_environ  # type: ignore[method-assign]
         # The keys every request sets, present already: the copy is sized for the whole
         # environ, so filling it in never grows (rehashes) the dict.
         for key in _PER_REQUEST_KEYS:
@@ -499,6 +503,16 @@ class WSGIApp:
             env["SERVER_PORT"] = split[1] or (
                 "443" if env["wsgi.url_scheme"] == "https" else "80"
             )
+        return env
+
+    def _tls_environ(self, request: Request, errors: Any = None) -> dict[str, Any]:
+        """`environ` on a TLS server: plus the connection's mod_ssl keys (SSL_PROTOCOL,
+        SSL_CIPHER, SSL_CLIENT_S_DN ...; docs/tls.md), computed once per connection."""
+        env = WSGIApp.environ(self, request, errors)
+        try:
+            env.update(request.tls_info.environ)
+        except AttributeError:  # a request made by hand, not read from a TLS connection
+            pass
         return env
 
     def _forwarded(self, env: dict[str, Any], peer: str) -> None:
