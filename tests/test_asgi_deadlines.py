@@ -150,3 +150,32 @@ def test_requests_wait_in_the_queue_above_asgi_concurrency():
         assert read_response(a)[2] == b"/a" and read_response(b)[2] == b"/b"
         a.close()
         b.close()
+
+
+def test_tasks_cancelled_before_their_first_step_free_their_slots():
+    """A loop blocked by one request: the others' deadlines come while their tasks wait to
+    begin; cancelled then, they never run a line, and their slots must still come back."""
+    import time
+
+    ran: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        ran.append(scope["path"])
+        time.sleep(0.2)  # blocks the loop (what an async endpoint must not do)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"late"})
+
+    with server_thread(app, deadline_ms=50) as srv:
+        socks = [connect(srv.address) for _ in range(6)]
+        for i, s in enumerate(socks):
+            s.sendall(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+        statuses = [read_response(s)[0] for s in socks]
+        for s in socks:
+            s.close()
+        assert statuses == [504] * 6  # every one answered at its deadline
+        wait_for(lambda: srv.admission.busy == 0 and srv.admission.stuck_count == 0,
+                 what="every slot to come back")
+        assert len(ran) < 6  # some never ran at all
+        assert cancelled(srv)["deadline"] >= 6 - len(ran)

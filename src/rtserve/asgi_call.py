@@ -62,7 +62,7 @@ class HTTPCall:
     __slots__ = (
         "lt", "conn", "rid", "req", "task", "body", "pos", "state", "status", "headers",
         "channel", "chunked", "length", "sent", "reply", "recv_waiter", "send_waiter",
-        "disconnected", "cancelled", "failed",
+        "disconnected", "cancelled", "failed", "began",
     )
 
     def __init__(self, lt: LoopThread, conn: Any, rid: int, req: Request) -> None:
@@ -86,10 +86,13 @@ class HTTPCall:
         self.disconnected = False
         self.cancelled = ""  # why the task was cancelled ("deadline", "disconnect")
         self.failed = False  # the app raised (already logged)
+        self.began = False  # the task's first step ran (else a cancel means it never will)
 
     # ---- the task ---------------------------------------------------------------------
 
     async def run(self, app: Any, scope: dict[str, Any]) -> None:
+        self.began = True
+        self.lt.began()
         req = self.req
         req.t_start = time.monotonic_ns()
         try:
@@ -359,6 +362,12 @@ class HTTPCall:
         self.cancelled = reason
         task.cancel()
         self.lt.cancelled[reason] += 1
+        if not self.began:
+            # Cancelled before its first step: the coroutine is closed without running a
+            # line, so its `finally` never runs; end it here (the slot must come back).
+            self.began = True
+            self.lt.began()
+            self._end()
 
     def gone(self) -> None:
         """The client closed the connection: a reading app hears `http.disconnect` first,

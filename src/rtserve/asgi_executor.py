@@ -15,6 +15,16 @@ The conductor's hooks: `cancel(conn, req_id, "deadline")` (admission, at respond
 `gone(conn, req_id)` (writer.close, a connection closed while its request runs); both
 become inbox items and run on the loop, where the request's HTTPCall lives.
 
+The loop's gate (`ready`, in admission's CPU gate's place): the CPU work queued ahead of
+a new request on the loop is about (handed-over requests whose task has not begun) x (the
+loop's CPU per request, sampled with the loop thread's clock every 64 requests). While
+that is above `--cpu-inflight-ms`, further requests wait in the conductor's CoDel queue,
+where a late one is answered without running, instead of in the loop's ready queue, where
+it would run late and be wasted. Tasks that await (I/O) have begun, so they never close
+the gate; an empty backlog always opens it. Two single-writer counters (`submitted`:
+conductor, `begun`: loop) give the backlog without a lock; when the gate closed with
+requests queued, the loop nudges the conductor (an empty completion) once it has room.
+
 Each loop thread (uvloop when installed, else asyncio; `--asgi-loops` of them, requests
 spread round-robin) runs its own lifespan, so loop-bound objects the app makes at startup
 (clients, pools) are only used on the loop that made them. Loop threads block the
@@ -42,11 +52,13 @@ from .framing import serialize
 from .pool import WorkerPool
 from .request import Request
 from .response import Response
-from .worker import INTERNAL_ERROR
+from .worker import INTERNAL_ERROR, STREAM_WAKE
 
 log = logging.getLogger("rtserve.error")
 
 REASONS = ("deadline", "disconnect")
+CPU_SAMPLE_EVERY = 64  # a power of two: the loop's CPU clock is read once per 64 requests
+_thread_time_ns = time.thread_time_ns
 
 # A WebSocket handshake is refused with 501: rtserve does not implement the protocol (see
 # docs/asgi.md for why not 400 or 426). The app never sees a websocket scope.
@@ -65,6 +77,17 @@ def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
             new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
             return new_loop
     return asyncio.new_event_loop
+
+
+class _Nudge:
+    """The connection token of an empty completion: matches no request (req_id -1), so the
+    writer drops it and then dispatches from its queue, as after any completion."""
+
+    __slots__ = ()
+    req_id = -1
+
+
+NUDGE = _Nudge()
 
 
 class Runner:
@@ -94,6 +117,12 @@ class LoopThread:
         self.lifespan = Lifespan(app, cfg.lifespan, self.state, self.loop)
         self._inbox: deque[tuple[Callable[..., Any], Any, Any, Any]] = deque()
         self._wake_pending = False
+        self.cap_ns = int(cfg.cpu_inflight_ms * 1_000_000)  # the gate (0 = off)
+        self.submitted = 0  # requests handed over (conductor writes)
+        self.begun = 0  # of those, tasks that began or never will (loop writes)
+        self.task_cpu_ns = 0  # the loop thread's CPU per request, sampled (loop writes)
+        self._cpu_mark = 0  # the loop thread's CPU clock at the last sample (loop)
+        self.nudge = False  # the gate closed with requests queued (conductor sets it)
         self._running = threading.Event()
         self.thread = threading.Thread(target=self._main, name=f"rtserve-asgi-{index}",
                                        daemon=True)
@@ -113,12 +142,27 @@ class LoopThread:
 
     # ---- conductor side ---------------------------------------------------------------
 
-    def put(self, item: tuple[Callable[..., Any], Any, Any, Any]) -> None:
-        """Queue `fn(a, b, c)` (or a request, when fn is the runner) for this loop."""
+    def submit(self, item: tuple[Any, Any, int, Request]) -> None:
+        """A request from admission: `(runner, conn, req_id, request)`."""
+        self.submitted += 1
         self._inbox.append(item)
         if not self._wake_pending:
             self._wake_pending = True
             self.loop.call_soon_threadsafe(self._drain)
+
+    def put(self, item: tuple[Callable[..., Any], Any, Any, Any]) -> None:
+        """Queue `fn(a, b, c)` for this loop (cancellations, channel wake-ups)."""
+        self._inbox.append(item)
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def ready(self) -> bool:
+        """May another request be handed over now? (the gate, see the module docstring)"""
+        if (self.submitted - self.begun) * self.task_cpu_ns < self.cap_ns or not self.cap_ns:
+            return True  # (an empty backlog gives 0 < cap)
+        self.nudge = True
+        return False
 
     def cancel(self, conn: Any, rid: int, reason: str) -> None:
         self.put((self._cancel, conn, rid, reason))
@@ -171,11 +215,27 @@ class LoopThread:
                 except Exception:
                     log.exception("ASGI executor: %r failed", fn)
 
+    def began(self) -> None:
+        """A handed-over request's task began (or never will): one less in the backlog;
+        nudge the conductor if its gate closed on us and we have room again."""
+        begun = self.begun = self.begun + 1
+        if not begun & (CPU_SAMPLE_EVERY - 1):
+            cpu = _thread_time_ns()  # this (the loop) thread's CPU clock: one syscall per 64
+            if begun > CPU_SAMPLE_EVERY:  # (the first interval holds the lifespan startup)
+                per = (cpu - self._cpu_mark) // CPU_SAMPLE_EVERY
+                old = self.task_cpu_ns
+                self.task_cpu_ns = per if not old else (3 * old + per) >> 2
+            self._cpu_mark = cpu
+        if self.nudge and (self.submitted - begun) * self.task_cpu_ns < self.cap_ns:
+            self.nudge = False
+            self.post(NUDGE, 0, STREAM_WAKE, False)
+
     def _start(self, conn: Any, rid: int, req: Request) -> None:
         """A request from admission: build its scope and start its task."""
         try:
             scope, websocket = self.scopes.build(req)
             if websocket:
+                self.began()
                 self.post(conn, rid, serialize(req, WEBSOCKET_REFUSED, self.shared.draining),
                           True)
                 return
@@ -184,6 +244,7 @@ class LoopThread:
             call.task = self.loop.create_task(call.run(self.app, scope))
         except Exception:
             log.exception("starting the ASGI app for %s %s", req.method, req.path)
+            self.began()
             self.calls.pop((conn, rid), None)
             self.post(conn, rid, serialize(req, INTERNAL_ERROR, self.shared.draining), True)
 
@@ -212,12 +273,14 @@ class ASGIExecutor:
         self.submit: Callable[[tuple], None]
         if len(self.loops) == 1:
             only = self.loops[0]
-            self.submit = only.put
+            self.submit = only.submit
+            self.ready: Callable[[], bool] = only.ready
             self.cancel: Callable[[Any, int, str], None] = only.cancel
             self.gone: Callable[[Any, int], None] = only.gone
         else:
             self._next = itertools.cycle(self.loops)
             self.submit = self._submit_round_robin
+            self.ready = self._any_ready
             self.cancel = self._cancel_everywhere
             self.gone = self._gone_everywhere
 
@@ -249,7 +312,14 @@ class ASGIExecutor:
     # ---- conductor side ---------------------------------------------------------------
 
     def _submit_round_robin(self, item: tuple) -> None:
-        next(self._next).put(item)
+        lt = next(self._next)
+        if lt.submitted - lt.begun > 1:  # a backlog there: the least loaded loop instead
+            lt = min(self.loops, key=lambda x: x.submitted - x.begun)
+        lt.submit(item)
+
+    def _any_ready(self) -> bool:
+        ready = [lt.ready() for lt in self.loops]  # (each closed one asks for a nudge)
+        return any(ready)
 
     def _cancel_everywhere(self, conn: Any, rid: int, reason: str) -> None:
         for lt in self.loops:  # rare (a deadline came): the owner finds it, the rest don't
