@@ -300,3 +300,35 @@ def test_lifespan_on_makes_an_exception_a_failed_startup():
     t.start()
     assert done.wait(20)
     assert codes == [3] and srv.address is None  # never listened
+
+
+def test_a_drain_lets_the_running_request_finish_and_runs_lifespan_shutdown():
+    entered = threading.Event()
+    release = threading.Event()
+    shutdown = threading.Event()
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            shutdown.set()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        entered.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        await plain_asgi(scope, receive, send)
+
+    with serve(app) as srv:
+        s = connect(srv.address)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert entered.wait(10)
+        srv.stop()  # graceful: the listener closes, the request in flight finishes
+        wait_for(lambda: srv.draining, what="the drain to begin")
+        release.set()
+        status, h, body = read_response(s)
+        s.close()
+        assert (status, body) == (200, b"ok") and h["connection"] == "close"
+        assert srv.stopped.wait(10)
+    assert shutdown.is_set()
