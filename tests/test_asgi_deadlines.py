@@ -158,24 +158,30 @@ def test_tasks_cancelled_before_their_first_step_free_their_slots():
     import time
 
     ran: list[str] = []
+    entered = threading.Event()
 
     async def app(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         ran.append(scope["path"])
-        time.sleep(0.2)  # blocks the loop (what an async endpoint must not do)
+        if scope["path"] == "/block":
+            entered.set()
+            time.sleep(0.5)  # blocks the loop (what an async endpoint must not do)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"late"})
 
     with server_thread(app, deadline_ms=50) as srv:
-        socks = [connect(srv.address) for _ in range(6)]
+        first = connect(srv.address)
+        first.sendall(b"GET /block HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert entered.wait(10)
+        socks = [connect(srv.address) for _ in range(5)]
         for i, s in enumerate(socks):
             s.sendall(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
-        statuses = [read_response(s)[0] for s in socks]
-        for s in socks:
+        statuses = [read_response(s)[0] for s in [first, *socks]]
+        for s in [first, *socks]:
             s.close()
         assert statuses == [504] * 6  # every one answered at its deadline
         wait_for(lambda: srv.admission.busy == 0 and srv.admission.stuck_count == 0,
                  what="every slot to come back")
-        assert len(ran) < 6  # some never ran at all
-        assert cancelled(srv)["deadline"] >= 6 - len(ran)
+        assert ran == ["/block"]  # the five were cancelled before they began
+        assert cancelled(srv)["deadline"] >= 5
