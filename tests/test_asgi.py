@@ -332,3 +332,28 @@ def test_a_drain_lets_the_running_request_finish_and_runs_lifespan_shutdown():
         assert (status, body) == (200, b"ok") and h["connection"] == "close"
         assert srv.stopped.wait(10)
     assert shutdown.is_set()
+
+
+def test_several_loops_each_run_their_own_lifespan_and_serve():
+    startups: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            startups.append(threading.current_thread().name)
+            scope["state"]["loop"] = threading.current_thread().name
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        here = threading.current_thread().name
+        assert scope["state"]["loop"] == here  # the state made on this very loop
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": here.encode()})
+
+    with serve(app, asgi_loops=2, asgi_loop="asyncio") as srv:
+        c = Client(srv.address)
+        names = {c.request("GET", "/")[2] for _ in range(6)}
+        c.close()
+    assert sorted(startups) == ["rtserve-asgi-0", "rtserve-asgi-1"]
+    assert names == {b"rtserve-asgi-0", b"rtserve-asgi-1"}  # round-robin over both
