@@ -357,3 +357,27 @@ def test_several_loops_each_run_their_own_lifespan_and_serve():
         c.close()
     assert sorted(startups) == ["rtserve-asgi-0", "rtserve-asgi-1"]
     assert names == {b"rtserve-asgi-0", b"rtserve-asgi-1"}  # round-robin over both
+
+
+# ---- the channel's event-loop side ------------------------------------------------------
+
+
+def test_stream_channel_offer_and_producer_wake():
+    from rtserve.stream import OFFER_ABORTED, OFFER_FULL, OFFER_OK, StreamChannel
+
+    reader_wakes: list[int] = []
+    producer_wakes: list[int] = []
+    ch = StreamChannel(10, lambda: reader_wakes.append(1), lambda: producer_wakes.append(1))
+    assert ch.take() == b""  # the conductor asked and found nothing: it wants a wake-up
+    assert ch.offer(b"12345") == OFFER_OK and reader_wakes == [1]
+    assert ch.offer(b"678901") == OFFER_FULL  # queued, but above the mark: wait
+    assert producer_wakes == []
+    assert ch.take() == b"12345678901" and producer_wakes == [1]  # room: the producer goes on
+    assert ch.take() == b"" and producer_wakes == [1]  # no second wake without a wait
+    ch.abort()
+    assert producer_wakes == [1, 1]  # told even when not waiting (it may be idle)
+    assert ch.offer(b"x") == OFFER_ABORTED
+    threaded = StreamChannel(10, lambda: None)  # a worker's channel: no producer_wake
+    threaded.put(b"abc")
+    assert threaded.take() == b"abc"
+    threaded.abort()
