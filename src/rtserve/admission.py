@@ -189,10 +189,17 @@ class Admission:
             self._start(conn, rid, req)
 
     def next_expiry(self, now: int) -> int:
-        """When the oldest queued request's CoDel timeout runs out (0: no such time)."""
+        """When the oldest queued request's CoDel timeout runs out (0: no such time).
+
+        0 too when it has no deadline: CoDel never sheds it (expire_queued stops there), and
+        a time already past would make the loop poll without sleeping while it waits.
+        """
         q = self.queue
         limit = q.timeout_ns(now)
-        return q.oldest()[2].t_queued + limit + 1 if limit else 0
+        if not limit:
+            return 0
+        oldest = q.oldest()[2]
+        return oldest.t_queued + limit + 1 if oldest.deadline_ns else 0
 
     def expire_queued(self, now: int) -> None:
         """Shed queued requests whose CoDel timeout ran out, when it runs out.
