@@ -55,6 +55,11 @@ def test_detection_of_every_interface():
     assert detect_interface(ClassBased) == "wsgi"  # the class is a plain callable
     assert detect_interface(wsgi_app) == "wsgi"
     assert detect_interface(App()) == "native"
+    import falcon
+    import falcon.asgi
+
+    assert detect_interface(falcon.asgi.App()) == "asgi"
+    assert detect_interface(falcon.App()) == "wsgi"
     with pytest.raises(TypeError):
         detect_interface(42)
     cfg = Config(_env={})
