@@ -52,6 +52,9 @@ class Admission:
         self._submit = submit  # the pool's task queue put: one C call per hand-off
         self._worker = worker
         self.answer: Callable[[Connection, Reply, int], None] = _unset  # writer.answer
+        # Set by the server for an interface whose work can be stopped (ASGI): called with
+        # (conn, req_id, "deadline") after a running request's fallback went out.
+        self.cancel: Callable[[Connection, int, str], None] | None = None
         self._busy = 0  # requests on workers (streams count until their worker is free)
         self._cpu_inflight = 0  # sampled CPU ns of the handlers running now (see cpu_ok)
         self._charges: dict[tuple, int] = {}  # (conn, req_id) -> CPU ns charged at start
@@ -201,10 +204,17 @@ class Admission:
             self._start(conn, rid, req)
 
     def next_expiry(self, now: int) -> int:
-        """When the oldest queued request's CoDel timeout runs out (0: no such time)."""
+        """When the oldest queued request's CoDel timeout runs out (0: no such time).
+
+        0 too when it has no deadline: CoDel never sheds it (expire_queued stops there), and
+        a time already past would make the loop poll without sleeping while it waits.
+        """
         q = self.queue
         limit = q.timeout_ns(now)
-        return q.oldest()[2].t_queued + limit + 1 if limit else 0
+        if not limit:
+            return 0
+        oldest = q.oldest()[2]
+        return oldest.t_queued + limit + 1 if oldest.deadline_ns else 0
 
     def expire_queued(self, now: int) -> None:
         """Shed queued requests whose CoDel timeout ran out, when it runs out.
@@ -237,7 +247,8 @@ class Admission:
         decayed = self.lag_ns * 19 // 20  # a decaying high-water mark of the lateness
         self.lag_ns = lag if lag > decayed else decayed
         m.deadline_misses += 1
-        if conn.state is RUNNING:
+        running = conn.state is RUNNING
+        if running:
             self._stuck.add((conn, rid))
             if self._sampling:
                 self.limit.on_sample(now - req.start_ns, self._busy + len(self.queue), True)
@@ -245,6 +256,8 @@ class Admission:
             self.queue.discard((conn, rid, req), now)
             m.count_shed("deadline")
         self.answer(conn, self._answers.late(req, b"deadline"), now)
+        if running and self.cancel is not None:
+            self.cancel(conn, rid, "deadline")  # the answer is out: now stop the work
 
     def forget(self, conn: Connection, now: int) -> None:
         """The connection is closing: take its queued request out of the queue."""

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A real-time HTTP/1.1 server: every request answered before its deadline.",
         epilog="Every option can also be set as RTSERVE_<NAME> in the environment.",
     )
-    p.add_argument("app", help="MODULE:ATTR, an rtserve App or a WSGI callable; "
+    p.add_argument("app", help="MODULE:ATTR, an rtserve App, an ASGI app or a WSGI callable; "
                                "MODULE:factory() calls a factory")
     sections: dict[str, argparse._ArgumentGroup] = {}
     for s in SETTINGS:

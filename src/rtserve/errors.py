@@ -51,3 +51,8 @@ class NotImplementedFraming(ParseError):
 
 class VersionNotSupported(ParseError):
     status = 505
+
+
+class StartupFailed(Exception):
+    """The application refused to start (ASGI `lifespan.startup.failed`); the message is
+    the app's. The server does not listen, and the CLI exits 3."""

@@ -100,6 +100,8 @@ class Metrics:
         self.queue_wait = Histogram()
         self.timer_lag = Histogram()  # how late deadline timers fired after respond_by
         self.gauges: list[tuple[str, str, Callable[[], float]]] = []
+        # Counters kept by another part (read at scrape time): name, help, label, read.
+        self.families: list[tuple[str, str, str, Callable[[], dict[str, int]]]] = []
 
     # ---- conductor side (hot path: one dict lookup and a bisect) ---------------------
 
@@ -135,6 +137,11 @@ class Metrics:
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         self.gauges.append((name, help, read))
+
+    def labelled_counter(self, name: str, help: str, label: str,
+                         read: Callable[[], dict[str, int]]) -> None:
+        """A counter family kept elsewhere (e.g. on the ASGI loops), read at scrape time."""
+        self.families.append((name, help, label, read))
 
     # ---- rendering ------------------------------------------------------------------
 
@@ -179,6 +186,8 @@ class Metrics:
         kinds = ("header", "body", "idle", "write") + (("handshake",) if self.tls else ())
         _labelled(out, "rtserve_timeouts_total", "Connections closed by a timer.",
                   "kind", self.timeouts, kinds)
+        for fname, help, label, read_family in self.families:
+            _labelled(out, fname, help, label, read_family(), ())
         if self.tls:
             from .tls import ERROR_KINDS
 

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class Dispatcher(Protocol):
-    """What the reader routes with: a native `App` or the WSGI adapter (`WSGIApp`).
+    """What the reader routes with: a native `App`, or the WSGI or ASGI adapter
+    (`WSGIApp`, `ASGIApp`).
 
     `resolve` runs on the conductor: a dict lookup or a few prefix checks, never I/O.
     """

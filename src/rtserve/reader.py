@@ -19,8 +19,10 @@ from .admission import Admission
 from .answers import Answers
 from .connection import (
     CLOSING,
+    QUEUED,
     READING_BODY,
     READING_HEAD,
+    RUNNING,
     T_BODY,
     T_HEADER,
     T_IDLE,
@@ -77,6 +79,9 @@ class Reader:
         )
         self.requests_seen = 0  # routed requests (max_requests counts these)
         self.writer: Any = None  # writer.Writer, wired by the server (the two call each other)
+        # Set by the server for an interface whose work can be stopped (ASGI): the client's
+        # EOF while its request waits or runs means it left (as uvicorn and nginx take it).
+        self.abort_on_eof = False
 
     # ---- a new connection -----------------------------------------------------------------
 
@@ -125,6 +130,8 @@ class Reader:
             self.advance(conn, now)  # a complete request may still be buffered
         elif st is CLOSING:
             self.writer.close(conn)
+        elif self.abort_on_eof and (st is RUNNING or st is QUEUED):
+            self.writer.abort(conn)
 
     # ---- the parse loop -------------------------------------------------------------------
 

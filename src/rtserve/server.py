@@ -8,6 +8,12 @@ writer.py (completion, send, keep-alive or close); timers.py, answers.py and lif
 serve them. Config is converted once into `Limits`. With `--certfile` the reader and the
 writer are tlsio.py's TLSReader and TLSWriter (handshake, SSL reads and writes), chosen
 here once, and tls.py's context is built before serving (a bad file fails the start).
+
+The server is wired once for the app's interface (interfaces.py): a native App or a WSGI
+app runs on the worker pool; an ASGI app (asgi.py) runs on the event-loop threads of an
+ASGI executor (asgi_executor.py), which takes the pool's place in admission's hand-off and
+posts its results on the pool's completion queue. Only then are the cancellation hooks
+set (admission.cancel, writer.on_gone, reader.abort_on_eof): no per-request branch.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from .admission import Admission
 from .answers import Answers
 from .config import Config
 from .connection import Connection
+from .errors import StartupFailed
+from .interfaces import detect_interface
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .listener import Listener, format_address, make_listener
@@ -44,18 +52,23 @@ log = logging.getLogger("rtserve.error")
 
 
 def as_dispatcher(app: Any, cfg: Config) -> Any:
-    """A native App is used as is; any other callable is treated as a WSGI application."""
-    from .app import App
+    """What the conductor routes with: a native App as is, an ASGI app in `ASGIApp`, any
+    other callable in `WSGIApp` (`cfg.interface` overrides the detection)."""
+    from .asgi import ASGIApp
+    from .wsgi import WSGIApp
 
-    # A WSGI application object may well have a `resolve` method of its own: only a
-    # non-callable object with `resolve` (or an App) is taken as a native dispatcher.
-    if isinstance(app, App) or (hasattr(app, "resolve") and not callable(app)):
+    if isinstance(app, ASGIApp | WSGIApp):
+        return app  # already adapted (tests, run_child)
+    interface = cfg.interface if cfg.interface != "auto" else detect_interface(app)
+    if interface == "native":
+        if not hasattr(app, "resolve"):
+            raise TypeError(f"{app!r} is not an rtserve App (no resolve method)")
         return app
-    if callable(app):
-        from .wsgi import WSGIApp
-
-        return WSGIApp(app, cfg)
-    raise TypeError(f"{app!r} is neither an rtserve App nor a WSGI callable")
+    if not callable(app):
+        raise TypeError(f"{app!r} is neither an rtserve App, an ASGI app nor a WSGI callable")
+    if interface == "asgi":
+        return ASGIApp(app, cfg)
+    return WSGIApp(app, cfg)
 
 
 class Server:
@@ -79,7 +92,17 @@ class Server:
         self.limits = limits = Limits(cfg, max_requests)
         self.metrics = Metrics()
         self.pool = WorkerPool(cfg.threads)
-        self.worker = Worker(self.pool, cfg.stream_high_water)
+        # The hand-off: the pool's queue and a Worker, or an ASGI executor's inbox and its
+        # runner token (its loops post completions on the pool's queue all the same).
+        self.asgi: Any = None
+        if getattr(self.app, "interface", "") == "asgi":
+            self.asgi = self.app.make_executor(self.pool)
+            self.worker: Any = self.asgi.runner
+            self._submit = self.asgi.submit
+            limits.threads = cfg.asgi_concurrency  # admission's running cap: tasks, not threads
+        else:
+            self.worker = Worker(self.pool, cfg.stream_high_water)
+            self._submit = self.pool.task_put
         self.life = Lifecycle(limits.graceful_ns, limits.drain_ns, cfg.graceful_timeout)
         # Built now, on the calling thread: a bad certificate fails here, before serving.
         self.tls = TLSContexts(cfg) if requested(cfg) else None
@@ -151,6 +174,9 @@ class Server:
             self._setup()
             self.started.set()
             self.loop.run(self)
+        except StartupFailed as exc:
+            log.error("application startup failed: %s", exc)
+            self.life.exit_code = 3  # like an application that cannot be imported
         finally:
             self._teardown()
             self.started.set()
@@ -167,7 +193,7 @@ class Server:
         pool = self.pool
         answers = self.answers = Answers(self.life, self.metrics, pool, cfg.dashboard)
         admission = self.admission = Admission(
-            limits, cfg, self.metrics, timers, answers, pool.task_put, self.worker
+            limits, cfg, self.metrics, timers, answers, self._submit, self.worker
         )
         answers.admission = admission
         reader_args = (limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics,
@@ -186,6 +212,17 @@ class Server:
         reader.writer = writer
         writer.reader = reader
         admission.answer = writer.answer
+        asgi = self.asgi
+        if asgi is not None:
+            asgi.start()  # lifespan startup, before the listener exists (StartupFailed)
+            admission.cancel = asgi.cancel  # at respond-by: cancel the task
+            # The loops' backlog gate replaces the CPU gate (nothing samples a task's CPU).
+            admission.cpu_ok = asgi.ready  # type: ignore[method-assign]
+            writer.on_gone = asgi.gone  # closed while running: http.disconnect, cancel
+            reader.abort_on_eof = True  # a client that leaves cancels its request
+            self.metrics.labelled_counter(
+                "rtserve_cancelled_total", "ASGI tasks cancelled (deadline: the fallback "
+                "went out; disconnect: the client left).", "reason", asgi.cancelled)
         lst = self._sock if self._sock is not None else make_listener(
             cfg.bind, cfg.backlog, cfg.reuse_port
         )
@@ -194,7 +231,10 @@ class Server:
         )
         loop.handlers[self.listener.fd] = self.listener.on_ready
         self.address = self.listener.address
-        pool.start()
+        if asgi is not None:
+            asgi.set_server_address(self.address)
+        else:
+            pool.start()  # an ASGI app needs only the pool's completion queue
         loop.watch(pool.wakeup_fd, writer.on_completions)
         for fd, handler in self.life.install(self).items():
             loop.watch(fd, handler)
@@ -205,8 +245,10 @@ class Server:
             self.livestats = answers.livestats = LiveStats(
                 self.metrics, deadlines, now, cfg.cpu_inflight_ms
             )
-        log.info("listening on %s%s (%d threads, pid %d)", format_address(self.address),
-                 " (TLS)" if self.tls is not None else "", cfg.threads, os.getpid())
+        log.info("listening on %s%s (%s, pid %d)", format_address(self.address),
+                 " (TLS)" if self.tls is not None else "",
+                 f"ASGI, {cfg.asgi_loops} event loop(s)" if self.asgi is not None
+                 else f"{cfg.threads} threads", os.getpid())
 
     def _register_gauges(self) -> None:
         m = self.metrics
@@ -246,6 +288,8 @@ class Server:
                 log.exception("closing %r at teardown failed", conn)
         if self.listener is not None:
             self.listener.close()
+        if self.asgi is not None:
+            self.asgi.stop(0 if self.life.force_exit else self.cfg.graceful_timeout)
         self.pool.shutdown(timeout=0 if self.life.force_exit else 1.0)
         if self.loop is not None:
             self.loop.ep.close()

@@ -95,6 +95,9 @@ class Writer:
         self._access_log = limits.access_log
         self._access_format = access_log_format
         self.reader: Any = None  # reader.Reader, wired by the server
+        # Set by the server for an interface whose work can be stopped (ASGI): called with
+        # (conn, req_id) when a connection closes while its request runs.
+        self.on_gone: Callable[[Connection, int], None] | None = None
         self.listener: Any = None  # listener.Listener, wired by the server
 
     # ---- completions from workers ---------------------------------------------------------
@@ -419,6 +422,8 @@ class Writer:
             return
         if conn.state is QUEUED:
             self._admission.forget(conn, _monotonic_ns())  # the client left while it waited
+        elif conn.state is RUNNING and self.on_gone is not None:
+            self.on_gone(conn, conn.req_id)  # the client left while it ran: stop the work
         body = conn.body
         conn.closed()
         fd = conn.fd
