@@ -15,7 +15,8 @@ INLINE = os.environ.get("BENCH_INLINE") == "1"
 FALLBACK = Response.json({"decision": "review"})
 
 
-@app.get("/hello", inline=INLINE)
+# (inline passed only when asked: a --baseline run serves this file with an older rtserve)
+@app.get("/hello", **({"inline": True} if INLINE else {}))
 def hello(request: Request) -> Response:
     """Workloads A and B: a constant text body."""
     return Response.text("Hello, world!")
