@@ -18,10 +18,14 @@ Workloads (see docs/benchmarks.md for the why of each):
      the server's capacity measured in C   the intended send time)
   F  10,000 idle keep-alive connections    bench/idle_conns.py, server VmRSS before/after
 
+A and B also over TLS (opt-in rows rtserve-tls, uvicorn-tls, granian-tls: wrk speaks https
+to a self-signed certificate made with openssl in the run's temp dir).
+
 Usage:
   bench/run.py                       full run (3 repeats), tables on stdout, JSON in results/
   bench/run.py --quick               1-2 minute smoke: A and C, 1 repeat, short runs
   bench/run.py --servers rtserve,uvicorn --workloads A,C --duration 5
+  bench/run.py --servers rtserve-tls,uvicorn-tls,granian-tls --workloads A,B
   bench/run.py --write-docs          also rewrite docs/benchmarks.md from this run
   bench/run.py --report results/X.json --write-docs   re-render an earlier run
   bench/run.py --profile             py-spy flame graph of rtserve under workload A
@@ -31,8 +35,8 @@ Usage:
   bench/run.py --sweep-threads 2,4,8 every threaded server at 2, 4 and 8 threads (A-E);
                                      tables show each at rtserve's count (8) and its best
 
-Missing tools are installed: wrk (and nginx if it is selected) with apt-get, the Python
-servers (the project's bench extra) with pip into this venv.
+Missing tools are installed: wrk (and nginx, openssl if a selected server needs them) with
+apt-get, the Python servers (the project's bench extra) with pip into this venv.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -141,7 +146,10 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 #: Debian package of each system tool the driver runs. ``nginx`` (not ``nginx-light``, gone
 #: from Debian after bookworm) ships /usr/sbin/nginx itself on bookworm and later.
-APT_TOOLS = {"wrk": "wrk", "nginx": "nginx", "taskset": "util-linux", "nice": "coreutils"}
+APT_TOOLS = {"wrk": "wrk", "nginx": "nginx", "taskset": "util-linux", "nice": "coreutils",
+             "openssl": "openssl"}
+#: Tools of APT_TOOLS needed only by some servers (nginx; openssl for the TLS rows' cert).
+OPTIONAL_TOOLS = {"nginx", "openssl"}
 #: The executable each Python server needs in the venv, from ``pip install -e '.[bench]'``.
 VENV_TOOLS = {"rtserve": "rtserve", "waitress": "waitress-serve", "gunicorn": "gunicorn",
               "uvicorn": "uvicorn", "granian": "granian", "py-spy": "py-spy"}
@@ -153,17 +161,19 @@ def which(tool: str) -> str | None:
         tool, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
 
 
-def ensure_tools(need_nginx: bool, need_python: Collection[str] = ()) -> None:
+def ensure_tools(need_tools: Collection[str] = (), need_python: Collection[str] = ()) -> None:
     """Install what the selected servers and generators need and is missing.
 
-    System tools (wrk always, nginx only when the nginx server is selected) come from
+    System tools (wrk always; nginx and openssl only when named in ``need_tools``: the
+    nginx server, the TLS rows' certificate) come from
     Debian with ``apt-get`` (one ``apt-get update`` first: a fresh machine may have no
     package lists); the Python servers in ``need_python`` (names of VENV_TOOLS) come from
     the project's ``bench`` extra with pip, into this venv. ``make bench`` installs the
     extra too; this covers ``bench/run.py`` run by hand on a new machine.
     """
     missing = sorted({pkg for tool, pkg in APT_TOOLS.items()
-                      if which(tool) is None and (need_nginx or tool != "nginx")})
+                      if which(tool) is None
+                      and (tool not in OPTIONAL_TOOLS or tool in need_tools)})
     if missing:
         if os.geteuid() != 0:
             sys.exit(f"missing tools: install them (apt-get install {' '.join(missing)})")
@@ -337,6 +347,8 @@ class Server:
     needs: tuple[str, ...] = ()
     #: Workloads whose code path uses the threads (only these are swept).
     sweep_workloads: str = "ABCDE"
+    #: Serves HTTPS only: wrk and wait_ready speak TLS to it (wrk workloads only).
+    tls: bool = False
 
 
 def nginx_conf(tmp: Path, port: int) -> None:
@@ -362,10 +374,43 @@ http {{
 """)
 
 
+#: The TLS rows' certificate and key, made by tls_cert() in the run's temp dir.
+TLS_CERT = "{tmp}/tls-cert.pem"
+TLS_KEY = "{tmp}/tls-key.pem"
+
+
+def tls_cert_cmd(tmp: Path | str) -> list[str]:
+    """openssl command of the TLS rows' certificate: self-signed ECDSA P-256 for 127.0.0.1.
+
+    The key is written as PKCS#8 (OpenSSL 3's default), the one format granian reads.
+    """
+    return ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+            "ec_paramgen_curve:prime256v1", "-nodes", "-days", "7",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", TLS_KEY.format(tmp=tmp), "-out", TLS_CERT.format(tmp=tmp)]
+
+
+def tls_cert(tmp: Path, port: int) -> None:
+    """The TLS rows' ``prepare``: the certificate and key, once per run (one temp dir)."""
+    if Path(TLS_CERT.format(tmp=tmp)).exists() and Path(TLS_KEY.format(tmp=tmp)).exists():
+        return
+    out = subprocess.run(tls_cert_cmd(tmp), capture_output=True, text=True, timeout=30)
+    if out.returncode:
+        raise RuntimeError(f"openssl could not make the TLS certificate: {out.stderr[-1000:]}")
+
+
 RT_COMMON = ["--threads", "{threads}", "--backlog", "4096", "--max-connections", "12000",
              "--keepalive-timeout", "30", "--log-level", "warning"]
 RT_WSGI_DEADLINE = ["--route-deadline", f"/score={DEADLINE_MS:g}",
                     "--fallback", '/score=200:{{"decision": "review"}}']
+UVICORN = ["{bin}/uvicorn", "apps.asgi_app:app", "--host", "127.0.0.1", "--port", "{port}",
+           "--loop", "uvloop", "--http", "httptools", "--workers", "1", "--no-access-log",
+           "--log-level", "warning", "--timeout-keep-alive", "30", "--backlog", "4096"]
+#: granian's WSGI options; the app comes last.
+GRANIAN_WSGI = ["{bin}/granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port",
+                "{port}", "--workers", "1", "--runtime-threads", "1", "--blocking-threads",
+                "{threads}", "--backlog", "4096", "--http1-header-read-timeout", "30000",
+                "--no-access-log", "--log-level", "warning"]
 SERVERS: list[Server] = [
     Server("rtserve", "rtserve", ["{bin}/rtserve", "apps.native_app:app", "--bind",
            "127.0.0.1:{port}", *RT_COMMON], note="native App, {threads} worker threads",
@@ -391,18 +436,27 @@ SERVERS: list[Server] = [
            "{threads}", "--worker-connections", "12000", "--keep-alive", "30", "--backlog",
            "4096", "--log-level", "warning", "-b", "127.0.0.1:{port}", "apps.wsgi_app:app"],
            note="gthread, 1 worker, threads={threads}", threads=THREADS, needs=("gunicorn",)),
-    Server("uvicorn", "peer", ["{bin}/uvicorn", "apps.asgi_app:app", "--host", "127.0.0.1",
-           "--port", "{port}", "--loop", "uvloop", "--http", "httptools", "--workers", "1",
-           "--no-access-log", "--log-level", "warning", "--timeout-keep-alive", "30",
-           "--backlog", "4096"], note="uvloop + httptools, ASGI, /score in {threads} threads",
-           threads=THREADS, env={"BENCH_POOL_THREADS": "{threads}"}, needs=("uvicorn",),
-           sweep_workloads="CE"),  # /hello and /big answer on the event loop
-    Server("granian", "peer", ["{bin}/granian", "--interface", "wsgi", "--host", "127.0.0.1",
-           "--port", "{port}", "--workers", "1", "--runtime-threads", "1",
-           "--blocking-threads", "{threads}", "--backlog", "4096",
-           "--http1-header-read-timeout", "30000", "--no-access-log",
-           "--log-level", "warning", "apps.wsgi_app:app"],
+    Server("uvicorn", "peer", UVICORN, note="uvloop + httptools, ASGI, /score in {threads} "
+           "threads", threads=THREADS, env={"BENCH_POOL_THREADS": "{threads}"},
+           needs=("uvicorn",), sweep_workloads="CE"),  # /hello, /big answer on the event loop
+    Server("granian", "peer", [*GRANIAN_WSGI, "apps.wsgi_app:app"],
            note="WSGI, 1 worker, {threads} blocking threads", threads=THREADS,
+           needs=("granian",)),
+    # TLS rows (opt-in: --servers rtserve-tls,uvicorn-tls,granian-tls): A and B over HTTPS,
+    # each the plain row's command plus its certificate flags; one certificate per run.
+    Server("rtserve-tls", "rtserve", ["{bin}/rtserve", "apps.native_app:app", "--bind",
+           "127.0.0.1:{port}", *RT_COMMON, "--certfile", TLS_CERT, "--keyfile", TLS_KEY],
+           workloads="AB", default=False, prepare=tls_cert, tls=True,
+           note="native App, {threads} worker threads, TLS (ssl module)", threads=THREADS,
+           needs=("rtserve",)),
+    Server("uvicorn-tls", "peer", [*UVICORN, "--ssl-certfile", TLS_CERT, "--ssl-keyfile",
+           TLS_KEY], workloads="AB", default=False, prepare=tls_cert, tls=True,
+           note="uvloop + httptools, ASGI, TLS (ssl module)", threads=THREADS,
+           env={"BENCH_POOL_THREADS": "{threads}"}, needs=("uvicorn",), sweep_workloads="CE"),
+    Server("granian-tls", "peer", [*GRANIAN_WSGI, "--ssl-certificate", TLS_CERT,
+           "--ssl-keyfile", TLS_KEY, "apps.wsgi_app:app"], workloads="AB", default=False,
+           prepare=tls_cert, tls=True,
+           note="WSGI, 1 worker, {threads} blocking threads, TLS (rustls)", threads=THREADS,
            needs=("granian",)),
     # FastAPI rows (opt-in: --servers rtserve-fastapi,uvicorn-fastapi,granian-fastapi).
     Server("rtserve-fastapi", "rtserve", ["{bin}/rtserve", "apps.fastapi_app:app", "--bind",
@@ -434,7 +488,8 @@ def baseline_twin(server: Server, ref: str, src: Path) -> Server:
                   prepare=server.prepare, note=f"{server.note}; rtserve of {ref}",
                   default=True, threads=server.threads,
                   env={**server.env, "PYTHONPATH": f"{src}{os.pathsep}{BENCH}"},
-                  needs=server.needs, sweep_workloads=server.sweep_workloads)
+                  needs=server.needs, sweep_workloads=server.sweep_workloads,
+                  tls=server.tls)
 
 
 def check_baseline_import(src: Path) -> None:
@@ -516,19 +571,70 @@ def server_cmd(server: Server, workload: str, port: int, tmp: Path,
     return [*pin(SERVER_CPU), *_fmt((["env", *env] if env else []) + cmd, port, tmp, threads)]
 
 
-def wait_ready(p: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30.0) -> None:
-    """Wait until ``GET /hello`` on the port gets an HTTP answer; fail if the server died."""
+def _unverified_tls() -> ssl.SSLContext:
+    """A client context that accepts any certificate (the TLS rows' is self-signed)."""
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    return tls
+
+
+@dataclass
+class Hello:
+    """What one ``GET /hello`` probe got: an HTTP answer, and over TLS what it negotiated."""
+
+    answered: bool
+    negotiated: str = ""  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    session: ssl.SSLSession | None = None
+    reused: bool = False
+
+
+def _hello(port: int, tls: ssl.SSLContext | None = None,
+           session: ssl.SSLSession | None = None) -> Hello:
+    """One ``GET /hello`` on a new connection (over TLS with ``tls``, offering ``session``)."""
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=1))
+        if tls is None:
+            s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return Hello(s.recv(64).startswith(b"HTTP/1."))
+        # The handshake happens here (an SSLError is an OSError).
+        t = stack.enter_context(tls.wrap_socket(s, server_hostname="127.0.0.1",
+                                                session=session))
+        t.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answered = t.recv(64).startswith(b"HTTP/1.")  # TLS 1.3 tickets are read on the way
+        cipher = t.cipher()
+        return Hello(answered, f"{t.version()} {cipher[0] if cipher else '?'}", t.session,
+                     t.session_reused)
+
+
+def wait_ready(p: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30.0,
+               tls: bool = False) -> str | None:
+    """Wait until ``GET /hello`` on the port gets an HTTP answer; fail if the server died.
+
+    ``tls``: over a real TLS handshake (certificate not verified), then once more offering
+    that session; returns what was negotiated and whether the server resumed the session,
+    e.g. ``TLSv1.3 TLS_AES_256_GCM_SHA384, resumes sessions`` (None for plain HTTP). wrk
+    offers its previous session on each reconnect too (SSL_clear keeps it): in B a
+    resuming server does abbreviated handshakes.
+    """
     t_end = time.monotonic() + timeout
+    ctx = _unverified_tls() if tls else None
     while time.monotonic() < t_end:
         if p.poll() is not None:
             raise RuntimeError(f"server exited with {p.returncode}: {log.read_text()[-2000:]}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if s.recv(64).startswith(b"HTTP/1."):
-                    return
+            first = _hello(port, ctx)
         except OSError:
-            pass
+            first = Hello(False)
+        if first.answered:
+            if ctx is None:
+                return None
+            try:
+                again = _hello(port, ctx, first.session)
+                resumed = "resumes" if again.reused else "does not resume"
+            except OSError as e:
+                resumed = f"resumption not known ({e})"
+            return f"{first.negotiated}, {resumed} sessions"
         time.sleep(0.1)
     raise RuntimeError(f"server not answering on {port} after {timeout}s: "
                        f"{log.read_text()[-2000:]}")
@@ -551,7 +657,10 @@ def running(server: Server, workload: str, ctx: Ctx, threads: int | None = None
     log = ctx.tmp / (re.sub(r"[^\w.@+-]", "_", server.name) + ".log")
     p = start_process(cmd, BENCH, ctx.env, log)
     try:
-        wait_ready(p, port, log)
+        got = wait_ready(p, port, log, tls=server.tls)
+        if got and server.name not in ctx.results.setdefault("tls", {}):
+            ctx.results["tls"][server.name] = got
+            print(f"# {server.name}: {got} (wait_ready's probe)", flush=True)
         yield p.pid, port
         if p.poll() is not None:
             raise RuntimeError(f"{server.name} died during {workload}: "
@@ -598,18 +707,22 @@ class RssSampler:
                 "rss_hwm_kib": tree_status_kib(self.pid, "VmHWM")}
 
 
-def run_wrk(w: Workload, port: int, seconds: float, ctx: Ctx, record: bool = True
-            ) -> dict[str, Any]:
-    """One wrk run pinned to the client CPU; returns the JSON from bench/lua/bench.lua."""
+def run_wrk(w: Workload, port: int, seconds: float, ctx: Ctx, record: bool = True,
+            tls: bool = False) -> dict[str, Any]:
+    """One wrk run pinned to the client CPU; returns the JSON from bench/lua/bench.lua.
+
+    ``tls``: over https (wrk does not verify the certificate; in B every connection is a
+    new TLS handshake, resumed when the server accepts wrk's previous session).
+    """
     env = dict(os.environ, WRK_DEADLINE_MS=str(DEADLINE_MS))
     if w.post_body:
         env["WRK_BODY_FILE"] = str(ctx.body_file)
         env["WRK_COUNT_MARKER"] = "1"
     cmd = [*pin(CLIENT_CPU), "wrk", "-t1", f"-c{w.connections}",
            f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(BENCH / "lua/bench.lua"),
-           *w.wrk_args, f"http://127.0.0.1:{port}{w.path}"]
+           *w.wrk_args, f"{'https' if tls else 'http'}://127.0.0.1:{port}{w.path}"]
     if record:
-        ctx.commands.setdefault(f"wrk {w.key}", shlex.join(cmd))
+        ctx.commands.setdefault(f"wrk {w.key}{' tls' if tls else ''}", shlex.join(cmd))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 60)
     for line in out.stdout.splitlines():
         if line.startswith("WRK_JSON "):
@@ -685,6 +798,8 @@ def _measure(server: Server, w: Workload, ctx: Ctx, threads: int | None) -> None
     seconds = ctx.duration or w.duration
     warmup = ctx.warmup if ctx.warmup is not None else w.warmup
     slot = ctx.results["runs"].setdefault(w.key, {}).setdefault(server.name, [])
+    if server.tls and w.kind != "wrk":
+        raise RuntimeError(f"{w.key}: its generator speaks plain HTTP only, not TLS")
     if w.kind == "idle":
         with running(server, w.key, ctx, threads) as (pid, port):
             run_wrk(WORKLOADS["A"], port, 1, ctx, record=False)  # touch the code paths
@@ -704,10 +819,10 @@ def _measure(server: Server, w: Workload, ctx: Ctx, threads: int | None) -> None
         return
     with running(server, w.key, ctx, threads) as (pid, port):
         if warmup > 0:
-            run_wrk(w, port, warmup, ctx, record=False)
+            run_wrk(w, port, warmup, ctx, record=False, tls=server.tls)
         cpu0 = tree_cpu_seconds(pid)
         with RssSampler(pid) as rss:
-            r = run_wrk(w, port, seconds, ctx)
+            r = run_wrk(w, port, seconds, ctx, tls=server.tls)
         r["server_cpu_s"] = tree_cpu_seconds(pid) - cpu0
         r.update(rss.result())  # peak and end RSS (shown for B: connection churn)
         # Per CPU-second of the server (None when the clock-tick count is too small).
@@ -754,6 +869,7 @@ class Row:
     label: str
     kind: str
     runs: list[dict[str, Any]]
+    tls: bool = False
 
 
 def _better(key: str) -> Callable[..., Any]:
@@ -770,22 +886,23 @@ def rows_of(key: str, res: dict[str, Any]) -> list[Row]:
     ratios compare), so each peer also meets rtserve at its own best setting.
     """
     kinds = {s["name"]: s["kind"] for s in res["servers"]}
+    tls = {s["name"] for s in res["servers"] if s.get("tls")}
     ref = res.get("ref_threads", THREADS)
     out: list[Row] = []
     for name, runs in res["runs"].get(key, {}).items():
         kind = kinds.get(name, "peer")
         counts = sorted({r.get("threads") for r in runs if r.get("threads")})
         if len(counts) <= 1:
-            out.append(Row(name, kind, runs))
+            out.append(Row(name, kind, runs, name in tls))
             continue
         at = {t: [r for r in runs if r.get("threads") == t] for t in counts}
         scored = [(m, t) for t in counts if (m := _metric(key, at[t])) is not None]
         best = _better(key)(scored)[1] if scored else None
         if ref in at:
             mark = ", best" if best == ref else ""
-            out.append(Row(f"{name} ({ref} threads{mark})", kind, at[ref]))
+            out.append(Row(f"{name} ({ref} threads{mark})", kind, at[ref], name in tls))
         if best is not None and best != ref:
-            out.append(Row(f"{name} (best: {best} threads)", kind, at[best]))
+            out.append(Row(f"{name} (best: {best} threads)", kind, at[best], name in tls))
     return out
 
 
@@ -945,9 +1062,15 @@ def ratio_table(key: str, res: dict[str, Any]) -> list[str]:
     Rows: the rtserve variants; columns: the baseline (``rtserve@REF``: old vs new rtserve
     measured side by side), then the peers and the ceiling. For the wrk workloads a second
     row per rtserve variant compares requests per server CPU-second, the figure least
-    disturbed by other load on the machine.
+    disturbed by other load on the machine. TLS rows get a table of their own: an HTTPS
+    row is compared only with HTTPS rows.
     """
-    rows_ = rows_of(key, res)
+    out = _ratio_table(key, [r for r in rows_of(key, res) if not r.tls], "")
+    over_tls = _ratio_table(key, [r for r in rows_of(key, res) if r.tls], " over TLS")
+    return out + ([""] if out and over_tls else []) + over_tls
+
+
+def _ratio_table(key: str, rows_: list[Row], title: str) -> list[str]:
     ours = [r for r in rows_ if r.kind == "rtserve"]
     others = ([r for r in rows_ if r.kind == "baseline"]
               + [r for r in rows_ if r.kind not in ("rtserve", "baseline")])
@@ -956,7 +1079,7 @@ def ratio_table(key: str, res: dict[str, Any]) -> list[str]:
     what = {"C": "real answers/s: 2xx that are not fallbacks",
             "E": "goodput at the highest load",
             "F": "KiB per idle connection, lower is better"}.get(key, "requests/s")
-    rows = [f"Ratio rtserve / other ({what}):", "",
+    rows = [f"Ratio rtserve / other{title} ({what}):", "",
             "| | " + " | ".join(p.label for p in others) + " |",
             "|---|" + "---:|" * len(others)]
     for o in ours:
@@ -1046,6 +1169,16 @@ def _method_extras(res: dict[str, Any]) -> list[str]:
                    f"{', '.join(map(str, sweep))} threads, uvicorn's\n  /score pool C and E. "
                    f"Tables show each server at {ref} (rtserve's count) and at its\n  own best "
                    f"count; the sweep tables give every count. F ran at {ref} only.")
+    tls = [s["name"] for s in res["servers"] if s.get("tls")]
+    if tls:
+        got = "; ".join(f"{k}: {v}" for k, v in res.get("tls", {}).items())
+        cert = " ".join(tls_cert_cmd("$TMP"))  # not shlex: $TMP must stay expandable
+        out.append(f"TLS rows ({', '.join(tls)}): the plain row's server with a certificate "
+                   f"made once per\n  run, `{cert}`;\n  wrk connects with https (no "
+                   f"verification). In B each request is a new TCP connection and TLS\n  "
+                   f"handshake; wrk offers its previous session, so a server that resumes "
+                   f"does an\n  abbreviated one. Negotiated with a Python client at start: "
+                   f"{got or 'not recorded'}.\n  TLS rows are compared with TLS rows only.")
     base = res.get("baseline")
     if base:
         out.append(f"Baseline: `NAME@{base['ref']}` is the same server, apps and settings "
@@ -1324,7 +1457,10 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
         keys = ["C", *keys]  # E's rates come from C's capacity
     keys = [k for k in WORKLOADS if k in keys]
 
-    ensure_tools(any(s.name == "nginx" for s in servers),
+    tools = {"nginx"} if any(s.name == "nginx" for s in servers) else set()
+    if any(s.tls for s in servers):
+        tools.add("openssl")  # the TLS rows' certificate
+    ensure_tools(tools,
                  {n for s in servers for n in s.needs} | ({"py-spy"} if a.profile else set()))
     NGINX = which("nginx") or "nginx"
     baseline: dict[str, str] | None = None
@@ -1367,7 +1503,7 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
         "options": {"repeat": repeat, "duration": f"{a.duration or 10:g} s",
                     "warmup": f"{a.warmup if a.warmup is not None else 2:g} s",
                     "short": short, "argv": sys.argv[1:]},
-        "servers": [{"name": s.name, "kind": s.kind,
+        "servers": [{"name": s.name, "kind": s.kind, "tls": s.tls,
                      "note": s.note.format(threads=_threads_note(s, sweep))} for s in servers],
         "ref_threads": THREADS,
         "sweep_threads": sweep,
