@@ -900,3 +900,25 @@ def test_keyfile_password_never_reaches_a_child_command_line(certs: Certs) -> No
                  keyfile_password="s3cret pass")
     assert not any("s3cret" in a for a in child_args("app:app", cfg))
     assert child_env(cfg) == {"RTSERVE_KEYFILE_PASSWORD": "s3cret pass"}
+
+
+def test_an_asgi_app_over_tls_sees_https(certs: Certs) -> None:
+    """The ASGI scope's scheme says https on a TLS server (as wsgi.url_scheme does)."""
+    import json as _json
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = _json.dumps({"scheme": scope["scheme"]}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    with server_thread(app, interface="asgi", lifespan="off", **tls_settings(certs)) as server:
+        sock = tls_connect(server.address, client_context(certs))
+        sock.sendall(b"GET /s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        f = sock.makefile("rb")
+        status, _, body = read_response_file(f)
+        f.close()
+        sock.close()
+    assert (status, _json.loads(body)) == (200, {"scheme": "https"})

@@ -34,7 +34,7 @@ class ScopeBuilder:
     One per event loop (its caches are that loop thread's alone).
     """
 
-    __slots__ = ("root_path", "_root_raw", "_proxies", "server", "state", "_names")
+    __slots__ = ("root_path", "_root_raw", "_proxies", "server", "state", "_names", "scheme")
 
     def __init__(self, cfg: Config, state: dict[str, Any]) -> None:
         root = cfg.root_path.rstrip("/")
@@ -48,6 +48,8 @@ class ScopeBuilder:
             raise ConfigError(str(exc)) from None
         self.server: tuple[str, int | None] | None = None  # the listener's address (set later)
         self.state = state  # the lifespan state of this loop
+        # Every connection of a server with --certfile is TLS: the scheme is a constant.
+        self.scheme = "https" if cfg.certfile else "http"
         self._names: dict[str, bytes] = {}
 
     def build(self, req: Request) -> tuple[dict[str, Any], bool]:
@@ -79,7 +81,7 @@ class ScopeBuilder:
         client = req.client
         if client is not None and client[0] == "unix":
             client = None
-        scheme = "http"
+        scheme = self.scheme
         if proxied:
             client, scheme = self._forwarded(req, client)
         scope = {
@@ -112,4 +114,4 @@ class ScopeBuilder:
         )
         if host is not None:
             client = (host, port if port is not None else 0)
-        return client, scheme or "http"
+        return client, scheme or self.scheme
