@@ -4,7 +4,7 @@ is logged with its traceback, and the next client is served.
 
 How a fault is injected depends on how the part is wired, and each test says which:
 
-- Parts that look a method up at every call (writer.respond and writer._complete,
+- Parts that look a method up at every call (writer.respond and completions._complete,
   reader.on_timer and admission.on_deadline in the loop's timer pass, the server's
   housekeeping, the parser's next_event) are patched on the running server's part (or,
   for the parser, made per connection, on its class).
@@ -202,14 +202,14 @@ def _late_result_faults(srv: Server, once: Once, gate: Gate,
     request was answered at its deadline (the fallback), and the worker finishes after.
     The fault comes before anything of the completion was handled.
     """
-    real = srv.writer._complete
+    real = srv.completions._complete
     ports: set[int] = set()
 
     def complete(conn: Any, rid: int, result: Any, now: int) -> None:
-        once(conn.addr[1] in ports, "writer._complete")
+        once(conn.addr[1] in ports, "completions._complete")
         real(conn, rid, result, now)
 
-    monkeypatch.setattr(srv.writer, "_complete", complete)
+    monkeypatch.setattr(srv.completions, "_complete", complete)
     s = connect(srv.address)
     ports.add(s.getsockname()[1])
     s.sendall(b"GET /held HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -219,7 +219,7 @@ def _late_result_faults(srv: Server, once: Once, gate: Gate,
         pytest.fail(f"expected the deadline fallback first, got {status} {headers}")
     gate.release.set()  # the worker finishes: its late result is the faulty completion
     if not once.fired.wait(10):
-        pytest.fail("the completion never reached writer._complete")
+        pytest.fail("the completion never reached completions._complete")
     return s, f
 
 

@@ -4,7 +4,7 @@ Built on the main thread; `serve()` then runs on the thread that becomes the con
 (the main thread in production, so signals reach it). The parts, in the order a request
 meets them: loop.py (epoll) -> listener.py (accept) -> reader.py (recv, parse, route) ->
 admission.py (budget, queue, gates) -> pool.py + worker.py (the handler, on a worker) ->
-writer.py (completion, send, keep-alive or close); timers.py, answers.py and lifecycle.py
+completions.py (results in, late ones dropped) -> writer.py (send, keep-alive or close); timers.py, answers.py and lifecycle.py
 serve them. Config is converted once into `Limits`. With `--certfile` the reader and the
 writer are tlsio.py's TLSReader and TLSWriter (handshake, SSL reads and writes), chosen
 here once, and tls.py's context is built before serving (a bad file fails the start).
@@ -30,6 +30,7 @@ from typing import Any
 from . import slo
 from .admission import Admission
 from .answers import Answers
+from .completions import Completions
 from .config import Config
 from .connection import Connection
 from .errors import StartupFailed
@@ -121,6 +122,7 @@ class Server:
         self.admission: Any = None
         self.reader: Any = None
         self.writer: Any = None
+        self.completions: Any = None
         self.listener: Any = None
         self.livestats: LiveStats | None = None  # --dashboard only
 
@@ -199,8 +201,7 @@ class Server:
         reader_args = (limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics,
                        self.app, answers, admission, self.life)
         writer_args = (limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics,
-                       admission, answers, self.life, pool.take_completions,
-                       cfg.access_log_format)
+                       admission, answers, self.life, cfg.access_log_format)
         reader: Reader
         writer: Writer
         if self.tls is not None:
@@ -211,6 +212,10 @@ class Server:
             writer = self.writer = Writer(*writer_args)
         reader.writer = writer
         writer.reader = reader
+        completions = self.completions = Completions(
+            pool.take_completions, admission, answers, self.metrics, writer
+        )
+        completions.reader = reader
         admission.answer = writer.answer
         asgi = self.asgi
         if asgi is not None:
@@ -235,7 +240,7 @@ class Server:
             asgi.set_server_address(self.address)
         else:
             pool.start()  # an ASGI app needs only the pool's completion queue
-        loop.watch(pool.wakeup_fd, writer.on_completions)
+        loop.watch(pool.wakeup_fd, completions.on_completions)
         for fd, handler in self.life.install(self).items():
             loop.watch(fd, handler)
         self._register_gauges()

@@ -1,10 +1,10 @@
-"""Writing side of HTTP/1 connections: completions in, bytes out, then keep-alive or close.
+"""Writing side of HTTP/1 connections: bytes out, then keep-alive or close.
 
-Conductor thread only. Top to bottom: `on_completions` (workers' results, late ones
-dropped), `answer`/`respond` (a Reply starts going out), the send paths (send, sendmsg,
-sendfile, the stream pump, EPOLLOUT only after a partial send), `finish` (the duration is
-recorded; keep-alive or a lingering close), and `close`, the only place a client socket
-is closed (unregistered from epoll first).
+Conductor thread only. Top to bottom: `answer`/`respond` (a Reply starts going out; the
+replies come from completions.py, admission.py and the reader), the send paths (send,
+sendmsg, sendfile, the stream pump, EPOLLOUT only after a partial send), `finish` (the
+duration is recorded; keep-alive or a lingering close), and `close`, the only place a
+client socket is closed (unregistered from epoll first).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from .limits import Limits
 from .metrics import BUCKETS_NS, Metrics
 from .request import Request
 from .stream import StreamChannel
-from .worker import STREAM_DONE, STREAM_WAKE
 
 log = logging.getLogger("rtserve.error")
 access_log = logging.getLogger("rtserve.access")
@@ -78,7 +77,7 @@ class Writer:
     def __init__(self, limits: Limits, conns: dict[int, Connection], ep: Any,
                  set_mask: Callable[[Connection, int], None], timers: Any, metrics: Metrics,
                  admission: Admission, answers: Answers, life: Lifecycle,
-                 take_completions: Callable[[], list], access_log_format: str) -> None:
+                 access_log_format: str) -> None:
         self._conns = conns
         self._ep = ep
         self._set_mask = set_mask
@@ -86,11 +85,8 @@ class Writer:
         self._metrics = metrics
         self._histograms = metrics.requests  # (method, route, status) -> Histogram
         self._admission = admission
-        self._finished = admission.finished
-        self._waiting = admission.waiting
         self._answers = answers
         self._life = life
-        self._take_completions = take_completions
         self._write_ns = limits.write_ns
         self._access_log = limits.access_log
         self._access_format = access_log_format
@@ -100,71 +96,13 @@ class Writer:
         self.on_gone: Callable[[Connection, int], None] | None = None
         self.listener: Any = None  # listener.Listener, wired by the server
 
-    # ---- completions from workers ---------------------------------------------------------
-
-    def on_completions(self, now: int) -> None:
-        """Every result workers posted since the last wake-up, then what may start next."""
-        finished = self._finished
-        metrics = self._metrics
-        respond = self.respond
-        for conn, rid, result, final in self._take_completions():
-            try:
-                if result.__class__ is tuple and conn.req_id == rid and conn.state is RUNNING:
-                    # The common case, inlined: a handler's reply for the request in flight
-                    # (conn.awaits(rid) with RUNNING, the only state a reply can find).
-                    req = conn.request
-                    if final:
-                        final = False  # given back now: a fault below must not do it again
-                        finished(conn, rid, req, now)
-                    if result[0] >= 500:
-                        metrics.handler_errors += 1
-                    if respond(conn, result, now) and conn.state is READING_HEAD:
-                        self.reader.resume(conn, now)
-                else:
-                    if final:
-                        final = False
-                        # The limiter's sample and the DOA reset need the request only when
-                        # its result is used: a task that raised is the one such case here.
-                        finished(conn, rid, conn.request if conn.awaits(rid) else None, now)
-                    self._complete(conn, rid, result, now)
-            except Exception:
-                if final:  # the fault came before its worker was given back: give it now
-                    try:
-                        finished(conn, rid, None, now)
-                    except Exception:
-                        log.exception("giving back the worker of %r failed", conn)
-                self.fault(conn, "handling a completion")
-        if self._waiting:
-            self._admission.dispatch_queued(now)
-
-    def _complete(self, conn: Connection, rid: int, result: Any, now: int) -> None:
-        """Every completion but a reply for the request in flight: streams, late results,
-        a task that raised. (A final one's worker was already given back.)"""
-        if result is STREAM_WAKE:  # a stream has data: pull it if the socket has room
-            if (
-                conn.req_id == rid and conn.state is WRITING and conn.out is None
-                and conn.body.__class__ is StreamChannel and self._pump(conn, now)
-            ):
-                self.reader.resume(conn, now)
-            return
-        if result is STREAM_DONE:  # the streaming worker is free (given back already)
-            return
-        if not conn.awaits(rid):  # answered at its deadline, or the client left
-            self._metrics.late_dropped += 1
-            if result.__class__ is tuple:
-                data = result[2]
-                if data.__class__ is StreamReply:
-                    data.channel.abort()
-                elif data.__class__ is FileReply:
-                    data.file.close()
-            return
-        req = conn.request
-        if result.__class__ is not tuple:  # the task raised outside the handler's guard
-            self._metrics.handler_errors += 1
-            result = self._answers.internal_error(req)
-        elif result[0] >= 500:
-            self._metrics.handler_errors += 1
-        self.answer(conn, result, now)
+    def on_stream_data(self, conn: Connection, rid: int, now: int) -> None:
+        """A worker put data in the stream of request `rid`: pull it if the socket has room."""
+        if (
+            conn.req_id == rid and conn.state is WRITING and conn.out is None
+            and conn.body.__class__ is StreamChannel and self._pump(conn, now)
+        ):
+            self.reader.resume(conn, now)
 
     # ---- a reply starts going out ---------------------------------------------------------
 
