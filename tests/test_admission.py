@@ -469,3 +469,44 @@ def test_handler_cpu_time_is_sampled() -> None:
         burn_route, nap_route = app._exact[("GET", "/burn")], app._exact[("GET", "/nap")]
         assert burn_route.cpu_ns > 1_000_000  # a 200k-step loop costs milliseconds of CPU
         assert nap_route.cpu_ns < burn_route.cpu_ns / 4  # waiting is not CPU
+
+
+def test_a_stalled_stream_does_not_hold_the_cpu_gate(gate: Gate) -> None:
+    """A streamed response whose client stopped reading keeps its worker, but its CPU
+    charge ends when the handler returns: other requests still start."""
+    import threading as _threading
+
+    from rtserve import App, Response
+
+    app = App()
+    produced = _threading.Event()
+
+    @app.get("/stream")
+    def stream(request: Request) -> Response:
+        def body():
+            produced.set()
+            while True:
+                yield b"x" * 16384
+
+        return Response(body(), 200)
+
+    @app.get("/fast")
+    def fast(request: Request) -> Response:
+        return Response.text("ok\n")
+
+    # A CPU cap small enough that one charge alone would close the gate.
+    with server_thread(app, threads=4, cpu_inflight_ms=0.000001,
+                       stream_high_water=65536, write_timeout=60) as server:
+        for route in server.app.routes():
+            route.cpu_ns = 1_000_000  # as if sampled: 1 ms of CPU per request
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        s.connect(server.address)
+        s.sendall(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")  # and never read
+        assert produced.wait(10)
+        wait_for(lambda: server.admission.busy == 1 and server.admission.cpu_inflight_ns == 0,
+                 what="the stream's charge to end")
+        c = Client(server.address)
+        assert c.request("GET", "/fast")[0] == 200
+        c.close()
+        s.close()

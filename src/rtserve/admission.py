@@ -168,6 +168,13 @@ class Admission:
             if self._sampling:
                 self.limit.on_sample(now - req.start_ns, self._busy + len(self.queue), False)
 
+    def handler_returned(self, conn: Connection, rid: int) -> None:
+        """A streamed response's head arrived: its handler returned, and its worker now
+        produces the body, mostly waiting for the client at the high-water mark. Its CPU
+        charge ends here: a stalled stream must not hold the CPU gate shut for others."""
+        if self._charges:
+            self._cpu_inflight -= self._charges.pop((conn, rid), 0)
+
     def dispatch_queued(self, now: int) -> None:
         """Hand queued requests to free workers: CoDel sheds, LIFO under a standing queue.
 
