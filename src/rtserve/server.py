@@ -7,7 +7,8 @@ admission.py (budget, queue, gates) -> pool.py + worker.py (the handler, on a wo
 completions.py (results in, late ones dropped) -> writer.py (send, keep-alive or close);
 timers.py, answers.py and lifecycle.py serve them. Config is converted once into
 `Limits`. With `--certfile` the reader and the writer are tlsio.py's TLSReader and
-TLSWriter (handshake, SSL reads and writes), chosen here once, and tls.py's context is built before serving (a bad file fails the start).
+TLSWriter (handshake, SSL reads and writes), chosen here once, and tls.py's context is
+built before serving (a bad file fails the start).
 
 The server is wired once for the app's interface (interfaces.py): a native App or a WSGI
 app runs on the worker pool; an ASGI app (asgi.py) runs on the event-loop threads of an
