@@ -28,7 +28,7 @@ $(FRAUD_STAMP): pyproject.toml | $(PY)
 # The fraud-scoring reference service (examples/fraud) with the in-process feature store;
 # it also answers the first demo's /hello, /slow and /echo; the live page is /dashboard.
 serve: $(FRAUD_STAMP)
-	$(VENV)/bin/rtserve examples.fraud:app --bind 127.0.0.1:8080 --dashboard
+	$(VENV)/bin/rtserve examples.fraud:app --bind 127.0.0.1:8080 --dashboard --shed-with-fallback
 
 # Open-loop load on 127.0.0.1:8080 (started for the run if `make serve` is not running),
 # 1% of feature fetches stalling 200 ms; a line per second.

@@ -59,6 +59,11 @@ FACTORS = (1.0, 2.0)
 SERVERS: dict[str, list[str]] = {
     "rtserve": [str(BIN / "rtserve"), "examples.fraud:app", "--bind", "127.0.0.1:{port}",
                 "--threads", "8", "--log-level", "warning"],
+    # What `make serve` runs: a request CoDel or the limit sheds gets the route's fallback
+    # decision instead of a 503 (--shed-with-fallback).
+    "rtserve --shed-with-fallback": [str(BIN / "rtserve"), "examples.fraud:app", "--bind",
+                                     "127.0.0.1:{port}", "--threads", "8",
+                                     "--shed-with-fallback", "--log-level", "warning"],
     "rtserve --processes 2": [str(BIN / "rtserve"), "examples.fraud:app", "--bind",
                               "127.0.0.1:{port}", "--threads", "8", "--processes", "2",
                               "--log-level", "warning"],

@@ -58,7 +58,7 @@ def service(host: str, port: int) -> Iterator[None]:
         yield
         return
     cmd = [sys.executable, "-m", "rtserve", "examples.fraud:app", "--bind", f"{host}:{port}",
-           "--log-level", "warning"]
+           "--shed-with-fallback", "--dashboard", "--log-level", "warning"]
     print(f"starting: {' '.join(cmd[1:])}", flush=True)
     p = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:

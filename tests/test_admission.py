@@ -510,3 +510,36 @@ def test_a_stalled_stream_does_not_hold_the_cpu_gate(gate: Gate) -> None:
         assert c.request("GET", "/fast")[0] == 200
         c.close()
         s.close()
+
+
+def test_shed_with_fallback_answers_a_shed_request_with_its_routes_decision(gate: Gate) -> None:
+    """--shed-with-fallback: a request shed by the limit gets the route's fallback (a
+    decision in time) instead of 503; a route without a fallback still gets 503."""
+    from rtserve import App, Response
+
+    app = App()
+
+    @app.post("/decide", deadline_ms=10_000, fallback=Response.json(REVIEW))
+    def decide(request: Request) -> Response:
+        gate.hold("decide")
+        return Response.text("ran\n")
+
+    @app.get("/plain")
+    def plain(request: Request) -> Response:
+        return Response.text("plain\n")
+
+    with server_thread(app, threads=1, max_inflight=1, shed_with_fallback=True) as server:
+        held = Client(server.address)
+        held.send("POST", "/decide")
+        gate.wait_entered()
+        shed = Client(server.address)
+        status, headers, body = shed.request("POST", "/decide")
+        assert (status, headers.get("x-rtserve-fallback")) == (200, "shed")
+        assert body == b'{"decision":"review"}'
+        other = Client(server.address)
+        assert other.request("GET", "/plain")[0] == 503  # no fallback: the usual shed
+        assert server.metrics.shed == {"limit": 2}
+        gate.release.set()
+        assert held.recv()[0] == 200
+        for c in (held, shed, other):
+            c.close()

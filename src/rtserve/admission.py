@@ -46,6 +46,7 @@ class Admission:
         self._margin_ns = limits.margin_ns
         self._default_ns = limits.default_deadline_ns
         self._cpu_cap = limits.cpu_cap_ns
+        self._shed_fallback = cfg.shed_with_fallback
         self._metrics = metrics
         self._timers = timers
         self._answers = answers
@@ -145,6 +146,10 @@ class Admission:
         route = req.route
         if reason == "codel" and self._sampling:
             self.limit.on_sample(now - req.start_ns, self._busy + len(self.queue), True)
+        if self._shed_fallback and route is not None and route.fallback is not None:
+            # A decision in time beats a retry (a payment must be decided by its deadline):
+            # the route's fallback, marked `X-Rtserve-Fallback: shed`, counted as both.
+            return self._answers.late(req, b"shed")
         retry = _retry_after(len(self.queue), route.ewma_ns if route else 0, self.threads)
         return self._answers.shed(req, retry)
 
