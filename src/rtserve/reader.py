@@ -87,12 +87,16 @@ class Reader:
 
     def open(self, sock: _socket.socket, addr: Any, now: int) -> int:
         """Adopt an accepted socket; returns how many connections are open."""
-        conn = Connection(sock, addr, self._new_parser())
+        return self._adopt(Connection(sock, addr, self._new_parser()), now + self._header_ns,
+                           T_HEADER)
+
+    def _adopt(self, conn: Connection, timer_at: int, timer_kind: int) -> int:
+        """Register a new connection for reading with its first timer; returns the count."""
         conns = self._conns
         conns[conn.fd] = conn
         self._ep.register(conn.fd, READ_MASK)
         conn.mask = READ_MASK
-        self._arm(conn, now + self._header_ns, T_HEADER)
+        self._arm(conn, timer_at, timer_kind)
         self._metrics.connections_accepted += 1
         return len(conns)
 

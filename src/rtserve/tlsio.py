@@ -43,7 +43,6 @@ from .connection import (
     T_HEADER,
     T_LINGER,
     T_WRITE,
-    WRITING,
     Connection,
 )
 from .reader import READ_MASK, RECV_SIZE, Reader
@@ -101,12 +100,7 @@ class TLSReader(Reader):
             self._metrics.count_tls_error("eof")
             return len(conns)
         conn = Connection(ssock, addr, self._new_parser(), handshake=True)
-        conns[conn.fd] = conn
-        self._ep.register(conn.fd, READ_MASK)
-        conn.mask = READ_MASK
-        self._arm(conn, now + self._handshake_ns, T_HANDSHAKE)
-        self._metrics.connections_accepted += 1
-        return len(conns)
+        return self._adopt(conn, now + self._handshake_ns, T_HANDSHAKE)
 
     def handshake(self, conn: Connection, now: int) -> None:
         """One step of the handshake, on a readiness event."""
@@ -266,6 +260,7 @@ class TLSWriter(Writer):
         return False
 
     def _wait_writable(self, conn: Connection, now: int) -> None:
+        """As the writer's, but a write that wants a read waits for EPOLLIN instead."""
         if conn.tls_want == WRITE_WANTS_READ:
             self._set_mask(conn, (conn.mask & ~EPOLLOUT) | READ_MASK)
         else:
@@ -318,12 +313,7 @@ class TLSWriter(Writer):
                 self._wait_writable(conn, now)
                 return
             conn.out = None
-        if conn.state is WRITING:
-            if self._pump(conn, now) and conn.state is READING_HEAD:
-                self.reader.resume(conn, now)
-        else:  # an interim 100 Continue went out while the body is still being read
-            self._set_mask(conn, conn.mask & ~EPOLLOUT)
-            conn.timer_at = 0
+        self._flushed(conn, now)
 
     def _pump(self, conn: Connection, now: int) -> bool:
         body = conn.body

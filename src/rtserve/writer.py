@@ -164,8 +164,7 @@ class Writer:
         if n == len(data):
             return True
         conn.out = memoryview(data)[n:]
-        self._set_mask(conn, conn.mask | EPOLLOUT)
-        self._arm_write(conn, now)
+        self._wait_writable(conn, now)
         return False
 
     def _send_pair(self, conn: Connection, pair: tuple[bytes, bytes], now: int) -> bool:
@@ -184,9 +183,13 @@ class Writer:
         if n == hlen + len(body):
             return True
         conn.out = memoryview(body)[n - hlen:] if n >= hlen else memoryview(head[n:] + body)
+        self._wait_writable(conn, now)
+        return False
+
+    def _wait_writable(self, conn: Connection, now: int) -> None:
+        """A partial send: watch EPOLLOUT and arm the write-stall timer."""
         self._set_mask(conn, conn.mask | EPOLLOUT)
         self._arm_write(conn, now)
-        return False
 
     def _arm_write(self, conn: Connection, now: int) -> None:
         """The socket is full: arm the write-stall timer, noting what the kernel holds."""
@@ -208,10 +211,15 @@ class Writer:
                 self._arm_write(conn, now)
                 return
             conn.out = None
+        self._flushed(conn, now)
+
+    def _flushed(self, conn: Connection, now: int) -> None:
+        """Everything held back went out: move the body on, or (an interim 100 Continue
+        sent while the body is still being read) stop watching EPOLLOUT."""
         if conn.state is WRITING:
             if self._pump(conn, now) and conn.state is READING_HEAD:
                 self.reader.resume(conn, now)
-        else:  # an interim 100 Continue went out while the body is still being read
+        else:
             self._set_mask(conn, conn.mask & ~EPOLLOUT)
             conn.timer_at = 0
 
