@@ -13,7 +13,6 @@ Interface (see docs/parser.md): `feed(bytes)`, then `next_event()` returns one c
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from urllib.parse import unquote_to_bytes
 
@@ -25,7 +24,18 @@ from rtserve.errors import (
     ParseError,
     PayloadTooLarge,
     URITooLong,
-    VersionNotSupported,
+)
+from rtserve.parser_rules import (
+    FIELD_LINE,
+    QUOTED,
+    TARGET,
+    TOKEN,
+    check_request_line,
+    diagnose_fields,
+    diagnose_head,
+    host_named,
+    other_target_form,
+    reject_transfer_encoding,
 )
 from rtserve.request import Request
 
@@ -43,26 +53,13 @@ class _NeedData:
 
 NEED_DATA: object = _NeedData()
 
-# --- grammar (RFC 9110 5.6.2, 5.5; RFC 9112 3, 5, 7.1) --------------------------------------
-# Possessive quantifiers (*+, ++) make every pattern backtracking-free: linear time on any
-# input (the ReDoS class of CVE-2020-5236).
-_TCHAR = r"!#$%&'*+\-.^_`|~0-9A-Za-z"
-_TOKEN = f"[{_TCHAR}]++"
-# field-value: VCHAR / obs-text / SP / HTAB; no CTLs, no CR, no LF. OWS is stripped later.
-_FIELD_LINE = f"[{_TCHAR}]++:[\\t\\x20-\\x7e\\x80-\\xff]*+\\r\\n"
-# request-target: VCHAR except '#' (a fragment is never part of a request-target).
-_TARGET = r"[\x21\x22\x24-\x7e]++"
-
 # The whole head (request line, field lines, empty line) in one call: the fast path. Run on
 # the receive buffer (bytes) so the same call also finds where the head ends.
 # Any HTTP/1.x: a minor version above 1 is read as 1.1 (RFC 9110 6.2).
 _HEAD_RE = re.compile(
-    f"{_TOKEN} {_TARGET} HTTP/1\\.[0-9]\\r\\n(?:{_FIELD_LINE})*+\\r\\n".encode("latin-1")
+    f"{TOKEN} {TARGET} HTTP/1\\.[0-9]\\r\\n(?:{FIELD_LINE})*+\\r\\n".encode("latin-1")
 )
-# Request line with any one-digit version, to tell 505 (well-formed, other version) from 400.
-_REQUEST_LINE_RE = re.compile(f"({_TOKEN}) ({_TARGET}) HTTP/([0-9])\\.([0-9])")
-_FIELD_LINES_RE = re.compile(f"(?:{_FIELD_LINE})*+")
-_FIELD_LINE_RE = re.compile(_FIELD_LINE)
+_FIELD_LINES_RE = re.compile(f"(?:{FIELD_LINE})*+")
 # Partial request line: anything but VCHAR/SP, or a CR that is not the last byte.
 _LINE_PREFIX_BAD_RE = re.compile(rb"[^\x21-\x7e \r]|\r(?=[^\n])")
 # Partial field line (no CRLF in it yet): a CTL other than HTAB, or a CR that is not last.
@@ -77,20 +74,11 @@ _FIELD_CACHE_LINE = 256
 _VALID_HOSTS: set[str] = set()
 _VALID_HOSTS_MAX = 256
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
-# Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2-3.2.3): an IP-literal in
-# brackets (group 1, checked by _host_named) or a reg-name of unreserved / sub-delims /
-# pct-encoded (group 2, may be empty), then an optional port of digits (may be empty).
-_REG_NAME = r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]++|%[0-9A-Fa-f]{2})*+"
-_HOST_RE = re.compile(f"(?:\\[([^\\]]*+)\\]|({_REG_NAME}))(?::[0-9]*+)?")
-_IPVFUTURE_RE = re.compile(r"[vV][0-9A-Fa-f]++\.[A-Za-z0-9\-._~!$&'()*+,;=:]++")
-# absolute-form: authority (group 1, checked as a Host value), path, query.
-_ABSOLUTE_RE = re.compile(r"(?i:https?)://([^/?]*+)(/[^?]*+)?(?:\?(.*+))?")
-_QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+"'
 # chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
 # (RFC 9112 7.1.1), val = token / quoted-string. BWS is whitespace a sender must not
 # generate but a recipient must parse, so it is accepted, and extensions are ignored.
 _BWS = r"[\t ]*+"
-_CHUNK_EXT = f"{_BWS};{_BWS}{_TOKEN}(?:{_BWS}={_BWS}(?:{_TOKEN}|{_QUOTED}))?"
+_CHUNK_EXT = f"{_BWS};{_BWS}{TOKEN}(?:{_BWS}={_BWS}(?:{TOKEN}|{QUOTED}))?"
 _CHUNK_LINE_RE = re.compile(f"([0-9A-Fa-f]{{1,16}})((?:{_CHUNK_EXT})*+)")
 # The usual line has no extension: matched in the receive buffer, no slice or decode.
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -244,7 +232,7 @@ class RequestParser:
             le = buf.find(b"\r\n")
             if le > self.max_request_line:
                 raise URITooLong("request line too long")
-            _check_request_line(buf[:le].decode("latin-1"))
+            check_request_line(buf[:le].decode("latin-1"))
             raise HeaderFieldsTooLarge("header section too large")
         # Consume the head now (an error kills the parser anyway); decode it in one call.
         if hend == len(buf):
@@ -259,7 +247,7 @@ class RequestParser:
         if len(lines[0]) > self.max_request_line:
             raise URITooLong("request line too long")
         if m is None:
-            _diagnose_head(lines)  # always raises
+            diagnose_head(lines)  # always raises
         method, target, version = lines[0].split(" ")
         if len(lines) - 3 > self.max_header_count:
             raise HeaderFieldsTooLarge("too many header fields")
@@ -297,7 +285,7 @@ class RequestParser:
         if target[0] == "/":
             path, _, query = target.partition("?")
         else:
-            path, query = _other_target_form(method, target)
+            path, query = other_target_form(method, target)
         if method == "CONNECT":
             raise NotImplementedFraming("CONNECT not implemented")
         raw_path = path
@@ -314,7 +302,7 @@ class RequestParser:
             if http11:
                 raise BadRequest("missing Host")
         elif host not in _VALID_HOSTS:
-            if _host_named(host, "Host"):
+            if host_named(host, "Host"):
                 if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
                     _VALID_HOSTS.clear()
                 _VALID_HOSTS.add(host)
@@ -344,7 +332,7 @@ class RequestParser:
             if not http11:
                 raise BadRequest("Transfer-Encoding in HTTP/1.0")
             if te.lower() != "chunked":
-                _reject_transfer_encoding(te)  # always raises
+                reject_transfer_encoding(te)  # always raises
             chunked = True
         elif cl is not None:
             if _CONTENT_LENGTH_RE.fullmatch(cl) is None:
@@ -433,7 +421,7 @@ class RequestParser:
                 return
             if le > self.max_request_line:
                 raise URITooLong("request line too long")
-            _check_request_line(buf[:le].decode("latin-1"))
+            check_request_line(buf[:le].decode("latin-1"))
             self._line_ok = True
             self._checked = le + 2
             start = le + 2
@@ -451,7 +439,7 @@ class RequestParser:
         if last >= 0:
             block = buf[self._checked : last + 2].decode("latin-1")
             if _FIELD_LINES_RE.fullmatch(block) is None:
-                _diagnose_fields(block.split("\r\n")[:-1])
+                diagnose_fields(block.split("\r\n")[:-1])
             self._nfields += block.count("\r\n")
             if self._nfields > self.max_header_count:
                 raise HeaderFieldsTooLarge("too many fields")
@@ -580,7 +568,7 @@ class RequestParser:
         block = buf[: end + 2].decode("latin-1")
         lines = block.split("\r\n")[:-1]
         if _FIELD_LINES_RE.fullmatch(block) is None:
-            _diagnose_fields(lines)
+            diagnose_fields(lines)
         if len(lines) > self.max_header_count:
             raise HeaderFieldsTooLarge("too many trailer fields")
         for line in lines:
@@ -606,105 +594,3 @@ def _split_field(line: str) -> tuple[str, str]:
             _FIELD_CACHE.clear()
         _FIELD_CACHE[line] = field
     return field
-
-
-# --- error paths (not hot): work out which rule failed and raise with its status ------------
-
-
-def _check_request_line(line: str) -> None:
-    """Raise the right error for a bad request line (505 for a well-formed other version)."""
-    m = _REQUEST_LINE_RE.fullmatch(line)
-    if m is None:
-        raise BadRequest("invalid request line")
-    if m[3] != "1":  # another major version (2, 3, 0.9 spelled out): RFC 9110 6.2, 15.6.6
-        raise VersionNotSupported("HTTP version not supported")
-
-
-def _diagnose_head(lines: list[str]) -> None:
-    """Called with the head's lines when the fast-path head regex fails; always raises."""
-    _check_request_line(lines[0])
-    _diagnose_fields(lines[1:-2])
-    raise BadRequest("invalid header section")  # pragma: no cover - regexes agree
-
-
-def _diagnose_fields(lines: list[str]) -> None:
-    """Raise a 400 naming the first invalid field line."""
-    for line in lines:
-        if _FIELD_LINE_RE.fullmatch(line + "\r\n") is None:
-            if not line:
-                raise BadRequest("empty line in header section")
-            if line[0] in " \t":
-                raise BadRequest("obsolete line folding or leading whitespace")
-            name, sep, _ = line.partition(":")
-            if not sep:
-                raise BadRequest("header line without colon")
-            if name and name[-1] in " \t":
-                raise BadRequest("whitespace before colon")
-            if _FIELD_LINE_RE.fullmatch(name + ":\r\n") is None:
-                raise BadRequest("invalid header name")
-            raise BadRequest("invalid character in header value")
-    raise BadRequest("invalid header section")
-
-
-def _other_target_form(method: str, target: str) -> tuple[str, str]:
-    """Path and query of an absolute-form or asterisk-form target (RFC 9112 3.2)."""
-    if target == "*":
-        if method != "OPTIONS":
-            raise BadRequest("asterisk-form only for OPTIONS")
-        return "*", ""
-    if method == "CONNECT":
-        raise NotImplementedFraming("CONNECT not implemented")
-    m = _ABSOLUTE_RE.fullmatch(target)
-    if m is None:
-        raise BadRequest("invalid request-target")
-    if not _host_named(m[1], "request-target authority"):
-        raise BadRequest("absolute-form without a host")  # RFC 9110 4.2.1
-    return m[2] or "/", m[3] or ""
-
-
-def _host_named(value: str, what: str) -> bool:
-    """Check a Host value (or an absolute-form authority) against `host [ ":" port ]`.
-
-    True if it names a host, False if the host part is empty (`""`, `":80"`: valid syntax,
-    meaning "no authority"); raises BadRequest for anything else: userinfo, bad
-    percent-encoding, characters outside reg-name, a port that is not digits, or an
-    IP-literal that is neither an IPv6 address (no zone id) nor an IPvFuture.
-    """
-    m = _HOST_RE.fullmatch(value)
-    if m is None:
-        raise BadRequest("invalid " + what)
-    literal = m[1]
-    if literal is None:
-        return bool(m[2])
-    if _IPVFUTURE_RE.fullmatch(literal) is None:
-        if "%" in literal:  # RFC 6874 zone ids are not part of RFC 3986's IP-literal
-            raise BadRequest("invalid " + what)
-        try:
-            ipaddress.IPv6Address(literal)
-        except ValueError:
-            raise BadRequest("invalid " + what) from None
-    return True
-
-
-def _reject_transfer_encoding(te: str) -> None:
-    """Classify a Transfer-Encoding other than exactly `chunked`; always raises.
-
-    - not a token list: 400;
-    - the final coding is not `chunked` (`gzip`, `identity`, `xchunked`, `chunked, gzip`):
-      the body length cannot be determined, 400 and close (RFC 9112 6.3 item 4, a MUST);
-    - `chunked` more than once: 400 (RFC 9112 6.1, a sender must not);
-    - `chunked` last after codings we do not implement (`gzip, chunked`): the framing is
-      known but the content cannot be decoded, 501 (RFC 9112 6.1, a SHOULD).
-    """
-    codings = [c.strip(" \t").lower() for c in te.split(",")]
-    for coding in codings:
-        if _CONTENT_TOKEN_RE.fullmatch(coding) is None:
-            raise BadRequest("invalid Transfer-Encoding")
-    if codings[-1] != "chunked":
-        raise BadRequest("chunked is not the final transfer coding")
-    if codings.count("chunked") > 1:
-        raise BadRequest("chunked applied more than once")
-    raise NotImplementedFraming("unsupported transfer coding")
-
-
-_CONTENT_TOKEN_RE = re.compile(_TOKEN)
