@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     if os.environ.get("RTSERVE_SUPERVISED"):  # a child started by supervisor.py
-        from .supervisor import run_child
+        from .child import run_child
 
         return run_child(dispatcher, cfg)
     server = Server(dispatcher, cfg)
