@@ -27,6 +27,7 @@ server's own counters from /metrics.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import random
@@ -108,6 +109,67 @@ def heap(request: Request) -> Response:
         pass
     out["rss_after_trim_kib"] = _self_rss_kib()
     return Response.json(out)
+
+
+@app.get("/_soak/malloc")
+def malloc_figures(request: Request) -> Response:
+    """glibc's own heap figures and the live Python heap, without trimming anything.
+
+    One per-minute sample: mallinfo2() (arena = sbrk heap, ordblks = free chunks,
+    uordblks = in use, fordblks = free but held, hblkhd = mmapped, keepcost = trimmable
+    top), the number of malloc arenas (``<heap nr=`` in malloc_info's XML), the live
+    Python heap after a gc.collect() and RSS. Fields glibc cannot give are absent.
+    """
+    import gc
+
+    gc.collect()
+    out: dict[str, Any] = {"py_blocks": sys.getallocatedblocks(),
+                           "gc_objects": len(gc.get_objects()), "rss_kib": _self_rss_kib()}
+    out.update(_glibc_figures())
+    return Response.json(out)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc_figures() -> dict[str, Any]:
+    """mallinfo2() and malloc_info()'s arena count and totals; {} without glibc >= 2.33."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    mallinfo2.restype = _Mallinfo2
+    mi = mallinfo2()
+    out: dict[str, Any] = {f"mi_{name}": getattr(mi, name) for name, _ in _Mallinfo2._fields_}
+    # malloc_info(0, fp) writes XML; an open_memstream FILE* collects it in memory.
+    buf = ctypes.c_char_p()
+    size = ctypes.c_size_t()
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p),
+                                    ctypes.POINTER(ctypes.c_size_t)]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.free.argtypes = [ctypes.c_void_p]
+    fp = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+    if fp:
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        xml = ctypes.string_at(buf, size.value).decode("ascii", "replace")
+        libc.free(buf)
+        out["arenas"] = len(re.findall(r"<heap nr=", xml))
+        tail = xml[xml.rfind("</heap>"):]  # the totals over all arenas follow the last heap
+        for kind in ("current", "max"):
+            m = re.search(rf'<system type="{kind}" size="(\d+)"/>', tail)
+            if m:
+                out[f"system_{kind}"] = int(m.group(1))
+        m = re.search(r'<total type="mmap" count="(\d+)" size="(\d+)"/>', tail)
+        if m:
+            out["mmap_count"], out["mmap_bytes"] = int(m.group(1)), int(m.group(2))
+    return out
 
 
 def _self_rss_kib() -> int:
@@ -446,7 +508,9 @@ def get_json(addr: tuple[str, int], path: str) -> Any:
         s.close()
 
 
-def start_server(threads: int, log_path: str) -> tuple[subprocess.Popen, tuple[str, int]]:
+def start_server(threads: int, log_path: str, env: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None
+                 ) -> tuple[subprocess.Popen, tuple[str, int]]:
     """`python -m rtserve bench.soak:app` on an ephemeral port; returns it and its address.
 
     The server's stderr goes to `log_path` (a pipe nobody drains could block the server).
@@ -455,8 +519,9 @@ def start_server(threads: int, log_path: str) -> tuple[subprocess.Popen, tuple[s
         proc = subprocess.Popen(
             [sys.executable, "-m", "rtserve", "bench.soak:app", "--bind", "127.0.0.1:0",
              "--threads", str(threads), "--keepalive-timeout", "30", "--header-timeout", "5",
-             "--body-timeout", "5"],
+             "--body-timeout", "5", *(extra_args or [])],
             cwd=ROOT, stderr=log, stdout=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -481,9 +546,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     p.add_argument("--log", default="/tmp/rtserve-soak-server.log", help="server stderr file")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the server, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for the server command line (repeatable)")
+    p.add_argument("--out", help="append every per-minute sample, then the report, to this "
+                   "file as JSON lines (written as they come, so a cut-short run keeps them)")
     args = p.parse_args(argv)
+    server_env = dict(kv.split("=", 1) for kv in args.server_env)
+    out_file = open(args.out, "a") if args.out else None  # noqa: SIM115 (closed at the end)
 
-    proc, addr = start_server(args.threads, args.log)
+    def emit(record: dict[str, Any]) -> None:
+        if out_file is not None:
+            out_file.write(json.dumps(record) + "\n")
+            out_file.flush()
+
+    emit({"type": "start", "argv": sys.argv, "server_env": server_env,
+          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    proc, addr = start_server(args.threads, args.log, server_env, args.server_arg)
     stop = threading.Event()
     clients: list[Client] = []
     try:
@@ -495,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         warm.drop_keepalive()
         time.sleep(0.5)
         before = proc_figures(proc.pid)
+        malloc_before = get_json(addr, "/_soak/malloc")
+        emit({"type": "sample", "t_s": 0.0, **before, "done": 0, "errors": 0,
+              "wrong_client": 0, "server": malloc_before})
         heap_before = get_json(addr, "/_soak/heap")  # trims: take the RSS figure first
         t0 = time.monotonic()
         clients = [Client(i, addr, stop, args.seed + i) for i in range(args.clients)]
@@ -508,11 +591,21 @@ def main(argv: list[str] | None = None) -> int:
                 print("server exited with", proc.returncode, file=sys.stderr)
                 break
             fig = proc_figures(proc.pid)
-            done = sum(sum(c.done.values()) for c in clients)
+            done = sum(v for c in clients for k, v in c.done.items() if k != "pipelined_each")
             errs = sum(sum(c.errors.values()) for c in clients)
+            wrong_now = sum(c.wrong_client for c in clients)
+            try:
+                mal = get_json(addr, "/_soak/malloc")
+            except (OSError, ValueError) as exc:
+                mal = {"error": repr(exc)}
             samples.append(fig)
+            emit({"type": "sample", "t_s": round(time.monotonic() - t0, 1), **fig, "done": done,
+                  "errors": errs, "wrong_client": wrong_now, "server": mal})
             print(f"[{time.monotonic() - t0:6.0f} s] rss {fig['rss_kib']} KiB, fds {fig['fds']}, "
-                  f"threads {fig['threads']}, done {done}, errors {errs}", flush=True)
+                  f"threads {fig['threads']}, done {done}, errors {errs}, "
+                  f"in use {mal.get('mi_uordblks', 0) >> 10} KiB, "
+                  f"free held {mal.get('mi_fordblks', 0) >> 10} KiB, "
+                  f"arenas {mal.get('arenas')}, py blocks {mal.get('py_blocks')}", flush=True)
         stop.set()
         for c in clients:
             c.join(30)
@@ -557,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k}: {v}")
     if args.json:
         print(json.dumps(report))
+    emit({"type": "report", **report})
+    if out_file is not None:
+        out_file.close()
     return 0 if wrong == 0 and proc.returncode == 0 else 1
 
 
