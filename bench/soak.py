@@ -477,6 +477,67 @@ def proc_figures(pid: int) -> dict[str, int]:
     return out
 
 
+_HEAP_MAX = 64 << 20  # glibc's HEAP_MAX_SIZE on 64-bit: a thread arena's heaps are aligned to it
+_STACK = 8 << 20  # the default pthread stack size
+
+
+def smaps_breakdown(pid: int) -> dict[str, int]:
+    """RSS (KiB) of a process by kind of mapping, read from /proc/PID/smaps (outside it).
+
+    ``heap`` is the main arena ([heap], brk), ``thread_arenas`` glibc's other arenas
+    (anonymous heaps aligned to 64 MiB), ``stacks`` thread stacks (8 MiB anonymous maps and
+    [stack]), ``file`` code and data of the executable and libraries, ``anon_other`` the
+    rest: pymalloc's arenas, malloc's mmapped chunks, ctypes' and the runtime's maps.
+    """
+    maps: list[tuple[int, int, str, int]] = []
+    start = end = 0
+    name = ""
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                lo, hi = head[0].split("-")
+                start, end = int(lo, 16), int(hi, 16)
+                name = head[5].strip() if len(head) > 5 else ""
+            elif head[0] == "Rss:":
+                maps.append((start, end, name, int(head[1])))
+    blocks = {lo // _HEAP_MAX for lo, _, nm, _ in maps if not nm and lo % _HEAP_MAX == 0}
+    out = {"heap": 0, "thread_arenas": 0, "stacks": 0, "file": 0, "anon_other": 0}
+    for lo, hi, nm, rss in maps:
+        if nm == "[heap]":
+            kind = "heap"
+        elif nm == "[stack]":
+            kind = "stacks"
+        elif nm.startswith("/"):
+            kind = "file"
+        elif nm:
+            kind = "anon_other"  # [vdso], [vvar] ...
+        elif lo // _HEAP_MAX in blocks and (hi - 1) // _HEAP_MAX == lo // _HEAP_MAX:
+            kind = "thread_arenas"
+        elif hi - lo == _STACK:
+            kind = "stacks"
+        else:
+            kind = "anon_other"
+        out[kind] += rss
+    return out
+
+
+def watch(pid: int, out_path: str, interval: float, seconds: float) -> int:
+    """Sample a running server's RSS breakdown every `interval` s into `out_path` (JSON lines)."""
+    t0 = time.monotonic()
+    with open(out_path, "a") as out:
+        while time.monotonic() - t0 <= seconds:
+            try:
+                rec = {"t_s": round(time.monotonic() - t0, 1), **proc_figures(pid),
+                       "smaps": smaps_breakdown(pid)}
+            except (FileNotFoundError, ProcessLookupError):
+                return 0  # the server exited
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+            time.sleep(interval)
+    return 0
+
+
 def scrape(addr: tuple[str, int]) -> dict[str, float]:
     """The server's /metrics as {series: value} (histograms summed to their _count)."""
     s = socket.create_connection(addr, timeout=10)
@@ -552,7 +613,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra argument for the server command line (repeatable)")
     p.add_argument("--out", help="append every per-minute sample, then the report, to this "
                    "file as JSON lines (written as they come, so a cut-short run keeps them)")
+    p.add_argument("--watch", type=int, metavar="PID",
+                   help="only sample a running server's RSS by mapping kind into --out "
+                   "every minute, for --minutes (no traffic)")
     args = p.parse_args(argv)
+    if args.watch:
+        return watch(args.watch, args.out or "/dev/stdout", 60.0, args.minutes * 60)
     server_env = dict(kv.split("=", 1) for kv in args.server_env)
     out_file = open(args.out, "a") if args.out else None  # noqa: SIM115 (closed at the end)
 
@@ -591,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("server exited with", proc.returncode, file=sys.stderr)
                 break
             fig = proc_figures(proc.pid)
+            fig["smaps"] = smaps_breakdown(proc.pid)
             done = sum(v for c in clients for k, v in c.done.items() if k != "pipelined_each")
             errs = sum(sum(c.errors.values()) for c in clients)
             wrong_now = sum(c.wrong_client for c in clients)

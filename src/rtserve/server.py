@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any
 
-from . import slo
+from . import memory, slo
 from .admission import Admission
 from .answers import Answers
 from .completions import Completions
@@ -93,6 +93,8 @@ class Server:
             max_requests += random.randint(0, cfg.max_requests_jitter)
         self.limits = limits = Limits(cfg, max_requests)
         self.metrics = Metrics()
+        memory.set_arena_max(cfg.malloc_arena_max)  # before any worker thread allocates
+        self.idle_trim = memory.IdleTrim(cfg.malloc_trim_idle)
         self.pool = WorkerPool(cfg.threads)
         # The hand-off: the pool's queue and a Worker, or an ASGI executor's inbox and its
         # runner token (its loops post completions on the pool's queue all the same).
@@ -271,6 +273,9 @@ class Server:
         m.gauge("rtserve_cpu_inflight_seconds",
                 "Sampled CPU time of the handlers running now (dispatch waits above the cap).",
                 lambda: adm.cpu_inflight_ns / 1e9)
+        m.labelled_counter("rtserve_malloc_trims_total", "malloc_trim(0) calls after the "
+                           "server was idle (--malloc-trim-idle).", "when",
+                           lambda: {"idle": self.idle_trim.trims})
         m.gauge("rtserve_concurrency_limit", "Current admission limit (0 = none).",
                 lambda: round(adm.limit.limit, 2) if adm.limit.enabled else 0)
 
@@ -279,6 +284,8 @@ class Server:
         self.timers.tick_at = now + TICK_NS
         self.listener.on_tick(now)
         self.life.on_tick(now)
+        adm = self.admission
+        self.idle_trim.on_tick(now, adm.busy + adm.queue_depth, self.reader.requests_seen)
         stats = self.livestats
         if stats is not None and now >= stats.due:
             stats.tick(now)
