@@ -104,7 +104,9 @@ def heap(request: Request) -> Response:
     out = {"py_blocks": sys.getallocatedblocks(), "gc_objects": len(gc.get_objects()),
            "rss_kib": _self_rss_kib()}
     try:
+        t0 = time.perf_counter()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+        out["trim_ms"] = round((time.perf_counter() - t0) * 1000, 3)
     except OSError:
         pass
     out["rss_after_trim_kib"] = _self_rss_kib()
@@ -538,6 +540,49 @@ def watch(pid: int, out_path: str, interval: float, seconds: float) -> int:
     return 0
 
 
+def table(path: str, every_s: float = 600.0, smaps_path: str = "",
+          smaps_offset_s: float = 0.0) -> str:
+    """A markdown table of a `--out` file's samples, one row per `every_s` seconds.
+
+    RSS by mapping kind comes from the samples themselves or, for a run whose server was
+    watched from outside (`--watch`), from `smaps_path`, whose clock starts
+    `smaps_offset_s` after the soak's.
+    """
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    samples = [r for r in records if r.get("type") == "sample"]
+    watched: list[dict[str, Any]] = []
+    if smaps_path:
+        with open(smaps_path) as f:
+            watched = [json.loads(line) for line in f if line.strip()]
+    mib = 1 << 20
+    rows = ["| min | RSS | brk heap / thread arenas / other anon (smaps) | in use (uordblks) "
+            "| free held (fordblks) | glibc heaps (arena) | arenas | py blocks / gc objects "
+            "| exchanges | errors | wrong client | fds | threads |",
+            "|" + "---:|" * 13]
+    next_t = 0.0
+    for r in samples:
+        if r["t_s"] + 30 < next_t:
+            continue
+        next_t = r["t_s"] - r["t_s"] % every_s + every_s
+        sm = r.get("smaps")
+        if sm is None and watched:
+            w = min(watched, key=lambda w: abs(w["t_s"] + smaps_offset_s - r["t_s"]))
+            if abs(w["t_s"] + smaps_offset_s - r["t_s"]) <= 45:
+                sm = w["smaps"]
+        m = r["server"]
+        rows.append("| {:.0f} | {:.1f} | {} | {:.2f} | {:.2f} | {:.2f} | {} | {:,} / {:,} "
+                    "| {:,} | {} | {} | {} | {} |".format(
+                        r["t_s"] / 60, r["rss_kib"] / 1024,
+                        " / ".join(f"{sm[k] / 1024:.1f}" for k in
+                                   ("heap", "thread_arenas", "anon_other")) if sm else "-",
+                        m.get("mi_uordblks", 0) / mib, m.get("mi_fordblks", 0) / mib,
+                        m.get("mi_arena", 0) / mib, m.get("arenas", "-"),
+                        m.get("py_blocks", 0), m.get("gc_objects", 0), r["done"], r["errors"],
+                        r["wrong_client"], r["fds"], r["threads"]))
+    return "\n".join(rows)
+
+
 def scrape(addr: tuple[str, int]) -> dict[str, float]:
     """The server's /metrics as {series: value} (histograms summed to their _count)."""
     s = socket.create_connection(addr, timeout=10)
@@ -616,7 +661,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watch", type=int, metavar="PID",
                    help="only sample a running server's RSS by mapping kind into --out "
                    "every minute, for --minutes (no traffic)")
+    p.add_argument("--table", metavar="FILE",
+                   help="only print a markdown table (every 10 minutes) of a --out file")
+    p.add_argument("--smaps", default="", metavar="FILE",
+                   help="with --table: a --watch file for the RSS by mapping kind")
+    p.add_argument("--smaps-offset", type=float, default=0.0, metavar="S",
+                   help="with --smaps: seconds after the soak's start the watch began")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table, 600.0, args.smaps, args.smaps_offset))
+        return 0
     if args.watch:
         return watch(args.watch, args.out or "/dev/stdout", 60.0, args.minutes * 60)
     server_env = dict(kv.split("=", 1) for kv in args.server_env)
@@ -680,6 +734,18 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)  # let lingering closes finish
         after = proc_figures(proc.pid)
         metrics = scrape(addr)
+        idle_trim: dict[str, Any] = {}
+        key = 'rtserve_malloc_trims_total{when="idle"}'
+        if "--malloc-trim-idle" in args.server_arg or "RTSERVE_MALLOC_TRIM_IDLE" in server_env:
+            # The clients stopped: wait (bounded) for the server's own idle trim.
+            wait_end = time.monotonic() + 60
+            while time.monotonic() < wait_end and scrape(addr).get(key, 0) <= metrics.get(key, 0):
+                time.sleep(1.0)
+            m2 = scrape(addr)
+            idle_trim = {"trims": m2.get(key, 0), "seconds": m2.get("rtserve_malloc_trim_seconds"),
+                         **proc_figures(proc.pid), "smaps": smaps_breakdown(proc.pid),
+                         "server": get_json(addr, "/_soak/malloc")}
+            emit({"type": "after_idle_trim", **idle_trim})
         heap_after = get_json(addr, "/_soak/heap")
     finally:
         stop.set()
@@ -709,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_samples_kib": [s["rss_kib"] for s in samples],
         "server_heap_before": heap_before,
         "server_heap_after": heap_after,
+        "after_idle_trim": idle_trim,
         "server_metrics": {k: v for k, v in sorted(metrics.items()) if v},
         "server_exit_code": proc.returncode,
     }

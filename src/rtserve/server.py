@@ -276,6 +276,9 @@ class Server:
         m.labelled_counter("rtserve_malloc_trims_total", "malloc_trim(0) calls after the "
                            "server was idle (--malloc-trim-idle).", "when",
                            lambda: {"idle": self.idle_trim.trims})
+        m.gauge("rtserve_malloc_trim_seconds", "How long the last idle malloc_trim(0) took "
+                "(on the conductor, while no request was in flight).",
+                lambda: self.idle_trim.last_ns / 1e9)
         m.gauge("rtserve_concurrency_limit", "Current admission limit (0 = none).",
                 lambda: round(adm.limit.limit, 2) if adm.limit.enabled else 0)
 
