@@ -265,6 +265,8 @@ class Client(threading.Thread):
         self.n = n
         self.addr = addr
         self.stop_event = stop
+        self.go = threading.Event()  # cleared by the driver for a quiet spell (--idle-for)
+        self.go.set()
         self.rng = random.Random(seed)
         self.seq = 0
         self.done: Counter = Counter()  # requests answered correctly, by kind
@@ -448,6 +450,10 @@ class Client(threading.Thread):
         kinds = self.KINDS
         weights = self.WEIGHTS
         while not self.stop_event.is_set():
+            if not self.go.is_set():
+                self.drop_keepalive()  # a lull: the clients leave (the server may time out idlers)
+                self.go.wait(1.0)
+                continue
             kind = self.rng.choices(kinds, weights)[0]
             try:
                 getattr(self, "do_" + kind)()
@@ -656,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra environment for the server, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the server command line (repeatable)")
+    p.add_argument("--idle-for", type=float, default=0.0, metavar="S",
+                   help="clients pause for the last S seconds of every minute (a lull: lets "
+                   "the server's --malloc-trim-idle act); the minute's sample is taken at the "
+                   "end of the lull")
     p.add_argument("--out", help="append every per-minute sample, then the report, to this "
                    "file as JSON lines (written as they come, so a cut-short run keeps them)")
     p.add_argument("--watch", type=int, metavar="PID",
@@ -705,8 +715,15 @@ def main(argv: list[str] | None = None) -> int:
             c.start()
         end = t0 + args.minutes * 60
         samples = []
+        quiet = min(args.idle_for, 50.0)
         while time.monotonic() < end:
-            time.sleep(min(60.0, max(0.0, end - time.monotonic())))
+            if quiet:  # traffic, then a quiet spell at the end of each minute, sampled at its end
+                time.sleep(min(60.0 - quiet, max(0.0, end - time.monotonic())))
+                for c in clients:
+                    c.go.clear()
+                time.sleep(quiet)
+            else:
+                time.sleep(min(60.0, max(0.0, end - time.monotonic())))
             if proc.poll() is not None:
                 print("server exited with", proc.returncode, file=sys.stderr)
                 break
@@ -719,6 +736,10 @@ def main(argv: list[str] | None = None) -> int:
                 mal = get_json(addr, "/_soak/malloc")
             except (OSError, ValueError) as exc:
                 mal = {"error": repr(exc)}
+            if quiet:
+                mal["trims"] = scrape(addr).get('rtserve_malloc_trims_total{when="idle"}')
+                for c in clients:
+                    c.go.set()
             samples.append(fig)
             emit({"type": "sample", "t_s": round(time.monotonic() - t0, 1), **fig, "done": done,
                   "errors": errs, "wrong_client": wrong_now, "server": mal})
