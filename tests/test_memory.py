@@ -1,21 +1,16 @@
-"""memory.py: the arena cap reaches mallopt, and the idle trim runs once per idle period,
-never while a request is in flight (observed through its counters, not timing)."""
+"""memory.py: the idle trim runs once per idle period and never while a request is in
+flight (observed through its counters and /metrics, not timing); a no-op without glibc."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from rtserve import App, Request, Response, memory
 from rtserve.config import Config
-from rtserve.server import Server
 from tests.helpers import Gate, connect, read_response, server_thread, wait_for
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 glibc_only = pytest.mark.skipif(memory.glibc() is None, reason="the C library is not glibc")
 
 S = 1_000_000_000
@@ -25,31 +20,13 @@ class FakeLibc:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
-    def mallopt(self, param: int, value: int) -> int:
-        self.calls.append(("mallopt", param, value))
-        return 1
-
     def malloc_trim(self, pad: int) -> int:
         self.calls.append(("malloc_trim", pad))
         return 1
 
 
-# ---- the arena cap ------------------------------------------------------------------------
-
-
-def test_the_arena_setting_reaches_mallopt_when_the_server_is_built(monkeypatch) -> None:
-    fake = FakeLibc()
-    monkeypatch.setattr(memory, "_GLIBC", fake)
-    Server(App(), Config(_env={}, malloc_arena_max=2, bind="127.0.0.1:0"))
-    assert fake.calls == [("mallopt", memory.M_ARENA_MAX, 2)]
-    fake.calls.clear()
-    Server(App(), Config(_env={}, bind="127.0.0.1:0"))  # default 0: glibc's own default
-    assert fake.calls == []
-
-
-def test_without_glibc_both_knobs_are_no_ops(monkeypatch) -> None:
+def test_without_glibc_the_trim_is_a_no_op(monkeypatch) -> None:
     monkeypatch.setattr(memory, "_GLIBC", None)
-    assert memory.set_arena_max(2) is False
     trim = memory.IdleTrim(1.0)
     assert trim.trim is None
     for t in range(10):
@@ -57,55 +34,18 @@ def test_without_glibc_both_knobs_are_no_ops(monkeypatch) -> None:
     assert trim.trims == 0 and trim.ticks == 10
 
 
-def test_a_negative_arena_count_is_refused() -> None:
+def test_a_negative_idle_time_is_refused() -> None:
     from rtserve.config import ConfigError
 
-    with pytest.raises(ConfigError, match="malloc_arena_max"):
-        Config(_env={}, malloc_arena_max=-1)
-
-
-_ARENAS = """
-import ctypes, re, sys, threading
-sys.path.insert(0, {src!r})
-from rtserve import memory
-print(memory.set_arena_max({cap}))
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.open_memstream.restype = ctypes.c_void_p
-libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
-libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-libc.fclose.argtypes = [ctypes.c_void_p]
-all_in = threading.Barrier(9)
-def work():
-    libc.malloc(1000)  # a thread's first malloc picks (or makes) its arena
-    all_in.wait()
-    all_in.wait()
-threads = [threading.Thread(target=work) for _ in range(8)]
-for t in threads: t.start()
-all_in.wait()  # all 8 alive and allocated: none could hand its arena to another
-buf, size = ctypes.c_char_p(), ctypes.c_size_t()
-fp = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
-libc.malloc_info(0, fp)
-libc.fclose(fp)
-print(len(re.findall(b"<heap nr=", ctypes.string_at(buf, size.value))))
-all_in.wait()
-for t in threads: t.join()
-"""
-
-
-def _arenas_with_cap(cap: int) -> tuple[str, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", _ARENAS.format(src=SRC, cap=cap)], env=env,
-                         capture_output=True, text=True, timeout=60, check=True).stdout.split()
-    return out[0], int(out[1])
+    with pytest.raises(ConfigError, match="malloc_trim_idle"):
+        Config(_env={}, malloc_trim_idle=-1)
 
 
 @glibc_only
-def test_the_cap_holds_the_arena_count_of_a_real_process() -> None:
-    took, uncapped = _arenas_with_cap(0)
-    assert took == "False" and uncapped >= 4  # 8 threads at once: glibc makes them arenas
-    took, capped = _arenas_with_cap(2)
-    assert took == "True" and capped <= 2
+def test_the_default_trims_with_glibc() -> None:
+    cfg = Config(_env={})
+    assert cfg.malloc_trim_idle > 0
+    assert memory.IdleTrim(cfg.malloc_trim_idle).trim is not None
 
 
 # ---- the idle trim: its rule ----------------------------------------------------------------
@@ -201,6 +141,6 @@ def test_a_server_trims_when_idle_not_while_a_request_runs(gate: Gate) -> None:
 
 
 def test_the_metric_is_there_and_zero_when_the_trim_is_off() -> None:
-    with server_thread(App()) as server:
+    with server_thread(App(), malloc_trim_idle=0) as server:
         assert _trims_metric(server.address) == 0
         assert server.idle_trim.trim is None

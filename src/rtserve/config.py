@@ -133,10 +133,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_high_water", int, 262144,
             "bytes a streamed response may buffer before the worker waits", _positive),
     # -- memory (memory.py: glibc only, a no-op elsewhere; see docs/reliability.md, "Soak")
-    Setting("malloc_arena_max", int, 0,
-            "cap glibc's malloc arenas (mallopt M_ARENA_MAX, set before the workers start; "
-            "0 = glibc's default of 8 per core)", _non_negative),
-    Setting("malloc_trim_idle", float, 0.0,
+    Setting("malloc_trim_idle", float, 10.0,
             "seconds with no request in flight before the conductor calls malloc_trim(0), "
             "once per idle period (0 = never)", _non_negative),
     # -- deadlines and admission

@@ -1,20 +1,19 @@
-"""glibc heap hygiene: the arena cap (main thread, at start) and the idle trim (conductor).
+"""glibc heap hygiene: give free heap memory back to the kernel when idle (conductor thread).
 
-Memory a process frees stays in glibc's heaps until the allocator decides to give it back:
-a long-running server's RSS therefore creeps up after every burst, well above its live
-heap (docs/reliability.md, "Soak", has the figures). Two knobs bound that:
+Memory the process frees stays in glibc's heaps until the allocator can give it back, and
+it can only shrink a heap from its top: under the soak's mix the main (brk) heap holds
+two to three times its live bytes as free chunks between live ones (docs/reliability.md,
+"Soak", has the figures: fragmentation, not a leak). `malloc_trim(0)` returns the whole
+free pages inside the heaps too (madvise), so RSS falls back towards the live heap.
 
-- `--malloc-arena-max N` calls `mallopt(M_ARENA_MAX, N)` before the worker threads start.
-  glibc otherwise gives threads up to 8 arenas per core, each holding its own free memory.
-  It takes effect only for arenas not yet created (hence: before the threads), like the
-  `MALLOC_ARENA_MAX` environment variable, which it is a setting-table spelling of.
-- `--malloc-trim-idle S` calls `malloc_trim(0)` from the conductor's housekeeping tick
-  once the server has had no request in flight and none started for S seconds: once per
-  idle period, never under load. A trim takes about a millisecond on a heap of tens of MiB
-  and runs on the conductor while nothing is waiting for it.
+`--malloc-trim-idle S` (default 10) calls it from the conductor's housekeeping tick once
+the server has had no request in flight and none routed for S seconds: once per idle
+period, never under load. A trim takes well under a millisecond on this server's heaps
+(measured in the soak) and runs while nothing waits for the conductor; a request that
+arrives during it waits that long.
 
-Both are no-ops (and say so, in `glibc()` being None) where the C library is not glibc:
-musl and macOS have neither call.
+A no-op where the C library is not glibc (musl and macOS have no malloc_trim): `glibc()`
+is None there and the trim is off.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-M_ARENA_MAX = -8  # glibc's malloc.h
-
 
 def glibc() -> Any:
     """The process's glibc through ctypes, or None (another C library, or no ctypes)."""
@@ -36,7 +33,6 @@ def glibc() -> Any:
         try:
             if platform.libc_ver()[0] == "glibc":
                 lib = ctypes.CDLL(None)
-                lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
                 lib.malloc_trim.argtypes = [ctypes.c_size_t]
         except (OSError, AttributeError):
             lib = None
@@ -46,17 +42,6 @@ def glibc() -> Any:
 
 _UNSET: Any = object()
 _GLIBC: Any = _UNSET
-
-
-def set_arena_max(n: int) -> bool:
-    """Cap glibc's malloc arenas at `n` (0: leave glibc's default); True if glibc took it.
-
-    Main thread, before other threads allocate: an arena that exists is not given back.
-    """
-    lib = glibc()
-    if n <= 0 or lib is None:
-        return False
-    return bool(lib.mallopt(M_ARENA_MAX, n))
 
 
 class IdleTrim:

@@ -93,7 +93,6 @@ class Server:
             max_requests += random.randint(0, cfg.max_requests_jitter)
         self.limits = limits = Limits(cfg, max_requests)
         self.metrics = Metrics()
-        memory.set_arena_max(cfg.malloc_arena_max)  # before any worker thread allocates
         self.idle_trim = memory.IdleTrim(cfg.malloc_trim_idle)
         self.pool = WorkerPool(cfg.threads)
         # The hand-off: the pool's queue and a Worker, or an ASGI executor's inbox and its
