@@ -22,6 +22,14 @@ response it reads against the request it sent: a response carrying another id is
 The report (text and, with ``--json``, a JSON line) gives requests completed by kind,
 errors by kind, the server's RSS and open fds after warm-up and at the end, and the
 server's own counters from /metrics.
+
+Every minute it also samples the server's memory (docs/reliability.md, "Soak"): RSS by
+kind of mapping (/proc/PID/smaps), glibc's mallinfo2() and arena count and the live
+Python heap (the app's /_soak/malloc). ``--out FILE`` writes the samples and the report as
+JSON lines, ``--table FILE`` prints them every 10 minutes as markdown, ``--server-env
+NAME=VALUE`` / ``--server-arg ARG`` change the server's environment or command line,
+``--idle-for S`` adds a lull to every minute, ``--watch PID`` samples a server started
+elsewhere.
 """
 
 from __future__ import annotations
@@ -271,6 +279,7 @@ class Client(threading.Thread):
         self.seq = 0
         self.done: Counter = Counter()  # requests answered correctly, by kind
         self.errors: Counter = Counter()  # by kind of error
+        self.details: dict[str, list[str]] = {}  # the first few of each kind, for the report
         self.wrong_client = 0
         self.sock: socket.socket | None = None
         self.file: Any = None
@@ -444,6 +453,14 @@ class Client(threading.Thread):
             s.close()
         self.done["aborted_" + stage] += 1
 
+    def note(self, kind: str, detail: str) -> None:
+        """Count an error (and keep its first details); the keep-alive connection is dropped."""
+        self.errors[kind] += 1
+        seen = self.details.setdefault(kind, [])
+        if len(seen) < 3:
+            seen.append(detail[:200])
+        self.drop_keepalive()
+
     # ---- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -460,11 +477,9 @@ class Client(threading.Thread):
                 if kind != "aborted":
                     self.done[kind] += 1
             except ProtocolError as exc:
-                self.errors[exc.kind] += 1
-                self.drop_keepalive()
+                self.note(exc.kind, str(exc))
             except (ConnectionError, TimeoutError, OSError) as exc:
-                self.errors[f"{kind}_{type(exc).__name__}"] += 1
-                self.drop_keepalive()
+                self.note(f"{kind}_{type(exc).__name__}", repr(exc))
         self.drop_keepalive()
 
 
@@ -783,6 +798,10 @@ def main(argv: list[str] | None = None) -> int:
         done.update(c.done)
         errors.update(c.errors)
     wrong = sum(c.wrong_client for c in clients)
+    details: dict[str, list[str]] = {}
+    for c in clients:
+        for k, v in c.details.items():
+            details.setdefault(k, []).extend(v[: 3 - len(details.get(k, []))])
     report = {
         "minutes": round(elapsed / 60, 2),
         "clients": args.clients,
@@ -791,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         "completed_by_kind": dict(sorted(done.items())),
         "errors_by_kind": dict(sorted(errors.items())),
         "wrong_client": wrong,
+        "error_details": details,
         "server_before": before,
         "server_after": after,
         "rss_samples_kib": [s["rss_kib"] for s in samples],
