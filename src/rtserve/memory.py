@@ -8,9 +8,8 @@ free pages inside the heaps too (madvise), so RSS falls back towards the live he
 
 `--malloc-trim-idle S` (default 10) calls it from the conductor's housekeeping tick once
 the server has had no request in flight and none routed for S seconds: once per idle
-period, never under load. A trim takes well under a millisecond on this server's heaps
-(measured in the soak) and runs while nothing waits for the conductor; a request that
-arrives during it waits that long.
+period, never under load. A trim took 0.4-1.9 ms on the soak's heaps and runs while
+nothing waits for the conductor; a request that arrives during it waits that long.
 
 A no-op where the C library is not glibc (musl and macOS have no malloc_trim): `glibc()`
 is None there and the trim is off.
