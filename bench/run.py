@@ -1031,8 +1031,8 @@ def tls_facts_table(key: str, res: dict[str, Any]) -> list[str]:
     head = "| TLS row | generator | generator CPU use | server CPU use |"
     rule = "|---|---|---:|---:|"
     if b:
-        head += (" full handshakes | resumed | negotiated | handshake p50 / p99 ms "
-                 "| request p50 / p99 ms |")
+        head += (" full handshakes (all repeats) | resumed | negotiated "
+                 "| handshake p50 / p99 ms | request p50 / p99 ms |")
         rule += "---:|---:|---|---:|---:|"
     out = [f"Generator of the TLS rows ({'bench/tlsconn' if b else 'wrk'}):", "", head, rule]
     for row in rows_:
