@@ -7,14 +7,14 @@ counted on rtserve's side, 1,477 of 1,542 handshakes of a 3 s `wrk -H "Connectio
 run were resumed. tlsconn never offers a session and counts `SSL_session_reused()` on
 every handshake, so a run that resumed anything says so.
 
-The client is C (OpenSSL, one epoll thread) so that it costs as little per handshake as the
-library allows: on the 2-core test machine OpenSSL 3.0's client still spends about 1 ms
-of CPU on one (its certificate decoders and algorithm fetches; callgrind), while a server
-on a core of its own spends 0.4 ms (granian, rustls) to 1.5 ms (the Python servers). Every
-run reports the client's own CPU share, so a row the client limited shows it. It offers
-one cipher suite and one group, so every server negotiates the same. It is compiled at
-bench time into the run's temp dir; the compiler and headers come from Debian (gcc,
-libc6-dev, libssl-dev) when missing.
+The client is C (OpenSSL, one epoll thread) so that it costs as little per handshake as
+OpenSSL allows, and offers one cipher suite and one group, so every server negotiates the
+same. Even so, OpenSSL 3.0's client spends 1.1-1.5 ms of CPU per handshake on the 2-core
+test machine (its certificate decoders and algorithm fetches; callgrind), more than
+rtserve (1.2 ms) or granian (0.6 ms) spend per connection: every run records the client's
+CPU time next to the server's, and docs/tls.md says which B-TLS rows it limited. It is
+compiled at bench time into the run's temp dir; the compiler and headers come from Debian
+(gcc, libc6-dev, libssl-dev) when missing.
 """
 
 from __future__ import annotations
