@@ -18,8 +18,10 @@ Workloads (see docs/benchmarks.md for the why of each):
      the server's capacity measured in C   the intended send time)
   F  10,000 idle keep-alive connections    bench/idle_conns.py, server VmRSS before/after
 
-A and B also over TLS (opt-in rows rtserve-tls, uvicorn-tls, granian-tls: wrk speaks https
-to a self-signed certificate made with openssl in the run's temp dir).
+A and B also over TLS (opt-in rows rtserve-tls, uvicorn-tls, granian-tls; one self-signed
+ECDSA P-256 certificate made with openssl in the run's temp dir): A with wrk over https; B
+with bench/tlsconn.c (built at bench time), a full TLS 1.3 handshake per connection, since
+wrk resumes its previous session on every reconnect.
 
 Usage:
   bench/run.py                       full run (3 repeats), tables on stdout, JSON in results/
@@ -71,6 +73,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))  # bench/apps and bench/gitref.py
 import gitref  # noqa: E402
+import tlsconn  # noqa: E402
 
 RESULTS = BENCH / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -553,6 +556,8 @@ class Ctx:
     results: dict[str, Any]
     e_factors: tuple[float, ...] = E_FACTORS
     commands: dict[str, str] = field(default_factory=dict)
+    #: B over TLS: the built bench/tlsconn.c, or why it could not be built.
+    tlsconn: Path | str | None = None
 
 
 NGINX = "nginx"  # resolved by main() after ensure_tools (it may be in /usr/sbin)
@@ -723,16 +728,42 @@ def run_wrk(w: Workload, port: int, seconds: float, ctx: Ctx, record: bool = Tru
            *w.wrk_args, f"{'https' if tls else 'http'}://127.0.0.1:{port}{w.path}"]
     if record:
         ctx.commands.setdefault(f"wrk {w.key}{' tls' if tls else ''}", shlex.join(cmd))
+    cpu0 = _children_cpu_s()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 60)
+    client_cpu = _children_cpu_s() - cpu0  # wrk's own (nice and taskset exec it)
     for line in out.stdout.splitlines():
         if line.startswith("WRK_JSON "):
             r = json.loads(line[len("WRK_JSON "):])
             secs = r["duration_us"] / 1e6
+            r["client_cpu_s"] = client_cpu
+            r["client_cpu_share"] = client_cpu / secs
             r["rps"] = r["requests"] / secs
             # Real answers: neither a fallback nor a non-2xx (a shed). E's capacity.
             r["real_rps"] = (r["requests"] - r["errors"]["status"] - r["fallbacks"]) / secs
             return r
     raise RuntimeError(f"wrk gave no result: {out.stdout[-1000:]} {out.stderr[-1000:]}")
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this driver's waited-for children so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_tlsconn(w: Workload, port: int, seconds: float, ctx: Ctx,
+                record: bool = True) -> dict[str, Any]:
+    """B over TLS: one bench/tlsconn run pinned to the client CPU (a new connection and a
+    full handshake per request; see bench/tlsconn.py). Same result fields as run_wrk."""
+    if not isinstance(ctx.tlsconn, Path):
+        raise RuntimeError(f"no B-TLS generator: {ctx.tlsconn or 'not built'}")
+    cmd = [*pin(CLIENT_CPU), *tlsconn.command(ctx.tlsconn, port, max(1, round(seconds)),
+                                               w.connections, w.path, DEADLINE_MS)]
+    if record:
+        ctx.commands.setdefault(f"tlsconn {w.key} tls", shlex.join(cmd))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode:
+        raise RuntimeError(f"tlsconn failed ({out.returncode}): {out.stderr[-1000:]}")
+    return tlsconn.parse(out.stdout)
 
 
 def run_openloop(w: Workload, port: int, rate: float, seconds: float, warmup: float,
@@ -817,12 +848,17 @@ def _measure(server: Server, w: Workload, ctx: Ctx, threads: int | None) -> None
             r["capacity_rps"] = cap
             slot.append(r)
         return
+    def generate(seconds: float, record: bool = True) -> dict[str, Any]:
+        if server.tls and w.key == "B":  # wrk would resume its sessions
+            return run_tlsconn(w, port, seconds, ctx, record)
+        return run_wrk(w, port, seconds, ctx, record, tls=server.tls)
+
     with running(server, w.key, ctx, threads) as (pid, port):
         if warmup > 0:
-            run_wrk(w, port, warmup, ctx, record=False, tls=server.tls)
+            generate(warmup, record=False)
         cpu0 = tree_cpu_seconds(pid)
         with RssSampler(pid) as rss:
-            r = run_wrk(w, port, seconds, ctx, tls=server.tls)
+            r = generate(seconds)
         r["server_cpu_s"] = tree_cpu_seconds(pid) - cpu0
         r.update(rss.result())  # peak and end RSS (shown for B: connection churn)
         # Per CPU-second of the server (None when the clock-tick count is too small).
@@ -984,6 +1020,45 @@ def wrk_table(key: str, res: dict[str, Any]) -> list[str]:
     return rows
 
 
+def tls_facts_table(key: str, res: dict[str, Any]) -> list[str]:
+    """What the TLS rows' generator did (medians over repeats): its own CPU share (near
+    100%: it, not the server, set the rate), and for B (bench/tlsconn) the full and resumed
+    handshakes it counted, what they negotiated, and the handshake and request latencies."""
+    rows_ = [r for r in rows_of(key, res) if r.tls and _ok(r.runs)]
+    if not rows_:
+        return []
+    b = key == "B"
+    head = "| TLS row | generator | generator CPU use | server CPU use |"
+    rule = "|---|---|---:|---:|"
+    if b:
+        head += (" full handshakes (all repeats) | resumed | negotiated "
+                 "| handshake p50 / p99 ms | request p50 / p99 ms |")
+        rule += "---:|---:|---|---:|---:|"
+    out = [f"Generator of the TLS rows ({'bench/tlsconn' if b else 'wrk'}):", "", head, rule]
+    for row in rows_:
+        runs = _ok(row.runs)
+        gen = "tlsconn" if "full_handshakes" in runs[0] else "wrk"
+        cli = [r["client_cpu_share"] for r in runs if "client_cpu_share" in r]
+        srv = [r["server_cpu_share"] for r in runs if "server_cpu_share" in r]
+        line = (f"| {row.label} | {gen} | "
+                f"{f'{statistics.median(cli):.0%}' if cli else '-'} | "
+                f"{f'{statistics.median(srv):.0%}' if srv else '-'} |")
+        if b and gen == "tlsconn":
+            neg = sorted({r["negotiated"] for r in runs})
+            mixed = sum(r["negotiated_mixed"] for r in runs)
+            hs = {p: statistics.median(r["handshake_us"][p] for r in runs) for p in ("p50", "p99")}
+            rq = {p: statistics.median(r["request_us"][p] for r in runs) for p in ("p50", "p99")}
+            line += (f" {sum(r['full_handshakes'] for r in runs):,} |"
+                     f" {sum(r['resumed_handshakes'] for r in runs):,} |"
+                     f" {'; '.join(neg)}{f' ({mixed} differed)' if mixed else ''} |"
+                     f" {_ms(hs['p50'])} / {_ms(hs['p99'])} | {_ms(rq['p50'])} / "
+                     f"{_ms(rq['p99'])} |")
+        elif b:
+            line += " - | - | - | - | - |"
+        out.append(line)
+    return out
+
+
 def e_table(res: dict[str, Any]) -> list[str]:
     """Markdown rows for the open-loop overload workload (medians over repeats)."""
     rows = ["| server | load | offered rps | answered within 50 ms (any status) | 2xx within 50 ms"
@@ -1120,6 +1195,8 @@ def render(res: dict[str, Any]) -> str:
             out.append("")
         if w.kind == "wrk":
             out += wrk_table(key, res)
+            facts = tls_facts_table(key, res)
+            out += ["", *facts] if facts else []
         elif w.kind == "openloop":
             out += e_table(res)
         else:
@@ -1149,7 +1226,7 @@ def display_commands(commands: dict[str, str]) -> list[str]:
         for pat, rep in subs:
             cmd = re.sub(pat, rep, cmd)
         who = key.split(" ")[0]
-        label = key if who in ("wrk", "openloop", "idle") else who
+        label = key if who in ("wrk", "openloop", "idle", "tlsconn") else who
         if cmd not in seen.values() or label not in seen:
             seen.setdefault(label, cmd)
     return [f"# {k}\n{v}" for k, v in seen.items()]
@@ -1173,11 +1250,15 @@ def _method_extras(res: dict[str, Any]) -> list[str]:
     if tls:
         got = "; ".join(f"{k}: {v}" for k, v in res.get("tls", {}).items())
         cert = " ".join(tls_cert_cmd("$TMP"))  # not shlex: $TMP must stay expandable
-        out.append(f"TLS rows ({', '.join(tls)}): the plain row's server with a certificate "
-                   f"made once per\n  run, `{cert}`;\n  wrk connects with https (no "
-                   f"verification). In B each request is a new TCP connection and TLS\n  "
-                   f"handshake; wrk offers its previous session, so a server that resumes "
-                   f"does an\n  abbreviated one. Negotiated with a Python client at start: "
+        out.append(f"TLS rows ({', '.join(tls)}): the plain row's server with one "
+                   f"certificate (ECDSA P-256)\n  made once per run, `{cert}`.\n  "
+                   f"A: wrk over https (no verification), one handshake per connection. "
+                   f"B: `bench/tlsconn.c`\n  (C, OpenSSL, one epoll thread, built at bench "
+                   f"time), a new TCP connection and a full\n  TLS 1.3 handshake per request "
+                   f"({tlsconn.SUITE}, {tlsconn.GROUP}, no session offered;\n  wrk would "
+                   f"resume its previous session). B-TLS latency is per connection, from "
+                   f"connect()\n  to the response's last byte (wrk's B latency starts at the "
+                   f"request's write). Negotiated\n  with a Python client at start: "
                    f"{got or 'not recorded'}.\n  TLS rows are compared with TLS rows only.")
     base = res.get("baseline")
     if base:
@@ -1513,6 +1594,12 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
     ctx = Ctx(tmp, env, body_file, repeat, a.duration, a.warmup, a.idle_conns, res,
               tuple(float(f) for f in a.e_factors.split(",")))
     res["commands"] = ctx.commands
+    if "B" in keys and any(s.tls and "B" in s.workloads for s in servers):
+        try:
+            ctx.tlsconn = tlsconn.build(tmp)
+        except RuntimeError as e:  # B-TLS rows record this; the other rows still run
+            ctx.tlsconn = str(e)
+            print(f"# B over TLS cannot run: {e}", flush=True)
 
     if a.profile:
         profile(ctx, a.duration or 10.0)
