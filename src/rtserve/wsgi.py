@@ -192,7 +192,9 @@ def _response_of(body: Any, status: int, headers: list[tuple[str, str]]) -> Resp
     return response
 
 
-_new_response = object.__new__
+# A Response without __init__'s conversions. Response.__new__, not object.__new__: the
+# compiled build's Response is a C type that object.__new__ refuses to allocate.
+_new_response = Response.__new__
 
 
 class _Call:
