@@ -68,7 +68,9 @@ test: $(STAMP)
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 	@$(MAKE) --no-print-directory compiled
-	RTSERVE_EXPECT_COMPILED=1 $(CPY) -m pytest -q -p no:cacheprovider
+	@# --tb=native: pytest's own traceback display re-parses source for every frame, which
+	@# crashed the session on Python 3.11 when a frame came from a compiled module.
+	RTSERVE_EXPECT_COMPILED=1 $(CPY) -m pytest -q -p no:cacheprovider --tb=native
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -654,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             tree, _ = stack.enter_context(gitref.worktree(a.ref))
             src = gitref.src_dir(tree)
         elif a.python:
+            a.python = str(Path(a.python).absolute())  # not resolved: a venv's is a link
             src = installed_src(a.python)
         else:
             src = gitref.src_dir(a.src or ROOT)
