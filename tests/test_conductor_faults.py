@@ -2,12 +2,18 @@
 the conductor closes that one connection, is counted in `rtserve_internal_errors_total`,
 is logged with its traceback, and the next client is served.
 
-How a fault is injected depends on how the part is wired, and each test says which:
+How a fault is injected depends on how the part is wired, and each test says which. The
+same tests run on the compiled build (docs/compiled.md), whose classes refuse a method
+replaced on an instance, and whose compiled callers call a compiled part's methods
+directly, past any patch:
 
-- Parts that look a method up at every call (writer.respond and completions._complete,
-  reader.on_timer and admission.on_deadline in the loop's timer pass, the server's
-  housekeeping, the parser's next_event) are patched on the running server's part (or,
-  for the parser, made per connection, on its class).
+- The loop's timer pass looks reader.on_timer and admission.on_deadline up at every pass
+  (through the server, untyped): patched on the class, which both builds see there.
+- The parser is faulted in the one outside function it calls, `unquote_to_bytes` (a module
+  global, looked up per call in both builds), for a percent-encoded path.
+- Parts that look a method up at every call in pure Python (writer.respond and
+  completions._complete, the server's housekeeping) are patched on the running server's
+  part.
 - Methods bound once when the parts are wired (`loop.run` binds reader.on_readable;
   Reader binds app.resolve and admission.admit in its __init__) are patched *before the
   server starts*: on the class for Reader and Admission, on the App instance for resolve.
@@ -31,7 +37,6 @@ import pytest
 import rtserve
 from rtserve import App, Request, Response
 from rtserve.admission import Admission
-from rtserve.parser import RequestParser
 from rtserve.reader import Reader
 from rtserve.server import Server
 from tests.conftest import make_app
@@ -153,19 +158,18 @@ def send_marked(srv: Server, data: bytes = MARKED_GET) -> socket.socket:
 def test_a_fault_in_the_parser_closes_that_connection(
         monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture, once: Once,
         gate: Gate) -> None:
-    # reader.advance calls conn.parser.next_event() each time; the parser is made per
-    # connection, so the class is patched (RequestParser has __slots__).
-    real = RequestParser.next_event
+    # The parser decodes a percent-encoded path with the module's unquote_to_bytes, looked
+    # up per call: a fault there is raised from inside RequestParser.next_event.
+    real = rtserve.parser.unquote_to_bytes
 
-    def next_event(self: RequestParser) -> Any:
-        req = real(self)
-        once(marked(req), "the parser")
-        return req
+    def unquote(path: Any) -> bytes:
+        once(path == "/hel%6Co", "the parser")
+        return real(path)
 
     with serving(fault_app(gate)) as srv:
         before = errors(srv)
-        monkeypatch.setattr(RequestParser, "next_event", next_event)
-        s = send_marked(srv)
+        monkeypatch.setattr(rtserve.parser, "unquote_to_bytes", unquote)
+        s = send_marked(srv, MARKED_GET.replace(b"/hello", b"/hel%6Co"))
         assert_survived(srv, logs, before, "handling an event", s)
 
 
@@ -257,16 +261,16 @@ def test_a_fault_in_a_connection_timer_closes_that_connection(
         monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture, once: Once,
         gate: Gate) -> None:
     # The loop's timer pass reads server.reader.on_timer each time it runs: patched on the
-    # running reader. The marked connection is the one whose head never completes.
+    # class. The marked connection is the one whose head never completes.
     with serving(fault_app(gate)) as srv:
-        real = srv.reader.on_timer
+        real = Reader.on_timer
         ports: set[int] = set()
 
-        def on_timer(conn: Any, kind: int, now: int) -> None:
+        def on_timer(self: Reader, conn: Any, kind: int, now: int) -> None:
             once(conn.addr[1] in ports, "reader.on_timer")
-            real(conn, kind, now)
+            real(self, conn, kind, now)
 
-        monkeypatch.setattr(srv.reader, "on_timer", on_timer)
+        monkeypatch.setattr(Reader, "on_timer", on_timer)
         before = errors(srv)
         s = connect(srv.address)
         ports.add(s.getsockname()[1])
@@ -278,15 +282,15 @@ def test_a_fault_in_a_connection_timer_closes_that_connection(
 def test_a_fault_at_a_deadline_closes_that_connection(
         monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture, once: Once,
         gate: Gate) -> None:
-    # The timer pass calls server.admission.on_deadline(...): patched on the running part.
+    # The timer pass looks server.admission.on_deadline up each time: patched on the class.
     with serving(fault_app(gate)) as srv:
-        real = srv.admission.on_deadline
+        real = Admission.on_deadline
 
-        def on_deadline(at: int, conn: Any, rid: int, now: int) -> None:
+        def on_deadline(self: Admission, at: int, conn: Any, rid: int, now: int) -> None:
             once(marked(conn.request), "admission.on_deadline")
-            real(at, conn, rid, now)
+            real(self, at, conn, rid, now)
 
-        monkeypatch.setattr(srv.admission, "on_deadline", on_deadline)
+        monkeypatch.setattr(Admission, "on_deadline", on_deadline)
         before = errors(srv)
         s = send_marked(srv, MARKED_GET.replace(b"/hello", b"/held"))
         gate.wait_entered()
