@@ -11,9 +11,12 @@ directly, past any patch:
   (through the server, untyped): patched on the class, which both builds see there.
 - The parser is faulted in the one outside function it calls, `unquote_to_bytes` (a module
   global, looked up per call in both builds), for a percent-encoded path.
-- Parts that look a method up at every call in pure Python (writer.respond and
-  completions._complete, the server's housekeeping) are patched on the running server's
-  part.
+- The reader and the completions look writer.respond up through an untyped reference
+  (per call, per burst): patched on the class, as the timers.
+- A completion is faulted in the first thing it calls for a late result, just after the
+  admission callback `_finished` the completions hold (an attribute, so settable in both
+  builds) gave the worker back.
+- The server's housekeeping (never compiled) is patched on the running server.
 - Methods bound once when the parts are wired (`loop.run` binds reader.on_readable;
   Reader binds app.resolve and admission.admit in its __init__) are patched *before the
   server starts*: on the class for Reader and Admission, on the App instance for resolve.
@@ -39,6 +42,7 @@ from rtserve import App, Request, Response
 from rtserve.admission import Admission
 from rtserve.reader import Reader
 from rtserve.server import Server
+from rtserve.writer import Writer
 from tests.conftest import make_app
 from tests.helpers import (
     REVIEW,
@@ -176,17 +180,17 @@ def test_a_fault_in_the_parser_closes_that_connection(
 def test_a_fault_in_writer_respond_closes_that_connection(
         logs: pytest.LogCaptureFixture, once: Once, gate: Gate,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # The reader calls self.writer.respond(...) and the writer self.respond(...): looked up
-    # per call, so the running writer's attribute is patched. /missing is answered from
-    # the parse loop (404), /hello from a worker's completion.
+    # The reader calls self.writer.respond(...) per call and the completions look it up
+    # per burst, both through an untyped reference: patched on the class. /missing is
+    # answered from the parse loop (404), /hello from a worker's completion.
     with serving(fault_app(gate)) as srv:
-        real = srv.writer.respond
+        real = Writer.respond
 
-        def respond(conn: Any, reply: Any, now: int) -> bool:
+        def respond(self: Writer, conn: Any, reply: Any, now: int) -> bool:
             once(marked(conn.request), "writer.respond")
-            return real(conn, reply, now)
+            return real(self, conn, reply, now)
 
-        monkeypatch.setattr(srv.writer, "respond", respond)
+        monkeypatch.setattr(Writer, "respond", respond)
         before = errors(srv)
         s = send_marked(srv, MARKED_GET.replace(b"/hello", b"/missing"))
         assert_survived(srv, logs, before, "handling an event", s)
@@ -200,20 +204,22 @@ def _late_result_faults(srv: Server, once: Once, gate: Gate,
                         monkeypatch: pytest.MonkeyPatch) -> tuple[socket.socket, Any]:
     """A late result whose completion handling raises; returns the client and its reader.
 
-    on_completions handles a reply for the request in flight inline and hands every other
-    completion (late results, streams, a task that raised) to self._complete, looked up
-    per call: patched on the running writer. A late result always takes that path: the
-    request was answered at its deadline (the fallback), and the worker finishes after.
-    The fault comes before anything of the completion was handled.
+    on_completions handles a reply for the request in flight inline; every other
+    completion (late results, streams, a task that raised) first gives its worker back
+    through the admission callback the completions hold (`_finished`, read per burst),
+    then goes to `_complete`. A late result always takes that path: the request was
+    answered at its deadline (the fallback), and the worker finishes after. The fault is
+    planted in that callback, right after the worker was given back: before the rest of
+    the completion was handled, and a second give-back would show in the bookkeeping.
     """
-    real = srv.completions._complete
+    real = srv.completions._finished
     ports: set[int] = set()
 
-    def complete(conn: Any, rid: int, result: Any, now: int) -> None:
-        once(conn.addr[1] in ports, "completions._complete")
-        real(conn, rid, result, now)
+    def finished(conn: Any, rid: int, req: Any, now: int) -> None:
+        real(conn, rid, req, now)
+        once(conn.addr[1] in ports, "completions._finished")
 
-    monkeypatch.setattr(srv.completions, "_complete", complete)
+    monkeypatch.setattr(srv.completions, "_finished", finished)
     s = connect(srv.address)
     ports.add(s.getsockname()[1])
     s.sendall(b"GET /held HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -223,7 +229,7 @@ def _late_result_faults(srv: Server, once: Once, gate: Gate,
         pytest.fail(f"expected the deadline fallback first, got {status} {headers}")
     gate.release.set()  # the worker finishes: its late result is the faulty completion
     if not once.fired.wait(10):
-        pytest.fail("the completion never reached completions._complete")
+        pytest.fail("the completion never reached completions._finished")
     return s, f
 
 
