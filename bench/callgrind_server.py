@@ -44,6 +44,9 @@ Usage:
   bench/callgrind_server.py --workload B             one request per connection
   bench/callgrind_server.py --ref HEAD~3             the server of an older commit
   bench/callgrind_server.py --src /work/wt-before    ... or of another source tree
+  bench/callgrind_server.py --python .venv-compiled/bin/python
+                                                     ... or installed in a venv (the
+                                                     compiled build, docs/compiled.md)
   bench/callgrind_server.py --repeat 2 --top 25 --json
 """
 
@@ -310,6 +313,18 @@ class Setup:
     valgrind_args: list[str] = field(default_factory=list)
     settle: float = 0.0
     keep: Path | None = None
+    python: str = sys.executable  # the server's interpreter (--python)
+
+
+def installed_src(python: str) -> Path:
+    """Where ``python`` imports rtserve from without a PYTHONPATH: the directory holding
+    its installed package (site-packages), to stand for ``src`` below."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([python, "-c", "import rtserve; print(rtserve.__file__)"],
+                         capture_output=True, text=True, env=env, cwd="/")
+    if out.returncode:
+        raise RuntimeError(f"{python} cannot import rtserve: {out.stderr.strip()}")
+    return Path(out.stdout.strip()).resolve().parent.parent
 
 
 def server_env(src: Path) -> dict[str, str]:
@@ -321,10 +336,10 @@ def server_env(src: Path) -> dict[str, str]:
     return env
 
 
-def check_import(src: Path) -> None:
+def check_import(src: Path, python: str = sys.executable) -> None:
     """Fail unless the server's Python, with its environment, imports rtserve from ``src``
     (a venv whose install shadowed PYTHONPATH would measure the wrong server)."""
-    out = subprocess.run([sys.executable, "-c", "import rtserve; print(rtserve.__file__)"],
+    out = subprocess.run([python, "-c", "import rtserve; print(rtserve.__file__)"],
                          capture_output=True, text=True, env=server_env(src), cwd=ROOT)
     got = out.stdout.strip()
     if out.returncode or not Path(got).resolve().is_relative_to(src.resolve()):
@@ -337,7 +352,7 @@ def server_cmd(setup: Setup, port: int, outfile: Path) -> list[str]:
     return [
         *norand, "valgrind", "--tool=callgrind", "--separate-threads=yes",
         f"--callgrind-out-file={outfile}", *setup.valgrind_args,
-        sys.executable, "-m", "rtserve", setup.app, "--bind", f"127.0.0.1:{port}",
+        setup.python, "-m", "rtserve", setup.app, "--bind", f"127.0.0.1:{port}",
         "--threads", str(setup.threads), "--log-level", "warning", *setup.server_args,
     ]
 
@@ -508,7 +523,7 @@ def _calls_of_interest(calls: dict[str, float]) -> dict[str, float]:
 def measure(setup: Setup, n: int, repeat: int, top: int) -> dict[str, Any]:
     """``repeat`` pairs of runs (N, 2N); each pair gives one figure."""
     results: list[dict[str, Any]] = []
-    check_import(setup.src)
+    check_import(setup.src, setup.python)
     with tempfile.TemporaryDirectory(prefix="rtserve-cg-") as tmpdir:
         tmp = Path(tmpdir)
         for rep in range(repeat):
@@ -533,6 +548,7 @@ def measure(setup: Setup, n: int, repeat: int, top: int) -> dict[str, Any]:
     figs = [r["ir_per_request"] for r in results]
     return {
         "src": str(setup.src),
+        "python": setup.python,
         "src_commit": gitref.src_commit(setup.src.parent) or "not a git tree",
         "app": setup.app,
         "workload": setup.workload,
@@ -604,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="run the server from this source tree (its root or its src/)")
     where.add_argument("--ref", default=None,
                        help="run the server of this git ref (a temporary worktree)")
+    where.add_argument("--python", default=None,
+                       help="run the server with this interpreter and the rtserve installed "
+                       "for it, e.g. .venv-compiled/bin/python (the compiled build)")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="extra rtserve argument (repeatable), e.g. --server-arg=--threads=4")
     ap.add_argument("--valgrind-arg", action="append", default=[], metavar="ARG",
@@ -634,10 +653,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.ref:
             tree, _ = stack.enter_context(gitref.worktree(a.ref))
             src = gitref.src_dir(tree)
+        elif a.python:
+            a.python = str(Path(a.python).absolute())  # not resolved: a venv's is a link
+            src = installed_src(a.python)
         else:
             src = gitref.src_dir(a.src or ROOT)
         setup = Setup(app=APPS.get(a.app, a.app), workload=a.workload, src=src,
-                      threads=a.threads, connections=a.connections, path=a.path,
+                      python=a.python or sys.executable, threads=a.threads,
+                      connections=a.connections, path=a.path,
                       server_args=a.server_arg, timeout=a.timeout, keep=a.keep,
                       valgrind_args=a.valgrind_arg,
                       settle=a.settle if a.settle is not None else
@@ -646,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.ref:
             res["ref"] = a.ref
             res["src"] = f"{a.ref} (a temporary worktree, removed)"
+        if a.python:
+            res["src_commit"] = f"the rtserve installed for {a.python} ({src})"
     if a.json:
         print(json.dumps(res, indent=1))
     else:

@@ -28,6 +28,8 @@ Usage:
   bench/run.py --quick               1-2 minute smoke: A and C, 1 repeat, short runs
   bench/run.py --servers rtserve,uvicorn --workloads A,C --duration 5
   bench/run.py --servers rtserve-tls,uvicorn-tls,granian-tls --workloads A,B
+  bench/run.py --servers rtserve,rtserve-compiled,rtserve-wsgi,rtserve-wsgi-compiled
+                                     the compiled build beside pure Python (`make compiled`)
   bench/run.py --write-docs          also rewrite docs/benchmarks.md from this run
   bench/run.py --report results/X.json --write-docs   re-render an earlier run
   bench/run.py --profile             py-spy flame graph of rtserve under workload A
@@ -414,6 +416,17 @@ GRANIAN_WSGI = ["{bin}/granian", "--interface", "wsgi", "--host", "127.0.0.1", "
                 "{port}", "--workers", "1", "--runtime-threads", "1", "--blocking-threads",
                 "{threads}", "--backlog", "4096", "--http1-header-read-timeout", "30000",
                 "--no-access-log", "--log-level", "warning"]
+#: The compiled build's venv (`make compiled`, docs/compiled.md): the -compiled rows run
+#: its rtserve, the same source with the hot modules compiled by mypyc.
+COMPILED_BIN = ROOT / ".venv-compiled" / "bin"
+
+
+def compiled_ready(tmp: Path, port: int) -> None:
+    """The compiled rows' ``prepare``: fail clearly when ``make compiled`` has not run."""
+    if not (COMPILED_BIN / "rtserve").exists():
+        raise RuntimeError(f"{COMPILED_BIN / 'rtserve'} is missing: run `make compiled`")
+
+
 SERVERS: list[Server] = [
     Server("rtserve", "rtserve", ["{bin}/rtserve", "apps.native_app:app", "--bind",
            "127.0.0.1:{port}", *RT_COMMON], note="native App, {threads} worker threads",
@@ -422,6 +435,16 @@ SERVERS: list[Server] = [
            "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE],
            note="WSGI app, {threads} worker threads, /score deadline 50 ms + fallback from "
            "the CLI", threads=THREADS, needs=("rtserve",)),
+    # The compiled build (opt-in: --servers rtserve-compiled,rtserve-wsgi-compiled, after
+    # `make compiled`): the two rows above, run by .venv-compiled's rtserve.
+    Server("rtserve-compiled", "rtserve", [f"{COMPILED_BIN}/rtserve", "apps.native_app:app",
+           "--bind", "127.0.0.1:{port}", *RT_COMMON], default=False, prepare=compiled_ready,
+           note="native App, {threads} worker threads, hot modules compiled (mypyc)",
+           threads=THREADS),
+    Server("rtserve-wsgi-compiled", "rtserve", [f"{COMPILED_BIN}/rtserve", "apps.wsgi_app:app",
+           "--bind", "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE], default=False,
+           prepare=compiled_ready, note="WSGI app, {threads} worker threads, /score deadline "
+           "50 ms + fallback from the CLI, hot modules compiled (mypyc)", threads=THREADS),
     # Opt-in variants (run only when named in --servers): the GIL hand-off cost.
     Server("rtserve-t1", "rtserve", ["{bin}/rtserve", "apps.native_app:app", "--bind",
            "127.0.0.1:{port}", *RT_COMMON, "--threads", "1"], default=False,

@@ -6,13 +6,51 @@ tests/helpers.py; `make_app` stays here because several files build on it.
 
 from __future__ import annotations
 
+import ast
+import importlib
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+import rtserve
 from rtserve import App, Request, Response
 from tests.helpers import Gate, server_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compiled_modules() -> list[str]:
+    """setup.py's COMPILED: the modules the compiled build (docs/compiled.md) compiles."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "COMPILED":
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("setup.py has no COMPILED list")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`make test`'s second pass sets RTSERVE_EXPECT_COMPILED=1: it must be testing the
+    installed compiled build, every module of COMPILED a C extension, not this tree's
+    Python (which an editable install or a PYTHONPATH would import instead)."""
+    if os.environ.get("RTSERVE_EXPECT_COMPILED") != "1":
+        return
+    where = Path(rtserve.__file__).resolve().parent
+    if where == ROOT / "src" / "rtserve":
+        raise pytest.UsageError(f"RTSERVE_EXPECT_COMPILED=1 but rtserve imports from {where}")
+    for name in compiled_modules():
+        path = importlib.import_module(f"rtserve.{name}").__file__ or ""
+        if not path.endswith(".so"):
+            raise pytest.UsageError(f"RTSERVE_EXPECT_COMPILED=1 but rtserve.{name} is {path}")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    compiled = [n for n in compiled_modules()
+                if (importlib.import_module(f"rtserve.{n}").__file__ or "").endswith(".so")]
+    kind = f"compiled ({len(compiled)} modules)" if compiled else "pure Python"
+    return f"rtserve: {kind}, from {Path(rtserve.__file__).parent}"
 
 
 def make_app() -> App:

@@ -2,12 +2,21 @@
 the conductor closes that one connection, is counted in `rtserve_internal_errors_total`,
 is logged with its traceback, and the next client is served.
 
-How a fault is injected depends on how the part is wired, and each test says which:
+How a fault is injected depends on how the part is wired, and each test says which. The
+same tests run on the compiled build (docs/compiled.md), whose classes refuse a method
+replaced on an instance, and whose compiled callers call a compiled part's methods
+directly, past any patch:
 
-- Parts that look a method up at every call (writer.respond and completions._complete,
-  reader.on_timer and admission.on_deadline in the loop's timer pass, the server's
-  housekeeping, the parser's next_event) are patched on the running server's part (or,
-  for the parser, made per connection, on its class).
+- The loop's timer pass looks reader.on_timer and admission.on_deadline up at every pass
+  (through the server, untyped): patched on the class, which both builds see there.
+- The parser is faulted in the one outside function it calls, `unquote_to_bytes` (a module
+  global, looked up per call in both builds), for a percent-encoded path.
+- The reader and the completions look writer.respond up through an untyped reference
+  (per call, per burst): patched on the class, as the timers.
+- A completion is faulted in the first thing it calls for a late result, just after the
+  admission callback `_finished` the completions hold (an attribute, so settable in both
+  builds) gave the worker back.
+- The server's housekeeping (never compiled) is patched on the running server.
 - Methods bound once when the parts are wired (`loop.run` binds reader.on_readable;
   Reader binds app.resolve and admission.admit in its __init__) are patched *before the
   server starts*: on the class for Reader and Admission, on the App instance for resolve.
@@ -31,9 +40,9 @@ import pytest
 import rtserve
 from rtserve import App, Request, Response
 from rtserve.admission import Admission
-from rtserve.parser import RequestParser
 from rtserve.reader import Reader
 from rtserve.server import Server
+from rtserve.writer import Writer
 from tests.conftest import make_app
 from tests.helpers import (
     REVIEW,
@@ -153,36 +162,35 @@ def send_marked(srv: Server, data: bytes = MARKED_GET) -> socket.socket:
 def test_a_fault_in_the_parser_closes_that_connection(
         monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture, once: Once,
         gate: Gate) -> None:
-    # reader.advance calls conn.parser.next_event() each time; the parser is made per
-    # connection, so the class is patched (RequestParser has __slots__).
-    real = RequestParser.next_event
+    # The parser decodes a percent-encoded path with the module's unquote_to_bytes, looked
+    # up per call: a fault there is raised from inside RequestParser.next_event.
+    real = rtserve.parser.unquote_to_bytes
 
-    def next_event(self: RequestParser) -> Any:
-        req = real(self)
-        once(marked(req), "the parser")
-        return req
+    def unquote(path: Any) -> bytes:
+        once(path == "/hel%6Co", "the parser")
+        return real(path)
 
     with serving(fault_app(gate)) as srv:
         before = errors(srv)
-        monkeypatch.setattr(RequestParser, "next_event", next_event)
-        s = send_marked(srv)
+        monkeypatch.setattr(rtserve.parser, "unquote_to_bytes", unquote)
+        s = send_marked(srv, MARKED_GET.replace(b"/hello", b"/hel%6Co"))
         assert_survived(srv, logs, before, "handling an event", s)
 
 
 def test_a_fault_in_writer_respond_closes_that_connection(
         logs: pytest.LogCaptureFixture, once: Once, gate: Gate,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # The reader calls self.writer.respond(...) and the writer self.respond(...): looked up
-    # per call, so the running writer's attribute is patched. /missing is answered from
-    # the parse loop (404), /hello from a worker's completion.
+    # The reader calls self.writer.respond(...) per call and the completions look it up
+    # per burst, both through an untyped reference: patched on the class. /missing is
+    # answered from the parse loop (404), /hello from a worker's completion.
     with serving(fault_app(gate)) as srv:
-        real = srv.writer.respond
+        real = Writer.respond
 
-        def respond(conn: Any, reply: Any, now: int) -> bool:
+        def respond(self: Writer, conn: Any, reply: Any, now: int) -> bool:
             once(marked(conn.request), "writer.respond")
-            return real(conn, reply, now)
+            return real(self, conn, reply, now)
 
-        monkeypatch.setattr(srv.writer, "respond", respond)
+        monkeypatch.setattr(Writer, "respond", respond)
         before = errors(srv)
         s = send_marked(srv, MARKED_GET.replace(b"/hello", b"/missing"))
         assert_survived(srv, logs, before, "handling an event", s)
@@ -196,20 +204,22 @@ def _late_result_faults(srv: Server, once: Once, gate: Gate,
                         monkeypatch: pytest.MonkeyPatch) -> tuple[socket.socket, Any]:
     """A late result whose completion handling raises; returns the client and its reader.
 
-    on_completions handles a reply for the request in flight inline and hands every other
-    completion (late results, streams, a task that raised) to self._complete, looked up
-    per call: patched on the running writer. A late result always takes that path: the
-    request was answered at its deadline (the fallback), and the worker finishes after.
-    The fault comes before anything of the completion was handled.
+    on_completions handles a reply for the request in flight inline; every other
+    completion (late results, streams, a task that raised) first gives its worker back
+    through the admission callback the completions hold (`_finished`, read per burst),
+    then goes to `_complete`. A late result always takes that path: the request was
+    answered at its deadline (the fallback), and the worker finishes after. The fault is
+    planted in that callback, right after the worker was given back: before the rest of
+    the completion was handled, and a second give-back would show in the bookkeeping.
     """
-    real = srv.completions._complete
+    real = srv.completions._finished
     ports: set[int] = set()
 
-    def complete(conn: Any, rid: int, result: Any, now: int) -> None:
-        once(conn.addr[1] in ports, "completions._complete")
-        real(conn, rid, result, now)
+    def finished(conn: Any, rid: int, req: Any, now: int) -> None:
+        real(conn, rid, req, now)
+        once(conn.addr[1] in ports, "completions._finished")
 
-    monkeypatch.setattr(srv.completions, "_complete", complete)
+    monkeypatch.setattr(srv.completions, "_finished", finished)
     s = connect(srv.address)
     ports.add(s.getsockname()[1])
     s.sendall(b"GET /held HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -219,7 +229,7 @@ def _late_result_faults(srv: Server, once: Once, gate: Gate,
         pytest.fail(f"expected the deadline fallback first, got {status} {headers}")
     gate.release.set()  # the worker finishes: its late result is the faulty completion
     if not once.fired.wait(10):
-        pytest.fail("the completion never reached completions._complete")
+        pytest.fail("the completion never reached completions._finished")
     return s, f
 
 
@@ -257,16 +267,16 @@ def test_a_fault_in_a_connection_timer_closes_that_connection(
         monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture, once: Once,
         gate: Gate) -> None:
     # The loop's timer pass reads server.reader.on_timer each time it runs: patched on the
-    # running reader. The marked connection is the one whose head never completes.
+    # class. The marked connection is the one whose head never completes.
     with serving(fault_app(gate)) as srv:
-        real = srv.reader.on_timer
+        real = Reader.on_timer
         ports: set[int] = set()
 
-        def on_timer(conn: Any, kind: int, now: int) -> None:
+        def on_timer(self: Reader, conn: Any, kind: int, now: int) -> None:
             once(conn.addr[1] in ports, "reader.on_timer")
-            real(conn, kind, now)
+            real(self, conn, kind, now)
 
-        monkeypatch.setattr(srv.reader, "on_timer", on_timer)
+        monkeypatch.setattr(Reader, "on_timer", on_timer)
         before = errors(srv)
         s = connect(srv.address)
         ports.add(s.getsockname()[1])
@@ -278,15 +288,15 @@ def test_a_fault_in_a_connection_timer_closes_that_connection(
 def test_a_fault_at_a_deadline_closes_that_connection(
         monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture, once: Once,
         gate: Gate) -> None:
-    # The timer pass calls server.admission.on_deadline(...): patched on the running part.
+    # The timer pass looks server.admission.on_deadline up each time: patched on the class.
     with serving(fault_app(gate)) as srv:
-        real = srv.admission.on_deadline
+        real = Admission.on_deadline
 
-        def on_deadline(at: int, conn: Any, rid: int, now: int) -> None:
+        def on_deadline(self: Admission, at: int, conn: Any, rid: int, now: int) -> None:
             once(marked(conn.request), "admission.on_deadline")
-            real(at, conn, rid, now)
+            real(self, at, conn, rid, now)
 
-        monkeypatch.setattr(srv.admission, "on_deadline", on_deadline)
+        monkeypatch.setattr(Admission, "on_deadline", on_deadline)
         before = errors(srv)
         s = send_marked(srv, MARKED_GET.replace(b"/hello", b"/held"))
         gate.wait_entered()

@@ -57,10 +57,15 @@ class Admission:
         # (conn, req_id, "deadline") after a running request's fallback went out.
         self.cancel: Callable[[Connection, int, str], None] | None = None
         self._busy = 0  # requests on workers (streams count until their worker is free)
-        self._cpu_inflight = 0  # sampled CPU ns of the handlers running now (see cpu_ok)
+        self._cpu_inflight = 0  # sampled CPU ns of the handlers running now (see _cpu_gate)
         self._charges: dict[tuple, int] = {}  # (conn, req_id) -> CPU ns charged at start
         self._stuck: set[tuple[Connection, int]] = set()  # answered late, worker still on it
         self.lag_ns = 0  # recent deadline-timer lateness, sent as extra margin
+        # The gate a hand-off asks last: the CPU gate (_cpu_gate), or what the server puts
+        # in its place for an interface whose handlers are not sampled (ASGI: the loops'
+        # backlog). An attribute, not a method to patch: the compiled build's classes
+        # cannot have their methods replaced (docs/compiled.md).
+        self.cpu_ok: Callable[[], bool] = self._cpu_gate
 
     # ---- a request the reader just parsed -----------------------------------------------
 
@@ -116,7 +121,7 @@ class Admission:
         quarter = budget >> 2
         return deadline_ns - self._margin_ns - (lag if lag < quarter else quarter)
 
-    def cpu_ok(self) -> bool:
+    def _cpu_gate(self) -> bool:
         """May another handler start now without time-slicing the GIL?
 
         Handlers of one process share one core. Eight 1 ms CPU-bound handlers started

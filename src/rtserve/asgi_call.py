@@ -49,7 +49,9 @@ DISCARDING = 3  # a head-only answer (HEAD, 204, 304) posted; the app's body is 
 DONE = 4  # the app's response is complete (or the task ended)
 
 _NO_BODY: tuple[bytes, ...] = ()  # the iterable `serialize` frames a stream's head with
-_new_response = object.__new__
+# A Response without __init__'s conversions. Response.__new__, not object.__new__: the
+# compiled build's Response is a C type that object.__new__ refuses to allocate.
+_new_response = Response.__new__
 
 
 class ClientDisconnected(OSError):

@@ -45,6 +45,7 @@ from _socket import socket
 from enum import IntEnum
 from typing import Any
 
+from .errors import InvalidTransition
 from .parser import RequestParser
 from .request import Request
 
@@ -101,10 +102,6 @@ WRITING = State.WRITING
 CLOSING = State.CLOSING
 CLOSED = State.CLOSED
 HANDSHAKE = State.HANDSHAKE
-
-
-class InvalidTransition(RuntimeError):
-    """A bug: the conductor asked for a state change the table does not allow."""
 
 
 # Timer kinds (what expiry means for the connection); see timers.py. The loop hands kinds

@@ -56,3 +56,11 @@ class VersionNotSupported(ParseError):
 class StartupFailed(Exception):
     """The application refused to start (ASGI `lifespan.startup.failed`); the message is
     the app's. The server does not listen, and the CLI exits 3."""
+
+
+class InvalidTransition(RuntimeError):
+    """A bug: the conductor asked for a connection state change the table does not allow.
+
+    Defined here rather than in connection.py, which raises it: mypyc (the compiled build,
+    docs/compiled.md) cannot compile a class deriving from RuntimeError, and this module
+    stays Python."""

@@ -224,7 +224,7 @@ class Server:
             asgi.start()  # lifespan startup, before the listener exists (StartupFailed)
             admission.cancel = asgi.cancel  # at respond-by: cancel the task
             # The loops' backlog gate replaces the CPU gate (nothing samples a task's CPU).
-            admission.cpu_ok = asgi.ready  # type: ignore[method-assign]
+            admission.cpu_ok = asgi.ready
             writer.on_gone = asgi.gone  # closed while running: http.disconnect, cancel
             reader.abort_on_eof = True  # a client that leaves cancels its request
             self.metrics.labelled_counter(

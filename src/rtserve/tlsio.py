@@ -32,8 +32,11 @@ import os
 import select
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
+from .admission import Admission
+from .answers import Answers
 from .connection import (
     CLOSING,
     HANDSHAKE,
@@ -45,9 +48,14 @@ from .connection import (
     T_WRITE,
     Connection,
 )
+from .lifecycle import Lifecycle
+from .limits import Limits
+from .metrics import Metrics
+from .protocols import Dispatcher
 from .reader import READ_MASK, RECV_SIZE, Reader
 from .request import Request
 from .stream import StreamChannel
+from .timers import Timers
 from .tls import TLSContexts, connection_facts, error_kind
 from .writer import LINGER_NS, Writer, unsent_bytes
 
@@ -79,8 +87,14 @@ _plain_send = socket.socket.send  # the socket's own send: under the SSL layer
 class TLSReader(Reader):
     """Reader for TLS connections: wraps on accept, runs the handshake, decrypts reads."""
 
-    def __init__(self, *args: Any, tls: TLSContexts, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, limits: Limits, conns: dict[int, Connection], ep: Any,
+                 set_mask: Callable[[Connection, int], None], timers: Timers,
+                 metrics: Metrics, app: Dispatcher, answers: Answers, admission: Admission,
+                 life: Lifecycle, *, tls: TLSContexts) -> None:
+        # Reader's parameters spelled out, not forwarded as *args: mypyc (the compiled
+        # build) miscompiles *args passed on to a compiled base class's __init__.
+        super().__init__(limits, conns, ep, set_mask, timers, metrics, app, answers,
+                         admission, life)
         self._tls = tls
         self._handshake_ns = self._limits.handshake_ns
 

@@ -65,7 +65,7 @@ class Worker:
         tick = route.cpu_tick = route.cpu_tick + 1
         # The handler's own CPU time, on a sample of requests (the thread clock is a
         # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
-        # time-slicing the GIL (see admission.Admission.cpu_ok).
+        # time-slicing the GIL (see admission.Admission._cpu_gate).
         sample = tick <= 8 or not tick & (CPU_SAMPLE_EVERY - 1)
         if sample:
             c0 = _thread_time_ns()

@@ -192,7 +192,9 @@ def _response_of(body: Any, status: int, headers: list[tuple[str, str]]) -> Resp
     return response
 
 
-_new_response = object.__new__
+# A Response without __init__'s conversions. Response.__new__, not object.__new__: the
+# compiled build's Response is a C type that object.__new__ refuses to allocate.
+_new_response = Response.__new__
 
 
 class _Call:
@@ -387,10 +389,14 @@ class WSGIApp:
             "wsgi.input_terminated": True,  # the whole body was read before the app runs
             "wsgi.url_scheme": "http",
         }
+        # The environ builder: `_environ`, or on a TLS server `_tls_environ`. An attribute
+        # chosen once, not a method replaced on the instance, which the compiled build's
+        # classes forbid (docs/compiled.md).
+        self.environ: Callable[..., dict[str, Any]] = self._environ
         if cfg.certfile:  # every connection of this server is TLS: constants, set once
             self._base["wsgi.url_scheme"] = "https"
             self._base["HTTPS"] = "on"
-            self.environ = self._tls_environ  # type: ignore[method-assign]
+            self.environ = self._tls_environ
         # The keys every request sets, present already: the copy is sized for the whole
         # environ, so filling it in never grows (rehashes) the dict.
         for key in _PER_REQUEST_KEYS:
@@ -436,8 +442,8 @@ class WSGIApp:
 
     # ---- worker side ----------------------------------------------------------------
 
-    def environ(self, request: Request, errors: Any = None) -> dict[str, Any]:
-        """The PEP 3333 environ for a request."""
+    def _environ(self, request: Request, errors: Any = None) -> dict[str, Any]:
+        """The PEP 3333 environ for a request (`environ` on a plain server)."""
         env = self._base.copy()  # the per-server constants, url_scheme "http" included
         # Headers first: one cached lookup per name gives its key ("HTTP_USER_AGENT",
         # "CONTENT_TYPE", or "" for names never mapped); a repeated name is the rare case.
@@ -508,7 +514,7 @@ class WSGIApp:
     def _tls_environ(self, request: Request, errors: Any = None) -> dict[str, Any]:
         """`environ` on a TLS server: plus the connection's mod_ssl keys (SSL_PROTOCOL,
         SSL_CIPHER, SSL_CLIENT_S_DN ...; docs/tls.md), computed once per connection."""
-        env = WSGIApp.environ(self, request, errors)
+        env = self._environ(request, errors)
         try:
             env.update(request.tls_info.environ)
         except AttributeError:  # a request made by hand, not read from a TLS connection
