@@ -32,7 +32,7 @@ from .errors import HTTPError, ParseError
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .metrics import Metrics
-from .parser import NEED_DATA, RequestParser
+from .parser import NEED_DATA, HeadCache, RequestParser
 from .protocols import Dispatcher
 from .request import Request
 from .response import Response
@@ -76,6 +76,7 @@ class Reader:
             max_header_block=limits.max_header_block,
             max_header_count=limits.max_header_count,
             max_body_size=limits.max_body_size,
+            head_cache=HeadCache(),  # one for every connection: they share these limits
         )
         self.requests_seen = 0  # routed requests (max_requests counts these)
         self.writer: Any = None  # writer.Writer, wired by the server (the two call each other)

@@ -99,6 +99,7 @@ class Request:
         "_headers",
         "_query",
         "tls_info",
+        "head",
     )
 
     # Set by tlsio.TLSReader on requests that came over TLS and never assigned otherwise,
@@ -142,6 +143,9 @@ class Request:
         self.t_end = 0  # handler returned
         self._headers: Headers | None = None
         self._query: dict[str, list[str]] | None = None
+        # The parser's record of this head when requests with the same head bytes share
+        # one (an immutable tuple, see parser.HeadCache): per-head work may be keyed on it.
+        self.head: Any = None
 
     @property
     def headers(self) -> Headers:
