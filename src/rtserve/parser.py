@@ -161,6 +161,7 @@ class RequestParser:
         "max_header_count",
         "max_body_size",
         "pending",
+        "buf",
         "_buf",
         "_state",
         "_error",
@@ -194,7 +195,9 @@ class RequestParser:
         self.max_body_size = max_body_size
         # The request whose head is parsed but whose body is still arriving (else None).
         self.pending: Request | None = None
-        self._buf = bytearray()
+        # The receive buffer, never replaced: `buf` is the same object, for the conductor
+        # to test for held bytes without a call (read it only: `buffered` is its length).
+        self._buf = self.buf = bytearray()
         self._state = _HEAD
         self._error: ParseError | None = None
         # Incremental-scan bookkeeping, all offsets into _buf (reset when bytes are consumed).
