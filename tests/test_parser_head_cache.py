@@ -146,3 +146,20 @@ def test_the_cache_is_bounded_and_skips_large_heads():
         assert req.head is None
         assert summary(req) == summary(fresh(big))
     assert big not in cache.heads and big not in cache.once
+
+
+@pytest.mark.parametrize("field, present", [
+    (b"X-Request-Deadline-Ms: 30\r\n", True),
+    (b"grpc-timeout: 10m\r\n", True),
+    (b"x-envoy-expected-rq-timeout-ms: 5\r\n", True),
+    (b"X-Request-Deadline: 30\r\n", False),  # a near miss is not a budget field
+    (b"", False),
+])
+def test_the_budget_field_flag_holds_for_parsed_and_cached_heads(field, present):
+    head = b"GET / HTTP/1.1\r\nHost: h\r\n" + field + b"\r\n"
+    parser = RequestParser()
+    reqs = [take_all(parser, head)[0] for _ in range(3)]
+    assert reqs[2].head is not None
+    assert [r.budget_header for r in reqs] == [present] * 3
+    # A Request made by hand may carry any field: admission looks (the safe default).
+    assert Request("GET", "/", "/", "", "HTTP/1.1", []).budget_header is True

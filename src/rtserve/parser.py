@@ -17,6 +17,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from rtserve.deadlines import BUDGET_HEADERS
 from rtserve.errors import (
     BadRequest,
     ExpectationFailed,
@@ -96,8 +97,11 @@ _MAX_CHUNK_LINE = 4096  # one chunk-size line, extensions included
 _MAX_CHUNK_EXT_TOTAL = 16384  # all chunk extensions of one request (they cost parse time)
 _MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
 
-# Fields the parser itself interprets.
-_SPECIAL = frozenset(("host", "content-length", "transfer-encoding", "connection", "expect"))
+# Fields the parser itself interprets, and the client-budget fields it notes the presence
+# of (`Request.budget_header`: admission reads them only when there are some).
+_SPECIAL = frozenset(
+    ("host", "content-length", "transfer-encoding", "connection", "expect")
+) | BUDGET_HEADERS
 # Fields a sender must not put in a trailer section because they are evaluated before the
 # content (RFC 9110 6.5.1: framing, routing, authentication, request modifiers, response
 # controls, content format), plus connection control and rtserve's own deadline fields.
@@ -322,6 +326,7 @@ class RequestParser:
             if field[0] in _SPECIAL:
                 specials.append(field)
         host = cl = te = conn = expect = None
+        budget = False
         for name, value in specials:  # usually just Host (and Connection)
             if name == "host":
                 if host is not None:
@@ -337,8 +342,11 @@ class RequestParser:
                 if te is not None:
                     raise BadRequest("duplicate Transfer-Encoding")
                 te = value
-            elif expect is None or expect.lower() == "100-continue":
-                expect = value  # Expect: 100-continue holds only if every value says so
+            elif name == "expect":
+                if expect is None or expect.lower() == "100-continue":
+                    expect = value  # Expect: 100-continue holds only if every value says so
+            else:
+                budget = True  # a client-budget field: admission parses it
 
         if target[0] == "/":
             path, _, query = target.partition("?")
@@ -417,6 +425,7 @@ class RequestParser:
             keep_alive,
             expect_continue,
             raw_path,
+            budget,
         )
         if chunked:
             self.pending = request
@@ -439,7 +448,7 @@ class RequestParser:
                     heads.clear()
                 request.head = heads[key] = (
                     method, target, path, query, version, tuple(raw_headers),
-                    request.content_length, False, keep_alive, False, raw_path,
+                    request.content_length, False, keep_alive, False, raw_path, budget,
                 )
             else:
                 if len(once) >= HEAD_CACHE_MAX:
