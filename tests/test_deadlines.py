@@ -169,13 +169,14 @@ MS = 1_000_000
 def test_client_budget_headers(path: str, headers: Any, budget: int, gate: Gate) -> None:
     with server_thread(_budget_app(gate)) as server:
         c = Client(server.address)
-        status, _, body = c.request("GET", path, headers)
-        assert status == 200, body
-        got = json.loads(body)
-        assert got["budget_ns"] == budget
-        assert got["has_deadline"] == bool(budget)
-        if budget:
-            assert 0 < got["remaining"] <= budget / 1e9
+        for _ in range(3):  # the same head again: from the parser's cache the 2nd time on
+            status, _, body = c.request("GET", path, headers)
+            assert status == 200, body
+            got = json.loads(body)
+            assert got["budget_ns"] == budget
+            assert got["has_deadline"] == bool(budget)
+            if budget:
+                assert 0 < got["remaining"] <= budget / 1e9
         c.close()
 
 

@@ -498,3 +498,28 @@ def test_every_answer_agrees_with_its_socket(wire: Server, holds: Holds, mode: s
         holds.event(key).set()
         f.close()
         s.close()
+
+
+def test_the_date_line_follows_the_clock_second_by_second_and_back(monkeypatch) -> None:
+    """serialize reads the cached Date line inline; it must change with the second, also
+    when the wall clock is stepped back (NTP), and never lag behind date_header()."""
+    from email.utils import formatdate
+
+    from rtserve import framing, response
+
+    clock = [1_700_000_000.25]
+    monkeypatch.setattr(response, "_time", lambda: clock[0])
+    monkeypatch.setattr(framing, "_time", lambda: clock[0])
+    req = Request("GET", "/", "/", "", "HTTP/1.1", [("host", "h")])
+
+    def date_sent() -> str:
+        data = serialize(req, Response(b"x"), False)[2]
+        assert isinstance(data, bytes)
+        (line,) = [ln for ln in data.split(b"\r\n") if ln.startswith(b"Date: ")]
+        return line[6:].decode()
+
+    for t in (1_700_000_000.25, 1_700_000_000.99, 1_700_000_001.0, 1_700_000_003.5,
+              1_699_999_990.0):  # the last: the clock stepped back by 13 s
+        clock[0] = t
+        assert date_sent() == formatdate(int(t), usegmt=True), t
+        assert response.date_header() == f"Date: {formatdate(int(t), usegmt=True)}\r\n".encode()

@@ -1005,3 +1005,93 @@ def test_cli_rejects_a_bad_fallback(wsgi_module):
         env={k: v for k, v in os.environ.items() if not k.startswith("RTSERVE_")},
     )
     assert proc.returncode == 2 and "fallback" in proc.stderr
+
+
+# ---- environ templates (a head the parser took from its cache) -----------------------
+
+
+def _parsed(data: bytes, cache: Any, client: tuple[str, int]) -> Request:
+    from rtserve.parser import RequestParser
+
+    parser = RequestParser(head_cache=cache)
+    parser.feed(data)
+    req = parser.next_event()
+    assert isinstance(req, Request)
+    req.client = client
+    return req
+
+
+def test_requests_with_one_cached_head_get_equal_environs_of_their_own():
+    from rtserve.parser import HeadCache
+
+    head = (b"GET /p/q%20r?x=1 HTTP/1.1\r\nHost: example.com:8443\r\nCookie: a=1\r\n"
+            b"Cookie: b=2\r\nContent-Type: text/x\r\n\r\n")
+    wsgi = WSGIApp(environ_app, Config(root_path="/p"))
+    cache = HeadCache()
+    reqs = [_parsed(head, cache, ("127.0.0.1", 4000 + i)) for i in range(4)]
+    assert reqs[0].head is None and reqs[1].head is not None  # cached from the second on
+    assert all(r.head is reqs[1].head for r in reqs[2:])
+    envs = [wsgi.environ(r) for r in reqs]
+    envs[2]["HTTP_COOKIE"] = "changed by the app"  # an app's own copy: never shared
+    envs[2]["app.key"] = 1
+    envs.append(wsgi.environ(_parsed(head, cache, ("127.0.0.1", 4009))))
+    by_hand = Request("GET", "/p/q%20r?x=1", "/p/q r", "x=1", "HTTP/1.1",
+                      [("host", "example.com:8443"), ("cookie", "a=1"), ("cookie", "b=2"),
+                       ("content-type", "text/x")], raw_path="/p/q%20r")
+    by_hand.client = ("127.0.0.1", 4009)
+    expected = wsgi.environ(by_hand)  # no head: built key by key
+    per_request = {"wsgi.input", "wsgi.errors", "rtserve.request", "REMOTE_PORT"}
+
+    def fixed(env: dict) -> dict:
+        return {k: v for k, v in env.items() if k not in per_request}
+
+    for i, (req, env) in enumerate(zip([*reqs, None], envs, strict=True)):
+        if i != 2:
+            assert fixed(env) == fixed(expected), i
+        assert env["REMOTE_PORT"] == str(4000 + i if i < 4 else 4009)
+        if req is not None:
+            assert env["rtserve.request"] is req
+    assert envs[4]["PATH_INFO"] == "/q r" and envs[4]["SCRIPT_NAME"] == "/p"
+    assert envs[4]["HTTP_COOKIE"] == "a=1; b=2" and "app.key" not in envs[4]
+    assert len({id(e["wsgi.errors"]) for e in envs}) == len(envs)
+
+
+def test_a_cached_head_with_proxy_headers_is_resolved_per_peer():
+    from rtserve.parser import HeadCache
+
+    head = b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n"
+    wsgi = WSGIApp(environ_app, Config(forwarded_allow_ips="10.0.0.1"))
+    cache = HeadCache()
+    _parsed(head, cache, ("10.0.0.1", 1))
+    trusted = wsgi.environ(_parsed(head, cache, ("10.0.0.1", 1)))
+    other = wsgi.environ(_parsed(head, cache, ("10.0.0.2", 2)))
+    again = wsgi.environ(_parsed(head, cache, ("10.0.0.1", 3)))
+    assert trusted["REMOTE_ADDR"] == again["REMOTE_ADDR"] == "203.0.113.7"
+    assert other["REMOTE_ADDR"] == "10.0.0.2"
+
+
+def test_one_connection_repeating_a_head_sees_the_same_environ():
+    seen: list[dict] = []
+
+    def app(environ: dict, start_response: Any) -> list[bytes]:
+        seen.append({k: v for k, v in environ.items() if isinstance(v, str)})
+        environ["HTTP_HOST"] = "mutated"  # must not reach the next request
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    req = b"GET /x?y HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\n\r\n"
+    with running_server(app) as addr:
+        socks = [connect(addr), connect(addr)]
+        for s in socks:
+            for _ in range(3):
+                s.sendall(req)
+                assert read_response(s)[0] == 200
+        ports = [str(s.getsockname()[1]) for s in socks]
+        for s in socks:
+            s.close()
+    assert len(seen) == 6
+    for i, env in enumerate(seen):
+        assert env["HTTP_HOST"] == "example.com" and env["PATH_INFO"] == "/x"
+        assert env["REMOTE_PORT"] == ports[i // 3]
+        assert {k: v for k, v in env.items() if k != "REMOTE_PORT"} == {
+            k: v for k, v in seen[0].items() if k != "REMOTE_PORT"}

@@ -74,7 +74,7 @@ class Admission:
         """Start, queue, or answer at once (returned). Raises HTTPError for a bad budget."""
         start = req.start_ns
         budget = route.deadline_ns or self._default_ns
-        cb = client_budget_ns(req.raw_headers)
+        cb = client_budget_ns(req.raw_headers) if req.budget_header else None
         if cb is not None and (not budget or cb < budget):
             budget = cb
         if budget:

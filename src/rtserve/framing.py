@@ -17,10 +17,14 @@ writes into the Request. `data` is what the conductor sends:
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from . import response as _response
 from .request import Request
 from .response import (
+    _LISTS,
+    _NO_HEADERS,
     STATUS_LINES,
     FileBody,
     Response,
@@ -38,6 +42,7 @@ _CLEN_CACHED = 4096  # Content-Length lines of small bodies, pre-encoded
 _CLEN = tuple(b"Content-Length: %d\r\n" % n for n in range(_CLEN_CACHED))
 JOIN_MAX = 65536  # bodies from this size on are sent beside the head, not copied into it
 _TEXT = b"Content-Type: text/plain; charset=utf-8\r\n"
+_time = time.time
 
 
 class FileReply:
@@ -100,11 +105,25 @@ def serialize(request: Request, response: Response, draining: bool) -> Reply:
     """A handler's Response as a Reply (raises InvalidResponse for a bad header/status)."""
     status = response.status
     sline = STATUS_LINES.get(status) or status_line(status)
-    extra, length, app_close, has_date = encode_headers(response.headers)
+    # encode_headers' whole-list cache and date_header's same-second case, inlined (this
+    # runs once per response): no Python call when the handler repeats its header list.
+    headers = response.headers
+    try:
+        encoded = _LISTS.get(tuple(headers)) if headers else _NO_HEADERS
+    except TypeError:  # an unhashable pair: encode_headers says what is wrong with it
+        encoded = None
+    if encoded is None:
+        encoded = encode_headers(headers)
+    extra, length, app_close, has_date = encoded
     body = response.body
     head_only = request.method == "HEAD"
     no_body = status < 200 or status in NO_BODY_STATUSES
-    date = b"" if has_date else date_header()
+    if has_date:
+        date = b""
+    else:
+        t = _time()
+        d = _response.DATE
+        date = d[2] if d[0] <= t < d[1] else date_header()
     if body.__class__ is bytes:
         if no_body:
             clen = b""

@@ -14,8 +14,10 @@ Interface (see docs/parser.md): `feed(bytes)`, then `next_event()` returns one c
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from rtserve.deadlines import BUDGET_HEADERS
 from rtserve.errors import (
     BadRequest,
     ExpectationFailed,
@@ -74,6 +76,14 @@ _FIELD_CACHE_LINE = 256
 _VALID_HOSTS: set[str] = set()
 _VALID_HOSTS_MAX = 256
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
+# Heads already parsed, by their exact bytes (see `HeadCache`): clients repeat the very same
+# head (a keep-alive client polling one URL, a load balancer's health check, a benchmark),
+# so a hit replaces the regex, the decode, both splits and the field loop with one bytes
+# copy and one dict lookup. Only heads of requests without a body (no Content-Length
+# above 0, no Transfer-Encoding, no Expect) of at most HEAD_CACHE_BYTES enter; the dict is
+# emptied when full, so a client sending unique heads only costs itself the miss.
+HEAD_CACHE_BYTES = 2048
+HEAD_CACHE_MAX = 256
 # chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
 # (RFC 9112 7.1.1), val = token / quoted-string. BWS is whitespace a sender must not
 # generate but a recipient must parse, so it is accepted, and extensions are ignored.
@@ -87,8 +97,11 @@ _MAX_CHUNK_LINE = 4096  # one chunk-size line, extensions included
 _MAX_CHUNK_EXT_TOTAL = 16384  # all chunk extensions of one request (they cost parse time)
 _MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
 
-# Fields the parser itself interprets.
-_SPECIAL = frozenset(("host", "content-length", "transfer-encoding", "connection", "expect"))
+# Fields the parser itself interprets, and the client-budget fields it notes the presence
+# of (`Request.budget_header`: admission reads them only when there are some).
+_SPECIAL = frozenset(
+    ("host", "content-length", "transfer-encoding", "connection", "expect")
+) | BUDGET_HEADERS
 # Fields a sender must not put in a trailer section because they are evaluated before the
 # content (RFC 9110 6.5.1: framing, routing, authentication, request modifiers, response
 # controls, content format), plus connection control and rtserve's own deadline fields.
@@ -113,6 +126,28 @@ _FORBIDDEN_TRAILERS = frozenset((
     "x-request-deadline-ms", "grpc-timeout", "x-envoy-expected-rq-timeout-ms",
 ))
 
+
+
+class HeadCache:
+    """Parsed bodyless heads by their exact bytes, shared by the parsers given it.
+
+    `heads` maps head bytes to the positional arguments of their `Request` (headers as a
+    tuple: each request gets its own list). That tuple is immutable and shared by every
+    request whose head had those bytes (`Request.head`), so a consumer can key its own
+    per-head work on it by identity (the WSGI adapter's environ template: see wsgi.py).
+    A head enters only the second time it is seen (`once` holds the heads seen once), so
+    a stream of unique heads costs a set insert each, not an entry built and thrown away.
+    Parsers may share a cache only if they share their limits: a head enters only after
+    it passed them (the reader gives one to all of a server's connections).
+    """
+
+    __slots__ = ("heads", "once")
+
+    def __init__(self) -> None:
+        self.heads: dict[bytes, tuple[Any, ...]] = {}
+        self.once: set[bytes] = set()
+
+
 # parser states
 _HEAD, _BODY_CL, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _DEAD = range(7)
 
@@ -130,6 +165,7 @@ class RequestParser:
         "max_header_count",
         "max_body_size",
         "pending",
+        "buf",
         "_buf",
         "_state",
         "_error",
@@ -144,6 +180,8 @@ class RequestParser:
         "_ext_total",
         "_budget",
         "_slow",
+        "_heads",
+        "_once",
     )
 
     def __init__(
@@ -153,6 +191,7 @@ class RequestParser:
         max_header_block: int = 65536,
         max_header_count: int = 100,
         max_body_size: int = 1 << 20,
+        head_cache: HeadCache | None = None,
     ) -> None:
         self.max_request_line = max_request_line
         self.max_header_block = max_header_block
@@ -160,7 +199,9 @@ class RequestParser:
         self.max_body_size = max_body_size
         # The request whose head is parsed but whose body is still arriving (else None).
         self.pending: Request | None = None
-        self._buf = bytearray()
+        # The receive buffer, never replaced: `buf` is the same object, for the conductor
+        # to test for held bytes without a call (read it only: `buffered` is its length).
+        self._buf = self.buf = bytearray()
         self._state = _HEAD
         self._error: ParseError | None = None
         # Incremental-scan bookkeeping, all offsets into _buf (reset when bytes are consumed).
@@ -175,6 +216,11 @@ class RequestParser:
         self._ext_total = 0
         self._budget = 0  # bytes left for the trailer section (shares max_header_block)
         self._slow = False  # a slow path touched the head-scan state above
+        # Parsed heads by their bytes (HEAD_CACHE_BYTES): this parser's own cache unless
+        # it is given one shared with parsers of the same limits.
+        cache = HeadCache() if head_cache is None else head_cache
+        self._heads = cache.heads
+        self._once = cache.once
 
     # --- conductor API ----------------------------------------------------------------------
 
@@ -214,6 +260,21 @@ class RequestParser:
             return NEED_DATA
         if buf[0] == 13 and not self._skip_empty_lines():
             return NEED_DATA
+        # A head seen before: usually the buffer holds exactly one head (one recv, no
+        # pipelining), and then its bytes are the cache key. A buffer holding more never
+        # matches (every entry is one head), and goes the way of a new head.
+        key = None
+        if buf[-1] == 10 and len(buf) <= HEAD_CACHE_BYTES:
+            key = bytes(buf)
+            known = self._heads.get(key)
+            if known is not None:
+                buf.clear()
+                if self._slow:
+                    self._reset_head_scan()
+                request = Request(*known)
+                request.raw_headers = list(known[5])
+                request.head = known
+                return request
         # First look at this head: one regex both validates it and finds its end. Later
         # looks (the head arrived in pieces) search for the end from where the last one
         # stopped, so byte-by-byte input stays linear, and validate once it is complete.
@@ -236,9 +297,10 @@ class RequestParser:
             raise HeaderFieldsTooLarge("header section too large")
         # Consume the head now (an error kills the parser anyway); decode it in one call.
         if hend == len(buf):
-            head = buf.decode("latin-1")
+            head = buf.decode("latin-1") if key is None else key.decode("latin-1")
             buf.clear()
         else:
+            key = None  # the key must be this head alone
             head = buf[:hend].decode("latin-1")
             del buf[:hend]
         if self._slow:
@@ -264,6 +326,7 @@ class RequestParser:
             if field[0] in _SPECIAL:
                 specials.append(field)
         host = cl = te = conn = expect = None
+        budget = False
         for name, value in specials:  # usually just Host (and Connection)
             if name == "host":
                 if host is not None:
@@ -279,8 +342,11 @@ class RequestParser:
                 if te is not None:
                     raise BadRequest("duplicate Transfer-Encoding")
                 te = value
-            elif expect is None or expect.lower() == "100-continue":
-                expect = value  # Expect: 100-continue holds only if every value says so
+            elif name == "expect":
+                if expect is None or expect.lower() == "100-continue":
+                    expect = value  # Expect: 100-continue holds only if every value says so
+            else:
+                budget = True  # a client-budget field: admission parses it
 
         if target[0] == "/":
             path, _, query = target.partition("?")
@@ -359,6 +425,7 @@ class RequestParser:
             keep_alive,
             expect_continue,
             raw_path,
+            budget,
         )
         if chunked:
             self.pending = request
@@ -373,6 +440,20 @@ class RequestParser:
             self._state = _BODY_CL
             self._left = length
             return self._parse_body()
+        if key is not None and not expect_continue:
+            once = self._once
+            if key in once:  # the second time: worth an entry
+                heads = self._heads
+                if len(heads) >= HEAD_CACHE_MAX:
+                    heads.clear()
+                request.head = heads[key] = (
+                    method, target, path, query, version, tuple(raw_headers),
+                    request.content_length, False, keep_alive, False, raw_path, budget,
+                )
+            else:
+                if len(once) >= HEAD_CACHE_MAX:
+                    once.clear()
+                once.add(key)
         return request
 
     def _reset_head_scan(self) -> None:

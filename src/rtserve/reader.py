@@ -32,7 +32,7 @@ from .errors import HTTPError, ParseError
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .metrics import Metrics
-from .parser import NEED_DATA, RequestParser
+from .parser import NEED_DATA, HeadCache, RequestParser
 from .protocols import Dispatcher
 from .request import Request
 from .response import Response
@@ -76,6 +76,7 @@ class Reader:
             max_header_block=limits.max_header_block,
             max_header_count=limits.max_header_count,
             max_body_size=limits.max_body_size,
+            head_cache=HeadCache(),  # one for every connection: they share these limits
         )
         self.requests_seen = 0  # routed requests (max_requests counts these)
         self.writer: Any = None  # writer.Writer, wired by the server (the two call each other)
@@ -159,11 +160,19 @@ class Reader:
 
     def resume(self, conn: Connection, now: int) -> None:
         """A response finished outside the parse loop and the connection stays open."""
-        if conn.parser.buffered or conn.eof:
+        if conn.parser.buf or conn.eof:
             self.advance(conn, now)  # a pipelined request is waiting (or the client left)
             return
         # The common keep-alive case: nothing buffered, wait idle for the next request.
-        self._arm(conn, now + self._idle_ns, T_IDLE)
+        # Timers.arm, inlined: usually the connection's heap entry (the header timer's, or
+        # an earlier idle one's) is due sooner, and re-arming is two stores (timers.py).
+        at = now + self._idle_ns
+        heap_at = conn.heap_at
+        if heap_at and at >= heap_at:
+            conn.timer_at = at
+            conn.timer_kind = T_IDLE
+        else:
+            self._arm(conn, at, T_IDLE)
         if not conn.mask & EPOLLIN:
             self._set_mask(conn, conn.mask | READ_MASK)
 
@@ -210,7 +219,7 @@ class Reader:
         rid = conn.begin(req)
         req.client = conn.addr
         req.start_ns = conn.req_start or now
-        conn.req_start = now if conn.parser.buffered else 0  # a pipelined request began
+        conn.req_start = now if conn.parser.buf else 0  # a pipelined request began
         if self._health and req.path in self._health_paths and req.method in _HEALTH_METHODS:
             self.writer.respond(conn, self._answers.health(req), now)
             return

@@ -99,6 +99,8 @@ class Request:
         "_headers",
         "_query",
         "tls_info",
+        "head",
+        "budget_header",
     )
 
     # Set by tlsio.TLSReader on requests that came over TLS and never assigned otherwise,
@@ -118,6 +120,7 @@ class Request:
         keep_alive: bool = True,
         expect_continue: bool = False,
         raw_path: str | None = None,
+        budget_header: bool = True,
     ) -> None:
         self.method = method
         self.target = target
@@ -142,6 +145,12 @@ class Request:
         self.t_end = 0  # handler returned
         self._headers: Headers | None = None
         self._query: dict[str, list[str]] | None = None
+        # The parser's record of this head when requests with the same head bytes share
+        # one (an immutable tuple, see parser.HeadCache): per-head work may be keyed on it.
+        self.head: Any = None
+        # The head has a client-budget field (X-Request-Deadline-Ms, grpc-timeout,
+        # x-envoy-expected-rq-timeout-ms): False lets admission skip looking for one.
+        self.budget_header = budget_header
 
     @property
     def headers(self) -> Headers:

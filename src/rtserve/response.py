@@ -48,18 +48,24 @@ def status_line(status: int) -> bytes:
     return line
 
 
-_date_second = 0
-_date_header = b""
+_time = time.time
+# (start, end, line): the `Date` line for the second [start, end) of the time.time() clock.
+# Replaced whole, so a reader on any thread sees a matching triple; framing.serialize
+# reads it inline (the usual case, same second: no call).
+DATE: tuple[float, float, bytes] = (0.0, 0.0, b"")
 
 
 def date_header() -> bytes:
-    """`Date: ...\\r\\n`, recomputed at most once per second."""
-    global _date_second, _date_header
-    now = int(time.time())
-    if now != _date_second:
-        _date_header = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
-        _date_second = now
-    return _date_header
+    """`Date: ...\\r\\n`, recomputed at most once per second (and when the clock steps)."""
+    global DATE
+    t = _time()
+    d = DATE
+    if d[0] <= t < d[1]:
+        return d[2]
+    now = int(t)
+    line = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
+    DATE = (float(now), now + 1.0, line)
+    return line
 
 
 class InvalidResponse(ValueError):

@@ -288,7 +288,7 @@ class Writer:
         if conn.mask & EPOLLOUT:
             self._set_mask(conn, conn.mask & ~EPOLLOUT)
         if not conn.keep_alive or self._life.draining:
-            if req is not None and not req.keep_alive and not conn.parser.buffered:
+            if req is not None and not req.keep_alive and not conn.parser.buf:
                 # The client itself asked to close (Connection: close, or HTTP/1.0 without
                 # keep-alive) and nothing of it is left unread: it may send no more
                 # (RFC 9112 section 9.6), so there is nothing a lingering close would

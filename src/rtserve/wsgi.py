@@ -47,6 +47,13 @@ _PER_REQUEST_KEYS = (
 )
 
 
+# The keys an environ template (see WSGIApp.environ) leaves blank: what differs between
+# requests with the same head bytes.
+_TEMPLATE_BLANKS = ("REMOTE_ADDR", "REMOTE_PORT", "wsgi.input", "wsgi.errors",
+                        "rtserve.request")
+_TEMPLATES_MAX = 256
+
+
 def _header_key(name: str) -> str:
     """`user-agent` -> `HTTP_USER_AGENT` (cached; the set of names seen is small)."""
     key = "" if "_" in name else "HTTP_" + name.upper().replace("-", "_")
@@ -403,6 +410,8 @@ class WSGIApp:
             self._base[key] = ""
         self._peer: tuple[Any, str, str] = (object(), "", "0")  # the last client's strings
         self._hosts: dict[str, tuple[str, str]] = {}  # Host value -> (name, port or "")
+        # id(parser head) -> (that head, its environ without the per-request keys)
+        self._templates: dict[int, tuple[Any, dict[str, Any]]] = {}
         deadlines = parse_route_deadlines(cfg.route_deadline)
         fallbacks = parse_fallbacks(cfg.fallback)
         handler = self.handle
@@ -443,7 +452,28 @@ class WSGIApp:
     # ---- worker side ----------------------------------------------------------------
 
     def _environ(self, request: Request, errors: Any = None) -> dict[str, Any]:
-        """The PEP 3333 environ for a request (`environ` on a plain server)."""
+        """The PEP 3333 environ for a request (`environ` on a plain server).
+
+        A request whose head the parser took from its cache (`request.head`, the same
+        object for every request with those head bytes) gets a copy of the environ made
+        for that head the first time, with only the per-request keys filled in: every
+        other key is a function of the head and this app's settings.
+        """
+        head = request.head
+        if head is not None:
+            entry = self._templates.get(id(head))
+            if entry is not None and entry[0] is head:  # the entry holds head: id not reused
+                env = entry[1].copy()
+                body = request.body
+                env["wsgi.input"] = io.BytesIO(body) if body else _EMPTY_INPUT
+                env["wsgi.errors"] = errors if errors is not None else ErrorStream()
+                env["rtserve.request"] = request
+                peer = self._peer
+                if request.client is not peer[0]:
+                    peer = self._new_peer(request.client)
+                env["REMOTE_ADDR"] = peer[1]
+                env["REMOTE_PORT"] = peer[2]
+                return env
         env = self._base.copy()  # the per-server constants, url_scheme "http" included
         # Headers first: one cached lookup per name gives its key ("HTTP_USER_AGENT",
         # "CONTENT_TYPE", or "" for names never mapped); a repeated name is the rare case.
@@ -484,19 +514,15 @@ class WSGIApp:
         env["wsgi.errors"] = errors if errors is not None else ErrorStream()
         env["rtserve.request"] = request
 
-        client = request.client
         peer = self._peer
-        if client is not peer[0]:  # a new connection: one entry, swapped atomically
-            addr = str(client[0]) if client else ""
-            if addr == "unix":
-                addr = ""
-            port = str(client[1]) if client and len(client) > 1 else "0"
-            peer = self._peer = (client, addr, port)
+        if request.client is not peer[0]:
+            peer = self._new_peer(request.client)
         env["REMOTE_ADDR"] = peer[1]
         env["REMOTE_PORT"] = peer[2]
-        if "HTTP_X_FORWARDED_FOR" in env or "HTTP_X_FORWARDED_PROTO" in env or (
+        forwarded = "HTTP_X_FORWARDED_FOR" in env or "HTTP_X_FORWARDED_PROTO" in env or (
             "HTTP_FORWARDED" in env
-        ):
+        )
+        if forwarded:
             self._forwarded(env, peer[1])
         host = env.get("HTTP_HOST")
         if host:
@@ -509,7 +535,26 @@ class WSGIApp:
             env["SERVER_PORT"] = split[1] or (
                 "443" if env["wsgi.url_scheme"] == "https" else "80"
             )
+        if head is not None and not forwarded:  # proxy headers depend on the peer: no template
+            templates = self._templates
+            if len(templates) >= _TEMPLATES_MAX:
+                templates.clear()
+            template = env.copy()
+            for key in _TEMPLATE_BLANKS:
+                template[key] = ""  # never a request's objects: the keys stay, sized
+            templates[id(head)] = (head, template)
         return env
+
+    def _new_peer(self, client: Any) -> tuple[Any, str, str]:
+        """REMOTE_ADDR and REMOTE_PORT of a new connection's client: one entry, swapped
+        atomically (workers share it), since consecutive requests mostly share a client."""
+        addr = str(client[0]) if client else ""
+        if addr == "unix":
+            addr = ""
+        port = str(client[1]) if client and len(client) > 1 else "0"
+        peer = self._peer = (client, addr, port)
+        return peer
+
 
     def _tls_environ(self, request: Request, errors: Any = None) -> dict[str, Any]:
         """`environ` on a TLS server: plus the connection's mod_ssl keys (SSL_PROTOCOL,
