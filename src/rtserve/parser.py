@@ -131,10 +131,10 @@ _FORBIDDEN_TRAILERS = frozenset((
 class HeadCache:
     """Parsed bodyless heads by their exact bytes, shared by the parsers given it.
 
-    `heads` maps head bytes to the positional arguments of their `Request` (headers as a
-    tuple: each request gets its own list). That tuple is immutable and shared by every
-    request whose head had those bytes (`Request.head`), so a consumer can key its own
-    per-head work on it by identity (the WSGI adapter's environ template: see wsgi.py).
+    `heads` maps head bytes to the positional arguments of their `Request` (the headers as
+    the cache's own list, never handed out: each request gets a copy). That tuple is shared
+    by every request whose head had those bytes (`Request.head`), so a consumer can key its
+    own per-head work on it by identity (the WSGI adapter's environ template: see wsgi.py).
     A head enters only the second time it is seen (`once` holds the heads seen once), so
     a stream of unique heads costs a set insert each, not an entry built and thrown away.
     Parsers may share a cache only if they share their limits: a head enters only after
@@ -447,7 +447,7 @@ class RequestParser:
                 if len(heads) >= HEAD_CACHE_MAX:
                     heads.clear()
                 request.head = heads[key] = (
-                    method, target, path, query, version, tuple(raw_headers),
+                    method, target, path, query, version, list(raw_headers),
                     request.content_length, False, keep_alive, False, raw_path, budget,
                 )
             else:
