@@ -419,7 +419,13 @@ SERVERS: list[Server] = [
            "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE],
            note="WSGI app, {threads} worker threads, /score deadline 50 ms + fallback from "
            "the CLI", threads=THREADS, needs=("rtserve",)),
-    # Opt-in variants (run only when named in --servers): the GIL hand-off cost.
+    # Opt-in variants (run only when named in --servers). C's capacity with no deadline:
+    # the WSGI app without --route-deadline (nothing shed; compare with granian's rps).
+    Server("rtserve-wsgi-nodl", "rtserve", ["{bin}/rtserve", "apps.wsgi_app:app", "--bind",
+           "127.0.0.1:{port}", *RT_COMMON], workloads="C", default=False,
+           note="WSGI app, {threads} worker threads, no deadline (C capacity)",
+           threads=THREADS, needs=("rtserve",)),
+    # The GIL hand-off cost.
     Server("rtserve-t1", "rtserve", ["{bin}/rtserve", "apps.native_app:app", "--bind",
            "127.0.0.1:{port}", *RT_COMMON, "--threads", "1"], default=False,
            note="native App, 1 worker thread", needs=("rtserve",)),
