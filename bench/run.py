@@ -1495,7 +1495,10 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
     from apps import logic  # noqa: PLC0415
 
     body_file.write_bytes(logic.sample_transaction())
-    env = dict(os.environ, PYTHONPATH=str(BENCH), BENCH_BURN_ITERS=str(burn_iters),
+    # This checkout's src first: the venv's editable install may point at another tree
+    # (a git worktree measured with the main checkout's venv).
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{BENCH}",
+               BENCH_BURN_ITERS=str(burn_iters),
                PYTHONDONTWRITEBYTECODE="1")
     short = None
     if a.quick or (a.duration and a.duration < 10) or repeat < 3:
