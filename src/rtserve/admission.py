@@ -58,7 +58,11 @@ class Admission:
         self.cancel: Callable[[Connection, int, str], None] | None = None
         self._busy = 0  # requests on workers (streams count until their worker is free)
         self._cpu_inflight = 0  # sampled CPU ns of the handlers running now (see cpu_ok)
-        self._charges: dict[tuple, int] = {}  # (conn, req_id) -> CPU ns charged at start
+        # (conn, req_id) -> (CPU ns charged at start, start time): see _release_blocked
+        self._charges: dict[tuple, tuple[int, int]] = {}
+        # A charged handler still running this long past the wall time its charge allows
+        # (the gate's cap plus its own charge, twice over) is waiting, not computing.
+        self.blocked_after_ns = 2 * self._cpu_cap
         self._stuck: set[tuple[Connection, int]] = set()  # answered late, worker still on it
         self.lag_ns = 0  # recent deadline-timer lateness, sent as extra margin
 
@@ -92,7 +96,7 @@ class Admission:
             qw = self._metrics.queue_wait  # a zero wait: the first bucket, no bisect
             qw.counts[0] += 1
             qw.count += 1
-            self._start(conn, rid, req)
+            self._start(conn, rid, req, now)
         else:
             conn.queue()
             self.queue.push((conn, rid, req), now)
@@ -129,7 +133,32 @@ class Admission:
         cap = self._cpu_cap
         return not cap or self._cpu_inflight < cap
 
-    def _start(self, conn: Connection, rid: int, req: Request) -> None:
+    def _release_blocked(self, now: int) -> bool:
+        """End the CPU charges of handlers that are waiting, not computing; True if the
+        gate is open afterwards.
+
+        The gate keeps the sampled CPU of the running handlers under the cap, so a
+        CPU-bound handler it admitted is done within about `cap + its charge` of wall
+        time. One still running at twice that is blocked (a model call, a slow store: on
+        the scoring workload 1 request in 100 sleeps 200 ms) and holds no CPU: without
+        this, a few such handlers kept the gate shut while the core sat idle and the
+        queued requests behind them were shed.
+        """
+        cap = self._cpu_cap
+        after = self.blocked_after_ns
+        for key, (charge, t0) in list(self._charges.items()):
+            if now - t0 > after + 2 * charge:
+                del self._charges[key]
+                self._cpu_inflight -= charge
+        return self._cpu_inflight < cap
+
+    def _gate_reopens(self) -> int:
+        """When the earliest charge counts as blocked (0: none is charged)."""
+        after = self.blocked_after_ns
+        return min((t0 + after + 2 * charge + 1 for charge, t0 in self._charges.values()),
+                   default=0)
+
+    def _start(self, conn: Connection, rid: int, req: Request, now: int) -> None:
         """Hand a request to the pool, charging its route's CPU estimate until it ends."""
         self._busy += 1
         conn.run()
@@ -138,7 +167,7 @@ class Admission:
         charge = route.cpu_ns
         if charge and self._cpu_cap:
             self._cpu_inflight += charge
-            self._charges[(conn, rid)] = charge
+            self._charges[(conn, rid)] = (charge, now)
         self._submit((self._worker, conn, rid, req))
 
     def _shed_reply(self, req: Request, reason: str, now: int) -> Reply:
@@ -162,7 +191,7 @@ class Admission:
         """
         self._busy -= 1
         if self._charges:
-            self._cpu_inflight -= self._charges.pop((conn, rid), 0)
+            self._cpu_inflight -= self._charges.pop((conn, rid), _NO_CHARGE)[0]
         if self._stuck:
             self._stuck.discard((conn, rid))
         if req is not None:
@@ -178,7 +207,7 @@ class Admission:
         produces the body, mostly waiting for the client at the high-water mark. Its CPU
         charge ends here: a stalled stream must not hold the CPU gate shut for others."""
         if self._charges:
-            self._cpu_inflight -= self._charges.pop((conn, rid), 0)
+            self._cpu_inflight -= self._charges.pop((conn, rid), _NO_CHARGE)[0]
 
     def dispatch_queued(self, now: int) -> None:
         """Hand queued requests to free workers: CoDel sheds, LIFO under a standing queue.
@@ -194,7 +223,7 @@ class Admission:
             if not conn.awaits(rid):
                 q.pop(now)
                 continue  # answered by its deadline, or the client left
-            if not self.cpu_ok():
+            if not self.cpu_ok() and not (self._charges and self._release_blocked(now)):
                 return  # the CPU budget is spent: the next completion frees some
             q.pop(now)
             waited = now - req.t_queued
@@ -213,20 +242,25 @@ class Admission:
                 self.answer(conn, self._answers.late(req, b"deadline"), now)
                 continue
             self._metrics.queue_wait.observe(waited)
-            self._start(conn, rid, req)
+            self._start(conn, rid, req, now)
 
     def next_expiry(self, now: int) -> int:
-        """When the oldest queued request's CoDel timeout runs out (0: no such time).
+        """When the oldest queued request's CoDel timeout runs out, or, while only the CPU
+        gate holds the queue back, when a charge counts as blocked (0: no such time).
 
         0 too when it has no deadline: CoDel never sheds it (expire_queued stops there), and
         a time already past would make the loop poll without sleeping while it waits.
         """
         q = self.queue
+        gate = 0
+        if self._charges and self._busy < self.threads and not self.cpu_ok():
+            gate = self._gate_reopens()
         limit = q.timeout_ns(now)
         if not limit:
-            return 0
+            return gate
         oldest = q.oldest()[2]
-        return oldest.t_queued + limit + 1 if oldest.deadline_ns else 0
+        expiry = oldest.t_queued + limit + 1 if oldest.deadline_ns else 0
+        return gate if gate and (not expiry or gate < expiry) else expiry
 
     def expire_queued(self, now: int) -> None:
         """Shed queued requests whose CoDel timeout ran out, when it runs out.
@@ -236,6 +270,9 @@ class Admission:
         client hears 503 at once (and can retry elsewhere) instead of a late fallback.
         """
         q = self.queue
+        if (self._charges and self._busy < self.threads and not self.cpu_ok()
+                and self._release_blocked(now)):  # the gate was shut by handlers that wait
+            self.dispatch_queued(now)
         limit = q.timeout_ns(now)
         if not limit:
             return
@@ -310,6 +347,9 @@ class Admission:
     def charged(self) -> int:
         """Requests holding a CPU charge (0 once every charged handler finished)."""
         return len(self._charges)
+
+
+_NO_CHARGE = (0, 0)
 
 
 def _unset(conn: Connection, reply: Reply, now: int) -> None:
