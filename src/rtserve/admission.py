@@ -14,6 +14,7 @@ loop. Read-only properties at the end are the public view /metrics and tests use
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -60,9 +61,11 @@ class Admission:
         self._cpu_inflight = 0  # sampled CPU ns of the handlers running now (see cpu_ok)
         # (conn, req_id) -> (CPU ns charged at start, start time): see _release_blocked
         self._charges: dict[tuple, tuple[int, int]] = {}
-        # A charged handler still running this long past the wall time its charge allows
-        # (the gate's cap plus its own charge, twice over) is waiting, not computing.
+        # Looked at this long after its start (the wall time the gate's cap allows a
+        # CPU-bound handler, twice over), a charged handler that used under an eighth of
+        # that time in CPU is waiting, not computing (see _release_blocked).
         self.blocked_after_ns = 2 * self._cpu_cap
+        self._running: dict = getattr(worker, "running", {})  # Worker.running
         self._stuck: set[tuple[Connection, int]] = set()  # answered late, worker still on it
         self.lag_ns = 0  # recent deadline-timer lateness, sent as extra margin
 
@@ -139,24 +142,41 @@ class Admission:
 
         The gate keeps the sampled CPU of the running handlers under the cap, so a
         CPU-bound handler it admitted is done within about `cap + its charge` of wall
-        time. One still running at twice that is blocked (a model call, a slow store: on
-        the scoring workload 1 request in 100 sleeps 200 ms) and holds no CPU: without
-        this, a few such handlers kept the gate shut while the core sat idle and the
-        queued requests behind them were shed.
+        time. One still running at twice that whose own thread's CPU clock (the worker
+        reports it in Worker.running) moved by less than an eighth of its wall time is
+        blocked (a model call, a slow store: on the scoring workload 1 request in 100
+        sleeps 200 ms) and holds no CPU: without this, a few such handlers kept the gate
+        shut while the core sat idle and the queued requests behind them were shed. A
+        handler slowed down by other load still computes, keeps its charge, and so
+        cannot let a cascade of CPU-bound handlers time-slice the GIL.
         """
         cap = self._cpu_cap
         after = self.blocked_after_ns
+        running = self._running
         for key, (charge, t0) in list(self._charges.items()):
-            if now - t0 > after + 2 * charge:
+            wall = now - t0
+            if wall <= after + 2 * charge:
+                continue
+            clock = running.get(key)
+            if clock is None:
+                continue  # not started yet, or too cheap a route to be tracked
+            try:
+                used = _clock_gettime_ns(clock[0]) - clock[1]
+            except OSError:  # the thread is gone
+                continue
+            if used * 8 < wall:
                 del self._charges[key]
                 self._cpu_inflight -= charge
         return self._cpu_inflight < cap
 
-    def _gate_reopens(self) -> int:
-        """When the earliest charge counts as blocked (0: none is charged)."""
+    def _gate_reopens(self, now: int) -> int:
+        """When to look at the charges again (0: none is charged): the earliest end of a
+        charge's window, or, for one already looked at and found computing, one window
+        from now (never a time past: the loop would poll without sleeping)."""
         after = self.blocked_after_ns
-        return min((t0 + after + 2 * charge + 1 for charge, t0 in self._charges.values()),
-                   default=0)
+        at = min((t0 + after + 2 * charge + 1 for charge, t0 in self._charges.values()),
+                 default=0)
+        return at if at > now or not at else now + after + 1
 
     def _start(self, conn: Connection, rid: int, req: Request, now: int) -> None:
         """Hand a request to the pool, charging its route's CPU estimate until it ends."""
@@ -192,6 +212,8 @@ class Admission:
         self._busy -= 1
         if self._charges:
             self._cpu_inflight -= self._charges.pop((conn, rid), _NO_CHARGE)[0]
+        if self._running:
+            self._running.pop((conn, rid), None)
         if self._stuck:
             self._stuck.discard((conn, rid))
         if req is not None:
@@ -254,7 +276,7 @@ class Admission:
         q = self.queue
         gate = 0
         if self._charges and self._busy < self.threads and not self.cpu_ok():
-            gate = self._gate_reopens()
+            gate = self._gate_reopens(now)
         limit = q.timeout_ns(now)
         if not limit:
             return gate
@@ -350,6 +372,7 @@ class Admission:
 
 
 _NO_CHARGE = (0, 0)
+_clock_gettime_ns = time.clock_gettime_ns
 
 
 def _unset(conn: Connection, reply: Reply, now: int) -> None:

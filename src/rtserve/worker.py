@@ -9,6 +9,7 @@ channel, where the worker (never the conductor) waits at the high-water mark.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -25,7 +26,12 @@ STREAM_DONE = object()  # completion payload: the streaming worker is free (fina
 
 _monotonic_ns = time.monotonic_ns
 _thread_time_ns = time.thread_time_ns
+_get_ident = threading.get_ident
+_cpu_clock = time.pthread_getcpuclockid
 CPU_SAMPLE_EVERY = 8  # a power of two: one request in 8 has its CPU time measured
+#: Handlers sampled at this much CPU or more report which thread runs them and its CPU
+#: clock at the start (Worker.running), so the CPU gate can tell waiting from computing.
+TRACK_CPU_NS = 100_000
 
 INTERNAL_ERROR = Response(b"Internal Server Error\n", 500, None, "text/plain; charset=utf-8")
 
@@ -48,14 +54,19 @@ def coerce(result: Any) -> Response:
 class Worker:
     """The task every worker runs per request; one instance shared by all worker threads.
 
-    It holds no per-request state. `draining` is the one field the conductor writes (once,
-    when a drain starts): from then on responses say `Connection: close`.
+    It holds no per-request state but `running`: for a handler whose sampled CPU time is
+    at least TRACK_CPU_NS, the worker stores `(conn, req_id) -> (its thread's CPU clock id,
+    that clock at the start)` before the handler runs, and the conductor (admission, the
+    CPU gate) reads it and removes it when the worker is given back. `draining` is the
+    one field the conductor writes (once, when a drain starts): from then on responses
+    say `Connection: close`.
     """
 
     def __init__(self, pool: WorkerPool, stream_high_water: int) -> None:
         self.pool = pool
         self.stream_high_water = stream_high_water
         self.draining = False
+        self.running: dict[tuple[object, int], tuple[int, int]] = {}
 
     def __call__(self, conn: object, req_id: int, request: Request, inline: bool = False
                  ) -> Reply | object:
@@ -67,8 +78,10 @@ class Worker:
         # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
         # time-slicing the GIL (see admission.Admission.cpu_ok).
         sample = tick <= 8 or not tick & (CPU_SAMPLE_EVERY - 1)
-        if sample:
+        if sample or route.cpu_ns >= TRACK_CPU_NS:
             c0 = _thread_time_ns()
+            if not inline and route.cpu_ns >= TRACK_CPU_NS:
+                self.running[conn, req_id] = (_cpu_clock(_get_ident()), c0)
         t0 = _monotonic_ns()
         request.t_start = t0
         try:
