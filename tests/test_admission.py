@@ -476,6 +476,85 @@ def test_handlers_that_wait_do_not_hold_the_cpu_gate_shut(gate: Gate) -> None:
         wait_for(lambda: server.admission.cpu_inflight_ns == 0 and not server.admission.charged)
 
 
+def _held_routes(app: App, names: str, ran: list[str]) -> dict[str, threading.Event]:
+    """GET /NAME for each name: records that it ran, then waits for its own event."""
+    events = {n: threading.Event() for n in names}
+
+    def make(name: str) -> None:
+        @app.get(f"/{name}")
+        def held(request: Request) -> Response:
+            ran.append(name)
+            assert events[name].wait(10)
+            return Response.text(name)
+
+    for n in names:
+        make(n)
+    return events
+
+
+def test_a_task_is_handed_ahead_while_every_worker_is_busy() -> None:
+    """With every worker busy, one queued request more goes to the pool's (shared) queue,
+    so the next worker to finish takes it at once instead of waiting for its completion's
+    round trip through the conductor."""
+    app = App()
+    ran: list[str] = []
+    hold = _held_routes(app, "ABC", ran)
+    hold["C"].set()
+    with server_thread(app, threads=1) as server:
+        clients = {n: Client(server.address) for n in "ABC"}
+        clients["A"].send("GET", "/A")
+        wait_for(lambda: ran == ["A"], what="A to run")
+        clients["B"].send("GET", "/B")
+        clients["C"].send("GET", "/C")
+        wait_for(lambda: server.admission.queue_depth == 2, what="B and C to queue")
+        hold["A"].set()
+        assert clients["A"].recv()[0] == 200
+        # B runs on the one worker and C waits in the pool's queue, behind it.
+        wait_for(lambda: ran == ["A", "B"] and server.admission.queue_depth == 0
+                 and server.admission.busy == 2, what="C to be handed ahead")
+        hold["B"].set()
+        for n in "BC":
+            assert clients[n].recv()[2] == n.encode()
+        for c in clients.values():
+            c.close()
+        assert ran == ["A", "B", "C"]
+
+
+def test_a_task_taken_after_its_respond_by_time_never_runs() -> None:
+    """A request handed ahead whose deadline came while it waited behind a slow handler
+    got its fallback from the conductor; the worker that takes it later does not run it,
+    and nothing counts as stuck afterwards."""
+    app = App()
+    ran: list[str] = []
+    hold = _held_routes(app, "AB", ran)
+
+    @app.get("/quick", fallback=Response.json(REVIEW))
+    def quick(request: Request) -> Response:
+        ran.append("quick")
+        return Response.text("quick")
+
+    with server_thread(app, threads=1) as server:
+        first, second, late = (Client(server.address) for _ in range(3))
+        first.send("GET", "/A")
+        wait_for(lambda: ran == ["A"], what="the first request to run")
+        second.send("GET", "/B")
+        late.send("GET", "/quick", headers={"X-Request-Deadline-Ms": "200"})
+        wait_for(lambda: server.admission.queue_depth == 2, what="both to queue")
+        hold["A"].set()  # A finishes: B runs, /quick is handed ahead, behind it...
+        assert first.recv()[0] == 200
+        wait_for(lambda: ran == ["A", "B"] and server.admission.queue_depth == 0,
+                 what="B to run and /quick to be handed ahead")
+        status, _, body = late.recv()  # ...and its deadline comes while it waits
+        assert status == 200 and json.loads(body) == REVIEW
+        hold["B"].set()
+        assert second.recv()[0] == 200
+        wait_for(lambda: server.admission.busy == 0 and server.admission.stuck_count == 0,
+                 what="the skipped task's worker to be given back")
+        assert ran == ["A", "B"]  # /quick never ran
+        for c in (first, second, late):
+            c.close()
+
+
 def test_handler_cpu_time_is_sampled() -> None:
     app = App()
 
