@@ -70,6 +70,7 @@ class Admission:
         # CPU-bound handler, twice over), a charged handler that used under an eighth of
         # that time in CPU is waiting, not computing (see _release_blocked).
         self.blocked_after_ns = 2 * self._cpu_cap
+        self._look_at = 0  # when _release_blocked next has a charge to look at (0: none)
         self._running: dict = getattr(worker, "running", {})  # Worker.running
         self._stuck: set[tuple[Connection, int]] = set()  # answered late, worker still on it
         self.lag_ns = 0  # recent deadline-timer lateness, sent as extra margin
@@ -155,33 +156,34 @@ class Admission:
         handler slowed down by other load still computes, keeps its charge, and so
         cannot let a cascade of CPU-bound handlers time-slice the GIL.
         """
+        if now < self._look_at:
+            return False  # no charge's window has ended yet: nothing to look at
         cap = self._cpu_cap
         after = self.blocked_after_ns
         running = self._running
+        look_at = 0
         for key, (charge, t0) in list(self._charges.items()):
-            wall = now - t0
-            if wall <= after + 2 * charge:
+            end = t0 + after + 2 * charge + 1
+            if now < end:
+                if not look_at or end < look_at:
+                    look_at = end
                 continue
             clock = running.get(key)
-            if clock is None:
-                continue  # not started yet, or too cheap a route to be tracked
-            try:
-                used = _clock_gettime_ns(clock[0]) - clock[1]
-            except OSError:  # the thread is gone
-                continue
-            if used * 8 < wall:
-                del self._charges[key]
-                self._cpu_inflight -= charge
+            if clock is not None:  # None: not started yet, or too cheap to be tracked
+                try:
+                    used = _clock_gettime_ns(clock[0]) - clock[1]
+                except OSError:  # the thread is gone
+                    used = now - t0
+                if used * 8 < now - t0:
+                    del self._charges[key]
+                    self._cpu_inflight -= charge
+                    continue
+            if not look_at or now + after < look_at:  # computing: look again later
+                look_at = now + after + 1
+        # When the gate, if still shut, next has a charge to look at: never a time past,
+        # or the loop would poll without sleeping while it waits for it.
+        self._look_at = look_at
         return self._cpu_inflight < cap
-
-    def _gate_reopens(self, now: int) -> int:
-        """When to look at the charges again (0: none is charged): the earliest end of a
-        charge's window, or, for one already looked at and found computing, one window
-        from now (never a time past: the loop would poll without sleeping)."""
-        after = self.blocked_after_ns
-        at = min((t0 + after + 2 * charge + 1 for charge, t0 in self._charges.values()),
-                 default=0)
-        return at if at > now or not at else now + after + 1
 
     def _start(self, conn: Connection, rid: int, req: Request, now: int) -> None:
         """Hand a request to the pool, charging its route's CPU estimate until it ends."""
@@ -193,6 +195,8 @@ class Admission:
         if charge and self._cpu_cap:
             self._cpu_inflight += charge
             self._charges[(conn, rid)] = (charge, now)
+            if not self._look_at:
+                self._look_at = now + self.blocked_after_ns + 2 * charge + 1
         self._submit((self._worker, conn, rid, req))
 
     def _shed_reply(self, req: Request, reason: str, now: int) -> Reply:
@@ -292,7 +296,7 @@ class Admission:
         q = self.queue
         gate = 0
         if self._charges and self._busy < self.threads and not self.cpu_ok():
-            gate = self._gate_reopens(now)
+            gate = self._look_at
         limit = q.timeout_ns(now)
         if not limit:
             return gate
