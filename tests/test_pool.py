@@ -119,35 +119,3 @@ def test_one_wakeup_for_a_burst_of_completions():
     finally:
         pool.shutdown(5)
         pool.close()
-
-
-def _eventfd_count(pool: WorkerPool) -> int:
-    """The eventfd's counter (read, so it is 0 afterwards), 0 if it was not written."""
-    import os
-
-    try:
-        return os.eventfd_read(pool.wakeup_fd)
-    except BlockingIOError:
-        return 0
-
-
-def test_no_eventfd_write_while_the_conductor_is_still_taking():
-    """Results posted while the conductor handles a burst (take_burst, then take_more
-    until it comes back empty) cost no eventfd write; after an empty take_more the next
-    post writes it again, so no result waits unseen."""
-    pool = WorkerPool(1)  # never started: the test thread posts as a worker would
-    try:
-        pool.post("c", 1, "r1", True)
-        assert pool.take_burst() == [("c", 1, "r1", True)]  # reads the eventfd
-        pool.post("c", 2, "r2", True)  # while the conductor still handles the burst
-        pool.post("c", 3, "r3", True)
-        assert _eventfd_count(pool) == 0
-        assert pool.take_more() == [("c", 2, "r2", True), ("c", 3, "r3", True)]
-        assert pool.take_more() == []  # nothing left: the wake-up is no longer pending
-        pool.post("c", 4, "r4", True)
-        assert _eventfd_count(pool) == 1
-        assert pool.take_more() == [("c", 4, "r4", True)]
-        pool.wake()  # what the conductor does when it stops before the queue is empty
-        assert _eventfd_count(pool) == 1
-    finally:
-        pool.close()

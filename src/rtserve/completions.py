@@ -3,16 +3,14 @@
 Conductor thread only. Woken by the pool's eventfd, `on_completions` takes every result
 posted since the last wake-up (one queue operation per burst), gives each finished worker
 back to admission, hands a handler's reply for the request still in flight to the writer,
-drops and counts a late one, and then lets admission start what was waiting. Results
-posted while it works are taken in the same call (a few rounds at most): the wake-up
-stays pending until a take finds nothing, so those posts cost no eventfd write and no
-loop turn. It sits between pool.py and writer.py in a request's path.
+drops and counts a late one, and then lets admission start what was waiting. It sits
+between pool.py and writer.py in a request's path.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable
 from typing import Any
 
 from .admission import Admission
@@ -23,20 +21,14 @@ from .metrics import Metrics
 from .worker import SKIPPED, STREAM_DONE, STREAM_WAKE
 
 log = logging.getLogger("rtserve.error")
-_monotonic_ns = time.monotonic_ns
 
 
 class Completions:
     """The intake of workers' results (and of the ASGI loops', which post the same way)."""
 
-    #: Bursts handled per wake-up at most, before the loop's other events get their turn.
-    ROUNDS = 4
-
-    def __init__(self, pool: Any, admission: Admission,
+    def __init__(self, take_completions: Callable[[], list], admission: Admission,
                  answers: Answers, metrics: Metrics, writer: Any) -> None:
-        self._take_burst = pool.take_burst
-        self._take_more = pool.take_more
-        self._wake = pool.wake
+        self._take_completions = take_completions
         self._admission = admission
         self._finished = admission.finished
         self._waiting = admission.waiting
@@ -46,34 +38,11 @@ class Completions:
         self.reader: Any = None  # reader.Reader, wired by the server (resume)
 
     def on_completions(self, now: int) -> None:
-        """Every result workers posted since the last wake-up, and those they post while
-        these are handled (the wake-up stays pending meanwhile, so their posts skip the
-        eventfd write and the loop turn it would cost), then what may start next."""
-        batch = self._take_burst()
-        try:
-            for _ in range(self.ROUNDS):
-                self._handle(batch, now)
-                if self._waiting:
-                    self._admission.dispatch_queued(now)
-                batch = self._take_more()
-                if not batch:
-                    return  # nothing left: take_more ended the pending wake-up
-                now = _monotonic_ns()
-            self._handle(batch, now)
-            if self._waiting:
-                self._admission.dispatch_queued(now)
-        except BaseException:
-            self._wake()  # a fault must not leave the wake-up pending with no one to look
-            raise
-        # More may have been posted with the wake-up still pending: the next turn looks.
-        self._wake()
-
-    def _handle(self, batch: list, now: int) -> None:
-        """One burst of completions (see on_completions)."""
+        """Every result workers posted since the last wake-up, then what may start next."""
         finished = self._finished
         metrics = self._metrics
         respond = self._writer.respond
-        for conn, rid, result, final in batch:
+        for conn, rid, result, final in self._take_completions():
             try:
                 if result.__class__ is tuple and conn.req_id == rid and conn.state is RUNNING:
                     # The common case, inlined: a handler's reply for the request in flight
@@ -103,6 +72,8 @@ class Completions:
                     except Exception:
                         log.exception("giving back the worker of %r failed", conn)
                 self._writer.fault(conn, "handling a completion")
+        if self._waiting:
+            self._admission.dispatch_queued(now)
 
     def _complete(self, conn: Connection, rid: int, result: Any, now: int) -> None:
         """Every completion but a reply for the request in flight: streams, late results,

@@ -2,13 +2,10 @@
 
 Both threads, labelled: the conductor puts `(fn, conn, req_id, arg)` on the task queue
 (`task_put`, the queue's own put: no Python call on the hand-off; `submit` is the same
-for other callers) and takes completions (`take_burst`, then `take_more` until it finds
-nothing; `take_completions` for a one-off look); worker threads run `fn(conn, req_id,
-arg)`, post `(conn, req_id, result, final)` on the completion queue, and wake the
-conductor through an eventfd, written only when no wake-up is already pending: a burst
-costs one syscall, and so do the results posted while the conductor handles it (it keeps
-the wake-up pending until a take comes back empty). The pool knows nothing of sockets or
-HTTP.
+for other callers) and takes completions with `take_completions`; worker threads run
+`fn(conn, req_id, arg)`, post `(conn, req_id, result, final)` on the completion queue, and
+wake the conductor through an eventfd (written only when no wake-up is already pending,
+so a burst of completions costs one syscall). The pool knows nothing of sockets or HTTP.
 """
 
 from __future__ import annotations
@@ -74,40 +71,6 @@ class WorkerPool:
         # qsize() instead of catching queue.Empty: an exception per call costs more than the
         # call. Items posted meanwhile are taken by the next call (their post wakes it).
         return [get() for _ in range(q.qsize())]
-
-    def take_burst(self) -> list[Completion]:
-        """Like take_completions, but the wake-up stays pending: workers posting while the
-        conductor handles this burst skip the eventfd write (it is awake and will look).
-        The caller must call `take_more` until it returns an empty list."""
-        try:
-            os.eventfd_read(self.wakeup_fd)
-        except BlockingIOError:
-            pass
-        q = self._completions
-        get = q.get_nowait
-        return [get() for _ in range(q.qsize())]
-
-    def take_more(self) -> list[Completion]:
-        """What was posted since the last take; when nothing was, the wake-up is no longer
-        pending (the next post writes the eventfd) and one last look closes the race with
-        a post that saw it pending."""
-        q = self._completions
-        n = q.qsize()
-        if not n:
-            self._wake_pending = False
-            n = q.qsize()
-            if not n:
-                return []
-        get = q.get_nowait
-        return [get() for _ in range(n)]
-
-    def wake(self) -> None:
-        """Make the next epoll turn see the eventfd (completions left for it)."""
-        self._wake_pending = True
-        try:
-            os.eventfd_write(self.wakeup_fd, 1)
-        except (BlockingIOError, OSError):
-            pass
 
     def shutdown(self, timeout: float | None = None) -> list[tuple]:
         """Stop the workers; return the tasks that never started, as (fn, conn, req_id, arg).

@@ -214,7 +214,7 @@ class Server:
         reader.writer = writer
         writer.reader = reader
         completions = self.completions = Completions(
-            pool, admission, answers, self.metrics, writer
+            pool.take_completions, admission, answers, self.metrics, writer
         )
         completions.reader = reader
         admission.answer = writer.answer
