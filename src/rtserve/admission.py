@@ -72,6 +72,8 @@ class Admission:
         self.blocked_after_ns = 2 * self._cpu_cap
         self._look_at = 0  # when _release_blocked next has a charge to look at (0: none)
         self._running: dict = getattr(worker, "running", {})  # Worker.running
+        if hasattr(worker, "track_cpu"):
+            worker.track_cpu = bool(self._cpu_cap)  # nothing to look at without the gate
         self._stuck: set[tuple[Connection, int]] = set()  # answered late, worker still on it
         self.lag_ns = 0  # recent deadline-timer lateness, sent as extra margin
 

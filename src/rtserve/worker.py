@@ -73,6 +73,7 @@ class Worker:
         self.stream_high_water = stream_high_water
         self.draining = False
         self.running: dict[tuple[object, int], tuple[int, int]] = {}
+        self.track_cpu = True  # set by admission: False when the CPU gate is off
 
     def __call__(self, conn: object, req_id: int, request: Request, inline: bool = False
                  ) -> Reply | object:
@@ -89,9 +90,10 @@ class Worker:
         # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
         # time-slicing the GIL (see admission.Admission.cpu_ok).
         sample = tick <= 8 or not tick & (CPU_SAMPLE_EVERY - 1)
-        if sample or route.cpu_ns >= TRACK_CPU_NS:
+        track = route.cpu_ns >= TRACK_CPU_NS and self.track_cpu and not inline
+        if sample or track:
             c0 = _thread_time_ns()
-            if not inline and route.cpu_ns >= TRACK_CPU_NS:
+            if track:
                 self.running[conn, req_id] = (_cpu_clock(_get_ident()), c0)
         t0 = _monotonic_ns()
         request.t_start = t0
