@@ -14,7 +14,6 @@ loop. Read-only properties at the end are the public view /metrics and tests use
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,16 +63,7 @@ class Admission:
         self.cancel: Callable[[Connection, int, str], None] | None = None
         self._busy = 0  # requests on workers (streams count until their worker is free)
         self._cpu_inflight = 0  # sampled CPU ns of the handlers running now (see cpu_ok)
-        # (conn, req_id) -> (CPU ns charged at start, start time): see _release_blocked
-        self._charges: dict[tuple, tuple[int, int]] = {}
-        # Looked at this long after its start (the wall time the gate's cap allows a
-        # CPU-bound handler, twice over), a charged handler that used under an eighth of
-        # that time in CPU is waiting, not computing (see _release_blocked).
-        self.blocked_after_ns = 2 * self._cpu_cap
-        self._look_at = 0  # when _release_blocked next has a charge to look at (0: none)
-        self._running: dict = getattr(worker, "running", {})  # Worker.running
-        if hasattr(worker, "track_cpu"):
-            worker.track_cpu = bool(self._cpu_cap)  # nothing to look at without the gate
+        self._charges: dict[tuple, int] = {}  # (conn, req_id) -> CPU ns charged at start
         self._stuck: set[tuple[Connection, int]] = set()  # answered late, worker still on it
         self.lag_ns = 0  # recent deadline-timer lateness, sent as extra margin
 
@@ -107,7 +97,7 @@ class Admission:
             qw = self._metrics.queue_wait  # a zero wait: the first bucket, no bisect
             qw.counts[0] += 1
             qw.count += 1
-            self._start(conn, rid, req, now)
+            self._start(conn, rid, req)
         else:
             conn.queue()
             self.queue.push((conn, rid, req), now)
@@ -144,50 +134,7 @@ class Admission:
         cap = self._cpu_cap
         return not cap or self._cpu_inflight < cap
 
-    def _release_blocked(self, now: int) -> bool:
-        """End the CPU charges of handlers that are waiting, not computing; True if the
-        gate is open afterwards.
-
-        The gate keeps the sampled CPU of the running handlers under the cap, so a
-        CPU-bound handler it admitted is done within about `cap + its charge` of wall
-        time. One still running at twice that whose own thread's CPU clock (the worker
-        reports it in Worker.running) moved by less than an eighth of its wall time is
-        blocked (a model call, a slow store: on the scoring workload 1 request in 100
-        sleeps 200 ms) and holds no CPU: without this, a few such handlers kept the gate
-        shut while the core sat idle and the queued requests behind them were shed. A
-        handler slowed down by other load still computes, keeps its charge, and so
-        cannot let a cascade of CPU-bound handlers time-slice the GIL.
-        """
-        if now < self._look_at:
-            return False  # no charge's window has ended yet: nothing to look at
-        cap = self._cpu_cap
-        after = self.blocked_after_ns
-        running = self._running
-        look_at = 0
-        for key, (charge, t0) in list(self._charges.items()):
-            end = t0 + after + 2 * charge + 1
-            if now < end:
-                if not look_at or end < look_at:
-                    look_at = end
-                continue
-            clock = running.get(key)
-            if clock is not None:  # None: not started yet, or too cheap to be tracked
-                try:
-                    used = _clock_gettime_ns(clock[0]) - clock[1]
-                except OSError:  # the thread is gone
-                    used = now - t0
-                if used * 8 < now - t0:
-                    del self._charges[key]
-                    self._cpu_inflight -= charge
-                    continue
-            if not look_at or now + after < look_at:  # computing: look again later
-                look_at = now + after + 1
-        # When the gate, if still shut, next has a charge to look at: never a time past,
-        # or the loop would poll without sleeping while it waits for it.
-        self._look_at = look_at
-        return self._cpu_inflight < cap
-
-    def _start(self, conn: Connection, rid: int, req: Request, now: int) -> None:
+    def _start(self, conn: Connection, rid: int, req: Request) -> None:
         """Hand a request to the pool, charging its route's CPU estimate until it ends."""
         self._busy += 1
         conn.run()
@@ -196,9 +143,7 @@ class Admission:
         charge = route.cpu_ns
         if charge and self._cpu_cap:
             self._cpu_inflight += charge
-            self._charges[(conn, rid)] = (charge, now)
-            if not self._look_at:
-                self._look_at = now + self.blocked_after_ns + 2 * charge + 1
+            self._charges[(conn, rid)] = charge
         self._submit((self._worker, conn, rid, req))
 
     def _shed_reply(self, req: Request, reason: str, now: int) -> Reply:
@@ -222,9 +167,7 @@ class Admission:
         """
         self._busy -= 1
         if self._charges:
-            self._cpu_inflight -= self._charges.pop((conn, rid), _NO_CHARGE)[0]
-        if self._running:
-            self._running.pop((conn, rid), None)
+            self._cpu_inflight -= self._charges.pop((conn, rid), 0)
         if self._stuck:
             self._stuck.discard((conn, rid))
         if req is not None:
@@ -240,7 +183,7 @@ class Admission:
         produces the body, mostly waiting for the client at the high-water mark. Its CPU
         charge ends here: a stalled stream must not hold the CPU gate shut for others."""
         if self._charges:
-            self._cpu_inflight -= self._charges.pop((conn, rid), _NO_CHARGE)[0]
+            self._cpu_inflight -= self._charges.pop((conn, rid), 0)
 
     def dispatch_queued(self, now: int) -> None:
         """Hand queued requests to free workers: CoDel sheds, LIFO under a standing queue.
@@ -256,7 +199,7 @@ class Admission:
             if not conn.awaits(rid):
                 q.pop(now)
                 continue  # answered by its deadline, or the client left
-            if not self.cpu_ok() and not (self._charges and self._release_blocked(now)):
+            if not self.cpu_ok():
                 return  # the CPU budget is spent: the next completion frees some
             q.pop(now)
             waited = now - req.t_queued
@@ -275,7 +218,7 @@ class Admission:
                 self.answer(conn, self._answers.late(req, b"deadline"), now)
                 continue
             self._metrics.queue_wait.observe(waited)
-            self._start(conn, rid, req, now)
+            self._start(conn, rid, req)
 
     def skipped(self, conn: Connection, rid: int, now: int) -> None:
         """A worker took this request after its respond-by time and did not run it (its
@@ -289,22 +232,17 @@ class Admission:
         self.answer(conn, self._answers.late(req, b"deadline"), now)
 
     def next_expiry(self, now: int) -> int:
-        """When the oldest queued request's CoDel timeout runs out, or, while only the CPU
-        gate holds the queue back, when a charge counts as blocked (0: no such time).
+        """When the oldest queued request's CoDel timeout runs out (0: no such time).
 
         0 too when it has no deadline: CoDel never sheds it (expire_queued stops there), and
         a time already past would make the loop poll without sleeping while it waits.
         """
         q = self.queue
-        gate = 0
-        if self._charges and self._busy < self.threads and not self.cpu_ok():
-            gate = self._look_at
         limit = q.timeout_ns(now)
         if not limit:
-            return gate
+            return 0
         oldest = q.oldest()[2]
-        expiry = oldest.t_queued + limit + 1 if oldest.deadline_ns else 0
-        return gate if gate and (not expiry or gate < expiry) else expiry
+        return oldest.t_queued + limit + 1 if oldest.deadline_ns else 0
 
     def expire_queued(self, now: int) -> None:
         """Shed queued requests whose CoDel timeout ran out, when it runs out.
@@ -314,9 +252,6 @@ class Admission:
         client hears 503 at once (and can retry elsewhere) instead of a late fallback.
         """
         q = self.queue
-        if (self._charges and self._busy < self.threads and not self.cpu_ok()
-                and self._release_blocked(now)):  # the gate was shut by handlers that wait
-            self.dispatch_queued(now)
         limit = q.timeout_ns(now)
         if not limit:
             return
@@ -391,10 +326,6 @@ class Admission:
     def charged(self) -> int:
         """Requests holding a CPU charge (0 once every charged handler finished)."""
         return len(self._charges)
-
-
-_NO_CHARGE = (0, 0)
-_clock_gettime_ns = time.clock_gettime_ns
 
 
 def _unset(conn: Connection, reply: Reply, now: int) -> None:

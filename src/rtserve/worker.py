@@ -9,7 +9,6 @@ channel, where the worker (never the conductor) waits at the high-water mark.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
@@ -27,12 +26,7 @@ SKIPPED = object()  # completion payload: taken after its respond-by time, never
 
 _monotonic_ns = time.monotonic_ns
 _thread_time_ns = time.thread_time_ns
-_get_ident = threading.get_ident
-_cpu_clock = time.pthread_getcpuclockid
 CPU_SAMPLE_EVERY = 8  # a power of two: one request in 8 has its CPU time measured
-#: Handlers sampled at this much CPU or more report which thread runs them and its CPU
-#: clock at the start (Worker.running), so the CPU gate can tell waiting from computing.
-TRACK_CPU_NS = 100_000
 
 INTERNAL_ERROR = Response(b"Internal Server Error\n", 500, None, "text/plain; charset=utf-8")
 
@@ -55,12 +49,8 @@ def coerce(result: Any) -> Response:
 class Worker:
     """The task every worker runs per request; one instance shared by all worker threads.
 
-    It holds no per-request state but `running`: for a handler whose sampled CPU time is
-    at least TRACK_CPU_NS, the worker stores `(conn, req_id) -> (its thread's CPU clock id,
-    that clock at the start)` before the handler runs, and the conductor (admission, the
-    CPU gate) reads it and removes it when the worker is given back. `draining` is the
-    one field the conductor writes (once, when a drain starts): from then on responses
-    say `Connection: close`.
+    It holds no per-request state. `draining` is the one field the conductor writes (once,
+    when a drain starts): from then on responses say `Connection: close`.
     """
 
     #: Tasks admission may hand to the pool beyond its free workers (see
@@ -72,8 +62,6 @@ class Worker:
         self.pool = pool
         self.stream_high_water = stream_high_water
         self.draining = False
-        self.running: dict[tuple[object, int], tuple[int, int]] = {}
-        self.track_cpu = True  # set by admission: False when the CPU gate is off
 
     def __call__(self, conn: object, req_id: int, request: Request, inline: bool = False
                  ) -> Reply | object:
@@ -90,11 +78,8 @@ class Worker:
         # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
         # time-slicing the GIL (see admission.Admission.cpu_ok).
         sample = tick <= 8 or not tick & (CPU_SAMPLE_EVERY - 1)
-        track = route.cpu_ns >= TRACK_CPU_NS and self.track_cpu and not inline
-        if sample or track:
+        if sample:
             c0 = _thread_time_ns()
-            if track:
-                self.running[conn, req_id] = (_cpu_clock(_get_ident()), c0)
         t0 = _monotonic_ns()
         request.t_start = t0
         try:
