@@ -43,11 +43,6 @@ class Admission:
         self.limit = ConcurrencyLimit(cfg.adaptive_limit, cfg.max_inflight, limits.threads)
         self._sampling = self.limit.mode != "off"
         self.threads = limits.threads
-        # Tasks handed to the pool beyond its free workers, taken from the queue only while
-        # every worker is busy (the pool's queue is shared: the first worker to finish
-        # takes it without the completion's round trip through the conductor). 0 for an
-        # interface whose runner does not share one queue (ASGI loops).
-        self.slots = limits.threads + getattr(worker, "hands_ahead", 0)
         self._margin_ns = limits.margin_ns
         self._default_ns = limits.default_deadline_ns
         self._cpu_cap = limits.cpu_cap_ns
@@ -193,7 +188,7 @@ class Admission:
         the CPU budget allows it.
         """
         q = self.queue
-        while q and self._busy < self.slots:
+        while q and self._busy < self.threads:
             limit = q.timeout_ns(now)
             conn, rid, req = q.peek(now)
             if not conn.awaits(rid):
@@ -219,17 +214,6 @@ class Admission:
                 continue
             self._metrics.queue_wait.observe(waited)
             self._start(conn, rid, req)
-
-    def skipped(self, conn: Connection, rid: int, now: int) -> None:
-        """A worker took this request after its respond-by time and did not run it (its
-        worker is given back already): the deadline's answer, now, as `on_deadline` would
-        send it for a request that never ran (its timer entry then finds it answered)."""
-        req = conn.request
-        assert req is not None  # awaits(rid) held
-        m = self._metrics
-        m.deadline_misses += 1
-        m.count_shed("deadline")
-        self.answer(conn, self._answers.late(req, b"deadline"), now)
 
     def next_expiry(self, now: int) -> int:
         """When the oldest queued request's CoDel timeout runs out (0: no such time).

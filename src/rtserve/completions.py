@@ -18,7 +18,7 @@ from .answers import Answers
 from .connection import READING_HEAD, RUNNING, Connection
 from .framing import FileReply, StreamReply
 from .metrics import Metrics
-from .worker import SKIPPED, STREAM_DONE, STREAM_WAKE
+from .worker import STREAM_DONE, STREAM_WAKE
 
 log = logging.getLogger("rtserve.error")
 
@@ -62,8 +62,7 @@ class Completions:
                         final = False
                         # The limiter's sample and the DOA reset need the request only when
                         # its result is used: a task that raised is the one such case here.
-                        used = result is not SKIPPED and conn.awaits(rid)
-                        finished(conn, rid, conn.request if used else None, now)
+                        finished(conn, rid, conn.request if conn.awaits(rid) else None, now)
                     self._complete(conn, rid, result, now)
             except Exception:
                 if final:  # the fault came before its worker was given back: give it now
@@ -82,10 +81,6 @@ class Completions:
             self._writer.on_stream_data(conn, rid, now)
             return
         if result is STREAM_DONE:  # the streaming worker is free (given back already)
-            return
-        if result is SKIPPED:  # taken after its respond-by time: never ran
-            if conn.awaits(rid):  # its deadline timer has not fired yet: answer as it would
-                self._admission.skipped(conn, rid, now)
             return
         if not conn.awaits(rid):  # answered at its deadline, or the client left
             self._metrics.late_dropped += 1

@@ -22,7 +22,6 @@ log = logging.getLogger("rtserve.error")
 
 STREAM_WAKE = object()  # completion payload: a stream has data (not final)
 STREAM_DONE = object()  # completion payload: the streaming worker is free (final)
-SKIPPED = object()  # completion payload: taken after its respond-by time, never run (final)
 
 _monotonic_ns = time.monotonic_ns
 _thread_time_ns = time.thread_time_ns
@@ -53,11 +52,6 @@ class Worker:
     when a drain starts): from then on responses say `Connection: close`.
     """
 
-    #: Tasks admission may hand to the pool beyond its free workers (see
-    #: Admission.dispatch_queued): the pool's queue is shared, so the first worker to
-    #: finish takes the next one without waiting for the conductor's round trip.
-    hands_ahead = 1
-
     def __init__(self, pool: WorkerPool, stream_high_water: int) -> None:
         self.pool = pool
         self.stream_high_water = stream_high_water
@@ -68,11 +62,6 @@ class Worker:
         """Run the handler and frame its answer (`inline`: on the conductor, see below)."""
         route = request.route
         assert route is not None  # only routed requests reach a worker
-        rb = request.respond_by_ns
-        if rb and not inline and _monotonic_ns() >= rb:
-            # Its answer is due (a task handed ahead waited behind a slow handler, or the
-            # conductor is late): the deadline's answer goes out without it. Never run it.
-            return SKIPPED
         tick = route.cpu_tick = route.cpu_tick + 1
         # The handler's own CPU time, on a sample of requests (the thread clock is a
         # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
