@@ -445,7 +445,13 @@ SERVERS: list[Server] = [
            "--bind", "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE], default=False,
            prepare=compiled_ready, note="WSGI app, {threads} worker threads, /score deadline "
            "50 ms + fallback from the CLI, hot modules compiled (mypyc)", threads=THREADS),
-    # Opt-in variants (run only when named in --servers): the GIL hand-off cost.
+    # Opt-in variants (run only when named in --servers). C's capacity with no deadline:
+    # the WSGI app without --route-deadline (nothing shed; compare with granian's rps).
+    Server("rtserve-wsgi-nodl", "rtserve", ["{bin}/rtserve", "apps.wsgi_app:app", "--bind",
+           "127.0.0.1:{port}", *RT_COMMON], workloads="C", default=False,
+           note="WSGI app, {threads} worker threads, no deadline (C capacity)",
+           threads=THREADS, needs=("rtserve",)),
+    # The GIL hand-off cost.
     Server("rtserve-t1", "rtserve", ["{bin}/rtserve", "apps.native_app:app", "--bind",
            "127.0.0.1:{port}", *RT_COMMON, "--threads", "1"], default=False,
            note="native App, 1 worker thread", needs=("rtserve",)),
@@ -1593,7 +1599,10 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
     from apps import logic  # noqa: PLC0415
 
     body_file.write_bytes(logic.sample_transaction())
-    env = dict(os.environ, PYTHONPATH=str(BENCH), BENCH_BURN_ITERS=str(burn_iters),
+    # This checkout's src first: the venv's editable install may point at another tree
+    # (a git worktree measured with the main checkout's venv).
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{BENCH}",
+               BENCH_BURN_ITERS=str(burn_iters),
                PYTHONDONTWRITEBYTECODE="1")
     short = None
     if a.quick or (a.duration and a.duration < 10) or repeat < 3:
