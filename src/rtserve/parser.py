@@ -224,7 +224,7 @@ class RequestParser:
 
     # --- conductor API ----------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Append received bytes; parsing happens in `next_event()`."""
         if self._state != _DEAD:
             self._buf += data

@@ -67,6 +67,11 @@ class Reader:
         self._body_ns = limits.body_ns
         self._idle_ns = limits.idle_ns
         self._readahead = limits.readahead
+        # Every recv lands in this one buffer and the parser copies out what arrived:
+        # `recv(65536)` allocated 64 KiB per read and shrank it to the bytes received,
+        # which left the main heap fragmented (docs/reliability.md, Soak).
+        self._rbuf = bytearray(RECV_SIZE)
+        self._rview = memoryview(self._rbuf)
         self._health = limits.health
         self._health_paths = answers.health_paths
         self._max_requests = limits.max_requests
@@ -108,19 +113,19 @@ class Reader:
             self.writer.linger_read(conn)
             return
         try:
-            data = conn.sock.recv(RECV_SIZE)
+            n = conn.sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.writer.abort(conn)
             return
-        if not data:
+        if not n:
             self._on_eof(conn, now)
             return
         if not conn.req_start:
             conn.req_start = now  # the request clock starts at the recv of its first byte
         parser = conn.parser
-        parser.feed(data)
+        parser.feed(self._rview[:n])
         if conn.state <= READING_BODY:
             self.advance(conn, now)
         elif parser.buffered > self._readahead:

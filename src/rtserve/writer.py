@@ -79,6 +79,7 @@ class Writer:
                  admission: Admission, answers: Answers, life: Lifecycle,
                  access_log_format: str) -> None:
         self._conns = conns
+        self._sink = bytearray(RECV_SIZE)  # linger_read's buffer: bytes read to be dropped
         self._ep = ep
         self._set_mask = set_mask
         self._arm = timers.arm
@@ -320,15 +321,17 @@ class Writer:
         self.linger_read(conn)
 
     def linger_read(self, conn: Connection) -> None:
+        """Read and drop what a closing client still sends (into one reused buffer)."""
+        sink = self._sink
         for _ in range(16):
             try:
-                data = conn.sock.recv(RECV_SIZE)
+                n = conn.sock.recv_into(sink)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 self.close(conn)
                 return
-            if not data:
+            if not n:
                 self.close(conn)
                 return
 
