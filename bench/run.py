@@ -36,7 +36,7 @@ Usage:
   bench/run.py --baseline main~5     also rtserve@main~5 and rtserve-wsgi@main~5: an older
                                      rtserve (temporary git worktree, PYTHONPATH) measured
                                      in the same run; ratio tables get a column for it
-  bench/run.py --sweep-threads 2,4,8 every threaded server at 2, 4 and 8 threads (A-E);
+  bench/run.py --sweep-threads 2,4,8 every threaded server at 2, 4 and 8 threads (A-E, G);
                                      tables show each at rtserve's count (8) and its best
 
 Missing tools are installed: wrk (and nginx, openssl if a selected server needs them) with
@@ -338,7 +338,7 @@ class Server:
     name: str
     kind: str  # "rtserve" | "baseline" (rtserve of --baseline REF) | "peer" | "ceiling"
     cmd: list[str]
-    workloads: str = "ABCDEF"
+    workloads: str = "ABCDEFG"
     extra: dict[str, list[str]] = field(default_factory=dict)
     prepare: Callable[[Path, int], None] | None = None
     note: str = ""
@@ -351,7 +351,7 @@ class Server:
     #: Python server executables it needs in the venv (VENV_TOOLS keys).
     needs: tuple[str, ...] = ()
     #: Workloads whose code path uses the threads (only these are swept).
-    sweep_workloads: str = "ABCDE"
+    sweep_workloads: str = "ABCDEG"
     #: Serves HTTPS only: wrk and wait_ready speak TLS to it (wrk workloads only).
     tls: bool = False
 
@@ -550,6 +550,8 @@ class Workload:
     kind: str  # "wrk" | "openloop" | "idle"
     connections: int = 50
     wrk_args: list[str] = field(default_factory=list)
+    #: Environment for bench/lua/bench.lua (e.g. WRK_UNIQUE_ID: a new header per request).
+    lua_env: dict[str, str] = field(default_factory=dict)
     post_body: bool = False
     duration: float = 10.0
     warmup: float = 2.0
@@ -566,6 +568,10 @@ WORKLOADS: dict[str, Workload] = {w.key: w for w in [
              "/score", "openloop", post_body=True),
     Workload("F", "10,000 idle keep-alive connections: server RSS per connection", "/hello",
              "idle"),
+    # A with heads that never repeat: rtserve's parser caches heads it has seen (docs/
+    # parser.md), which wrk's identical requests always hit; real clients often differ.
+    Workload("G", "keep-alive hello, every head unique (X-Request-Id per request)", "/hello",
+             "wrk", lua_env={"WRK_UNIQUE_ID": "1"}),
 ]}
 IDLE_CONNS = 10000
 E_FACTORS: tuple[float, ...] = (1.0, 2.0)
@@ -748,7 +754,7 @@ def run_wrk(w: Workload, port: int, seconds: float, ctx: Ctx, record: bool = Tru
     ``tls``: over https (wrk does not verify the certificate; in B every connection is a
     new TLS handshake, resumed when the server accepts wrk's previous session).
     """
-    env = dict(os.environ, WRK_DEADLINE_MS=str(DEADLINE_MS))
+    env = dict(os.environ, WRK_DEADLINE_MS=str(DEADLINE_MS), **w.lua_env)
     if w.post_body:
         env["WRK_BODY_FILE"] = str(ctx.body_file)
         env["WRK_COUNT_MARKER"] = "1"
@@ -1271,7 +1277,7 @@ def _method_extras(res: dict[str, Any]) -> list[str]:
     if sweep:
         ref = res.get("ref_threads", THREADS)
         out.append(f"Thread sweep: every threaded server (rtserve's `--threads`, waitress and "
-                   f"gunicorn\n  `threads`, granian's blocking threads) ran A-E at "
+                   f"gunicorn\n  `threads`, granian's blocking threads) ran A-E and G at "
                    f"{', '.join(map(str, sweep))} threads, uvicorn's\n  /score pool C and E. "
                    f"Tables show each server at {ref} (rtserve's count) and at its\n  own best "
                    f"count; the sweep tables give every count. F ran at {ref} only.")
@@ -1517,7 +1523,7 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
     ap.add_argument("--duration", type=float, default=None, help="measured seconds per run")
     ap.add_argument("--warmup", type=float, default=None, help="warm-up seconds per run")
     ap.add_argument("--servers", default="", help="comma list, e.g. rtserve,uvicorn")
-    ap.add_argument("--workloads", default="", help="comma list of A-F")
+    ap.add_argument("--workloads", default="", help="comma list of A-G")
     ap.add_argument("--e-factors", default="1,2",
                     help="workload E rates as multiples of the C capacity")
     ap.add_argument("--burn-iters", type=int, default=0,
@@ -1533,7 +1539,7 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
                     "git ref REF (a temporary worktree), same apps and settings")
     ap.add_argument("--sweep-threads", metavar="LIST", default="",
                     help=f"run every threaded server at each of these thread counts, e.g. "
-                    f"2,4,8 (A-E; {THREADS}, rtserve's count, is always included)")
+                    f"2,4,8 (A-E, G; {THREADS}, rtserve's count, is always included)")
     a = ap.parse_args(argv)
 
     NICE = a.nice

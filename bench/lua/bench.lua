@@ -18,6 +18,19 @@ end
 
 local threads = {}
 
+-- WRK_UNIQUE_ID: every request carries its own X-Request-Id, so no two heads are equal
+-- (workload G). A Lua request() costs wrk time per request: compare servers within G only.
+if os.getenv("WRK_UNIQUE_ID") == "1" then
+  local counter = 0
+  function request()
+    counter = counter + 1
+    local headers = {}
+    for k, v in pairs(wrk.headers) do headers[k] = v end
+    headers["X-Request-Id"] = tostring(counter)
+    return wrk.format(nil, nil, headers)
+  end
+end
+
 function setup(thread)
   table.insert(threads, thread)
 end
