@@ -446,10 +446,14 @@ class RequestParser:
                 heads = self._heads
                 if len(heads) >= HEAD_CACHE_MAX:
                     heads.clear()
-                request.head = heads[key] = (
+                # One object for the entry and this request (typed as a variable-length
+                # tuple so that the compiled build boxes it once: identity is the contract).
+                entry: tuple[Any, ...] = (
                     method, target, path, query, version, list(raw_headers),
                     request.content_length, False, keep_alive, False, raw_path, budget,
                 )
+                heads[key] = entry
+                request.head = entry
             else:
                 if len(once) >= HEAD_CACHE_MAX:
                     once.clear()
