@@ -36,7 +36,7 @@ Usage:
   bench/run.py --baseline main~5     also rtserve@main~5 and rtserve-wsgi@main~5: an older
                                      rtserve (temporary git worktree, PYTHONPATH) measured
                                      in the same run; ratio tables get a column for it
-  bench/run.py --sweep-threads 2,4,8 every threaded server at 2, 4 and 8 threads (A-E, G);
+  bench/run.py --sweep-threads 2,4,8 every threaded server at 2, 4 and 8 threads (A-E);
                                      tables show each at rtserve's count (8) and its best
 
 Missing tools are installed: wrk (and nginx, openssl if a selected server needs them) with
@@ -351,7 +351,7 @@ class Server:
     #: Python server executables it needs in the venv (VENV_TOOLS keys).
     needs: tuple[str, ...] = ()
     #: Workloads whose code path uses the threads (only these are swept).
-    sweep_workloads: str = "ABCDEG"
+    sweep_workloads: str = "ABCDE"
     #: Serves HTTPS only: wrk and wait_ready speak TLS to it (wrk workloads only).
     tls: bool = False
 
@@ -1277,7 +1277,7 @@ def _method_extras(res: dict[str, Any]) -> list[str]:
     if sweep:
         ref = res.get("ref_threads", THREADS)
         out.append(f"Thread sweep: every threaded server (rtserve's `--threads`, waitress and "
-                   f"gunicorn\n  `threads`, granian's blocking threads) ran A-E and G at "
+                   f"gunicorn\n  `threads`, granian's blocking threads) ran A-E at "
                    f"{', '.join(map(str, sweep))} threads, uvicorn's\n  /score pool C and E. "
                    f"Tables show each server at {ref} (rtserve's count) and at its\n  own best "
                    f"count; the sweep tables give every count. F ran at {ref} only.")
@@ -1539,7 +1539,7 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
                     "git ref REF (a temporary worktree), same apps and settings")
     ap.add_argument("--sweep-threads", metavar="LIST", default="",
                     help=f"run every threaded server at each of these thread counts, e.g. "
-                    f"2,4,8 (A-E, G; {THREADS}, rtserve's count, is always included)")
+                    f"2,4,8 (A-E; {THREADS}, rtserve's count, is always included)")
     a = ap.parse_args(argv)
 
     NICE = a.nice
