@@ -49,6 +49,7 @@ _PER_REQUEST_KEYS = (
 
 # The keys an environ template (see WSGIApp.environ) leaves blank: what differs between
 # requests with the same head bytes.
+# The keys `WSGIApp._request_keys` fills per request: blank in an environ template.
 _TEMPLATE_BLANKS = ("REMOTE_ADDR", "REMOTE_PORT", "wsgi.input", "wsgi.errors",
                         "rtserve.request")
 _TEMPLATES_MAX = 256
@@ -464,15 +465,7 @@ class WSGIApp:
             entry = self._templates.get(id(head))
             if entry is not None and entry[0] is head:  # the entry holds head: id not reused
                 env = entry[1].copy()
-                body = request.body
-                env["wsgi.input"] = io.BytesIO(body) if body else _EMPTY_INPUT
-                env["wsgi.errors"] = errors if errors is not None else ErrorStream()
-                env["rtserve.request"] = request
-                peer = self._peer
-                if request.client is not peer[0]:
-                    peer = self._new_peer(request.client)
-                env["REMOTE_ADDR"] = peer[1]
-                env["REMOTE_PORT"] = peer[2]
+                self._request_keys(env, request, errors)
                 return env
         env = self._base.copy()  # the per-server constants, url_scheme "http" included
         # Headers first: one cached lookup per name gives its key ("HTTP_USER_AGENT",
@@ -509,21 +502,12 @@ class WSGIApp:
         env["QUERY_STRING"] = request.query_string
         env["SERVER_PROTOCOL"] = request.version
         env["RAW_URI"] = env["REQUEST_URI"] = request.target
-        body = request.body
-        env["wsgi.input"] = io.BytesIO(body) if body else _EMPTY_INPUT
-        env["wsgi.errors"] = errors if errors is not None else ErrorStream()
-        env["rtserve.request"] = request
-
-        peer = self._peer
-        if request.client is not peer[0]:
-            peer = self._new_peer(request.client)
-        env["REMOTE_ADDR"] = peer[1]
-        env["REMOTE_PORT"] = peer[2]
+        remote_addr = self._request_keys(env, request, errors)
         forwarded = "HTTP_X_FORWARDED_FOR" in env or "HTTP_X_FORWARDED_PROTO" in env or (
             "HTTP_FORWARDED" in env
         )
         if forwarded:
-            self._forwarded(env, peer[1])
+            self._forwarded(env, remote_addr)
         host = env.get("HTTP_HOST")
         if host:
             split = self._hosts.get(host)
@@ -545,6 +529,21 @@ class WSGIApp:
             templates[id(head)] = (head, template)
         return env
 
+    def _request_keys(self, env: dict[str, Any], request: Request, errors: Any) -> str:
+        """Fill the keys that differ between requests with the same head (those a template
+        leaves blank, `_TEMPLATE_BLANKS`): body, error stream, request, peer; returns
+        REMOTE_ADDR."""
+        body = request.body
+        env["wsgi.input"] = io.BytesIO(body) if body else _EMPTY_INPUT
+        env["wsgi.errors"] = errors if errors is not None else ErrorStream()
+        env["rtserve.request"] = request
+        peer = self._peer
+        if request.client is not peer[0]:
+            peer = self._new_peer(request.client)
+        env["REMOTE_ADDR"] = peer[1]
+        env["REMOTE_PORT"] = peer[2]
+        return peer[1]
+
     def _new_peer(self, client: Any) -> tuple[Any, str, str]:
         """REMOTE_ADDR and REMOTE_PORT of a new connection's client: one entry, swapped
         atomically (workers share it), since consecutive requests mostly share a client."""
@@ -554,7 +553,6 @@ class WSGIApp:
         port = str(client[1]) if client and len(client) > 1 else "0"
         peer = self._peer = (client, addr, port)
         return peer
-
 
     def _tls_environ(self, request: Request, errors: Any = None) -> dict[str, Any]:
         """`environ` on a TLS server: plus the connection's mod_ssl keys (SSL_PROTOCOL,
