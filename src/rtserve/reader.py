@@ -119,6 +119,11 @@ class Reader:
         except OSError:
             self.writer.abort(conn)
             return
+        self.received(conn, n, now)
+
+    def received(self, conn: Connection, n: int, now: int) -> None:
+        """`n` bytes arrived in the read buffer (0: the client shut its side): parse them.
+        The TLS reader calls this after its own decrypting read."""
         if not n:
             self._on_eof(conn, now)
             return

@@ -40,7 +40,6 @@ from .answers import Answers
 from .connection import (
     CLOSING,
     HANDSHAKE,
-    READING_BODY,
     READING_HEAD,
     T_HANDSHAKE,
     T_HEADER,
@@ -187,18 +186,7 @@ class TLSReader(Reader):
             conn.tls_want = BROKEN
             self.writer.abort(conn)
             return
-        # From here as Reader.on_readable (kept in step with it).
-        if not n:
-            self._on_eof(conn, now)
-            return
-        if not conn.req_start:
-            conn.req_start = now
-        parser = conn.parser
-        parser.feed(self._rview[:n])
-        if conn.state <= READING_BODY:
-            self.advance(conn, now)
-        elif parser.buffered > self._readahead:
-            self._set_mask(conn, conn.mask & ~READ_MASK)
+        self.received(conn, n, now)
 
     @staticmethod
     def _read_more(sock: Any, view: memoryview, total: int) -> int:
