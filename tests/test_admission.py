@@ -149,6 +149,56 @@ def test_codel_off_never_sheds_from_the_queue(gate: Gate) -> None:
         assert order == ["B1", "B2"]
 
 
+def _standing_queue_with_a_short_budget(server, gate: Gate) -> tuple[Client, list[Client]]:
+    """The worker blocked, a request without a deadline keeping the queue non-empty until
+    it stands, then one whose 400 ms budget is shorter than CoDel's 500 ms interval."""
+    a = _block_one(server, gate)
+    filler = _enqueue(server, ["F"])
+    wait_for(lambda: server.admission.queue.standing(time.monotonic_ns()), what="standing")
+    short = Client(server.address)
+    short.send("GET", "/rec?i=S", {"X-Request-Deadline-Ms": "400"})
+    return a, [*filler, short]
+
+
+def test_codel_does_not_shed_a_request_whose_budget_is_within_its_interval(gate: Gate
+                                                                          ) -> None:
+    """--codel-sheds long: its own deadline bounds its wait below anything
+    CoDel allows, so it waits past CoDel's 1 ms target and is served when the worker frees."""
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
+                       codel_interval_ms=500, codel_target_ms=1, codel_sheds="long") as server:
+        a, (filler, short) = _standing_queue_with_a_short_budget(server, gate)
+        wait_for(lambda: server.admission.queue_depth == 2, what="both to queue")
+        queued = server.admission.queue.items[-1][2].t_queued
+        wait_for(lambda: time.monotonic_ns() - queued > 20 * MS, what="20 x the target")
+        server.admission.expire_queued(time.monotonic_ns())  # not shed even when asked
+        assert server.metrics.shed == {}
+        gate.release.set()
+        assert a.recv()[0] == 200
+        assert short.recv()[2] == b"ran\n" and filler.recv()[2] == b"ran\n"
+        assert order == ["S", "F"]  # still LIFO for the one with a deadline
+        assert server.metrics.shed == {}
+        for c in (a, filler, short):
+            c.close()
+
+
+def test_codel_sheds_all_sheds_short_budgets_at_the_target(gate: Gate) -> None:
+    """--codel-sheds all (the default): every request with a deadline is shed at CoDel's timeout, so
+    its client hears 503 at once (a fleet behind a balancer that retries elsewhere)."""
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
+                       codel_interval_ms=500, codel_target_ms=1, codel_sheds="all") as server:
+        a, (filler, short) = _standing_queue_with_a_short_budget(server, gate)
+        status, headers, _ = short.recv()  # while the worker is still blocked
+        assert status == 503 and int(headers["retry-after"]) >= 1
+        assert server.metrics.shed == {"codel": 1}
+        gate.release.set()
+        assert a.recv()[0] == 200 and filler.recv()[2] == b"ran\n"
+        assert order == ["F"]
+        for c in (a, filler, short):
+            c.close()
+
+
 # ---- concurrency limit ---------------------------------------------------------------------
 
 

@@ -40,12 +40,25 @@ class Admission:
             cfg.codel_target_ms, cfg.codel_interval_ms, lambda item: item[2].deadline_ns
         )
         self.waiting = self.queue.items  # truthy while requests wait (a C-level test)
+        # CoDel sheds a queued request with a deadline only if its budget is above this
+        # (--codel-sheds all, the default: -1; long: CoDel's interval, since a shorter
+        # budget already bounds the wait below what CoDel ever allows; docs/deadlines.md,
+        # "Which requests CoDel sheds").
+        self._codel_budget_ns = (-1 if cfg.codel_sheds == "all"
+                                 else int(cfg.codel_interval_ms * 1_000_000))
+        self._sheddable_queued = False  # set when such a request is queued (next_expiry)
         self.limit = ConcurrencyLimit(cfg.adaptive_limit, cfg.max_inflight, limits.threads)
         self._sampling = self.limit.mode != "off"
         self.threads = limits.threads
         self._margin_ns = limits.margin_ns
         self._default_ns = limits.default_deadline_ns
         self._cpu_cap = limits.cpu_cap_ns
+        # The hand-ahead (see _ahead_ok): handler time by the routes' estimates that may
+        # wait in the pool's own queue behind busy workers, and the requests running on a
+        # route too slow (or not yet measured) for it, which keep it shut while they run.
+        self._ahead_ns = limits.ahead_ns
+        self._ahead_cap = self._ahead_ns * limits.threads
+        self._slow: set[tuple[Connection, int]] = set()
         self._shed_fallback = cfg.shed_with_fallback
         self._metrics = metrics
         self._timers = timers
@@ -93,7 +106,8 @@ class Admission:
         if limit.enabled and not limit.admits(self._busy + len(self.queue)):
             return self._shed_reply(req, "limit", now)
         req.t_queued = now
-        if self._busy < self.threads and not self.waiting and self.cpu_ok():
+        if (not self.waiting and (self._busy < self.threads or self._ahead_ok(route))
+                and self.cpu_ok()):
             qw = self._metrics.queue_wait  # a zero wait: the first bucket, no bisect
             qw.counts[0] += 1
             qw.count += 1
@@ -101,6 +115,8 @@ class Admission:
         else:
             conn.queue()
             self.queue.push((conn, rid, req), now)
+            if not self._sheddable_queued and self._codel_sheds(req):
+                self._sheddable_queued = True
         return None
 
     def _run_inline(self, conn: Connection, rid: int, req: Request, respond_by: int) -> Reply:
@@ -121,6 +137,22 @@ class Admission:
         quarter = budget >> 2
         return deadline_ns - self._margin_ns - (lag if lag < quarter else quarter)
 
+    def _ahead_ok(self, route: Route) -> bool:
+        """May a request start while every worker is busy, waiting in the pool's queue?
+
+        Only for cheap work: the pool's queue is shared, so the first worker to finish
+        takes it without a round trip through the conductor (one completion and one
+        dispatch per request otherwise, which made fewer threads slower on small
+        handlers). Allowed while its route's estimate is at most `handoff_ahead_ms`, no
+        request of a slower or unmeasured route runs, and the estimated time of what would
+        wait ahead of it, spread over the workers, stays within `handoff_ahead_ms`. A
+        route of 1 ms handlers never waits there: it stays in the CoDel queue, where the
+        deadline and CoDel still choose.
+        """
+        e = route.ewma_ns
+        return (0 < e <= self._ahead_ns and not self._slow
+                and (self._busy - self.threads + 1) * e <= self._ahead_cap)
+
     def _cpu_gate(self) -> bool:
         """May another handler start now without time-slicing the GIL?
 
@@ -140,6 +172,8 @@ class Admission:
         conn.run()
         route = req.route
         assert route is not None  # admission only sees routed requests
+        if not 0 < route.ewma_ns <= self._ahead_ns:
+            self._slow.add((conn, rid))
         charge = route.cpu_ns
         if charge and self._cpu_cap:
             self._cpu_inflight += charge
@@ -170,6 +204,8 @@ class Admission:
             self._cpu_inflight -= self._charges.pop((conn, rid), 0)
         if self._stuck:
             self._stuck.discard((conn, rid))
+        if self._slow:
+            self._slow.discard((conn, rid))
         if req is not None:
             route = req.route
             assert route is not None
@@ -193,19 +229,21 @@ class Admission:
         the CPU budget allows it.
         """
         q = self.queue
-        while q and self._busy < self.threads:
+        while q:
             limit = q.timeout_ns(now)
             conn, rid, req = q.peek(now)
             if not conn.awaits(rid):
                 q.pop(now)
                 continue  # answered by its deadline, or the client left
+            if self._busy >= self.threads and not self._ahead_ok(req.route):
+                return  # every worker is busy: the next completion starts it
             if not self.cpu_ok():
                 return  # the CPU budget is spent: the next completion frees some
             q.pop(now)
             waited = now - req.t_queued
             # CoDel sheds only requests that carry a deadline: for them a long wait means a
             # late answer anyway. Requests without one wait, bounded by --max-inflight.
-            if limit and waited > limit and req.deadline_ns:
+            if limit and waited > limit and self._codel_sheds(req):
                 self.answer(conn, self._shed_reply(req, "codel", now), now)
                 continue
             if req.deadline_ns and self.respond_by(
@@ -220,18 +258,47 @@ class Admission:
             self._metrics.queue_wait.observe(waited)
             self._start(conn, rid, req)
 
-    def next_expiry(self, now: int) -> int:
-        """When the oldest queued request's CoDel timeout runs out (0: no such time).
+    def skipped(self, conn: Connection, rid: int, now: int) -> None:
+        """A worker took this request after its respond-by time and did not run it (its
+        worker is given back already): the deadline's answer, now, as `on_deadline` would
+        send it for a request that never ran (its timer entry then finds it answered)."""
+        req = conn.request
+        assert req is not None  # awaits(rid) held
+        m = self._metrics
+        m.deadline_misses += 1
+        m.count_shed("deadline")
+        self.answer(conn, self._answers.late(req, b"deadline"), now)
 
-        0 too when it has no deadline: CoDel never sheds it (expire_queued stops there), and
-        a time already past would make the loop poll without sleeping while it waits.
+    def _codel_sheds(self, req: Request) -> bool:
+        """Is `req` one CoDel sheds at its timeout? Only with a deadline, and under
+        --codel-sheds long only with a budget longer than CoDel's interval: a shorter one
+        waits while it can still be served in time, and its respond-by answer (or the
+        check at dequeue) ends the wait."""
+        d = req.deadline_ns
+        return bool(d) and d - req.start_ns > self._codel_budget_ns
+
+    def next_expiry(self, now: int) -> int:
+        """When the oldest sheddable queued request's CoDel timeout runs out (0: none).
+
+        0 too when no queued request is one CoDel sheds (no deadline, or a budget within
+        CoDel's interval): a time already past would make the loop poll without sleeping.
         """
-        q = self.queue
-        limit = q.timeout_ns(now)
+        if not self._sheddable_queued:
+            return 0  # nothing to look for (no deadlines, or --codel-sheds long)
+        limit = self.queue.timeout_ns(now)
         if not limit:
             return 0
-        oldest = q.oldest()[2]
-        return oldest.t_queued + limit + 1 if oldest.deadline_ns else 0
+        item = self._first_sheddable()
+        return item[2].t_queued + limit + 1 if item is not None else 0
+
+    def _first_sheddable(self) -> tuple[Connection, int, Request] | None:
+        """The longest-waiting live request CoDel sheds (items are in arrival order), or
+        None, which also clears the flag a push of such a request set."""
+        for item in self.queue.items:
+            if self._codel_sheds(item[2]) and item[0].awaits(item[1]):
+                return item
+        self._sheddable_queued = False
+        return None
 
     def expire_queued(self, now: int) -> None:
         """Shed queued requests whose CoDel timeout ran out, when it runs out.
@@ -239,6 +306,7 @@ class Admission:
         Checking only at dequeue is not enough: under LIFO the oldest requests sit at the
         bottom until their deadline. Facebook's queue sheds a request at its timeout, so its
         client hears 503 at once (and can retry elsewhere) instead of a late fallback.
+        Requests CoDel does not shed (see _codel_sheds) are passed over, not waited behind.
         """
         q = self.queue
         limit = q.timeout_ns(now)
@@ -249,10 +317,13 @@ class Admission:
             if not conn.awaits(rid):
                 q.pop_oldest(now)  # answered by its deadline, or the client left
                 continue
-            if not req.deadline_ns or now - req.t_queued <= limit:
-                return  # CoDel sheds only requests with a deadline (see dispatch_queued)
-            q.pop_oldest(now)
-            self.answer(conn, self._shed_reply(req, "codel", now), now)
+            if not self._sheddable_queued:
+                return
+            item = self._first_sheddable()
+            if item is None or now - item[2].t_queued <= limit:
+                return
+            q.discard(item, now)
+            self.answer(item[0], self._shed_reply(item[2], "codel", now), now)
 
     def on_deadline(self, respond_by: int, conn: Connection, rid: int, now: int) -> None:
         """A request's respond-by time came before its answer: fallback or 504 now."""

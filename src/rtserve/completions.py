@@ -18,7 +18,7 @@ from .answers import Answers
 from .connection import READING_HEAD, RUNNING, Connection
 from .framing import FileReply, StreamReply
 from .metrics import Metrics
-from .worker import STREAM_DONE, STREAM_WAKE
+from .worker import SKIPPED, STREAM_DONE, STREAM_WAKE
 
 log = logging.getLogger("rtserve.error")
 
@@ -62,7 +62,8 @@ class Completions:
                         final = False
                         # The limiter's sample and the DOA reset need the request only when
                         # its result is used: a task that raised is the one such case here.
-                        finished(conn, rid, conn.request if conn.awaits(rid) else None, now)
+                        used = result is not SKIPPED and conn.awaits(rid)
+                        finished(conn, rid, conn.request if used else None, now)
                     self._complete(conn, rid, result, now)
             except Exception:
                 if final:  # the fault came before its worker was given back: give it now
@@ -76,11 +77,16 @@ class Completions:
 
     def _complete(self, conn: Connection, rid: int, result: Any, now: int) -> None:
         """Every completion but a reply for the request in flight: streams, late results,
-        a task that raised. (A final one's worker was already given back.)"""
+        a task skipped at its respond-by time, a task that raised. (A final one's worker
+        was already given back.)"""
         if result is STREAM_WAKE:  # a stream has data: pull it if the socket has room
             self._writer.on_stream_data(conn, rid, now)
             return
         if result is STREAM_DONE:  # the streaming worker is free (given back already)
+            return
+        if result is SKIPPED:  # taken after its respond-by time: never ran
+            if conn.awaits(rid):  # its deadline timer has not fired yet: answer as it would
+                self._admission.skipped(conn, rid, now)
             return
         if not conn.awaits(rid):  # answered at its deadline, or the client left
             self._metrics.late_dropped += 1

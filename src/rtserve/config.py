@@ -150,6 +150,10 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative, section="deadlines"),
     Setting("codel_interval_ms", float, 100.0, "CoDel interval N in ms", _positive,
             section="deadlines"),
+    Setting("codel_sheds", str, "all",
+            "which queued requests with a deadline CoDel sheds at its timeout: all, or long "
+            "(only those whose budget exceeds the interval; shorter ones wait while they can "
+            "still be served in time)", None, ("all", "long"), section="deadlines"),
     Setting("max_inflight", int, 0, "requests queued + running before 503 (0 = unlimited)",
             _non_negative, section="deadlines"),
     Setting("adaptive_limit", str, "off", "adaptive concurrency limit", None,
@@ -160,6 +164,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cpu_inflight_ms", float, 3.0,
             "CPU time of handlers started but not finished before more wait (0 = off)",
             _non_negative, section="deadlines"),
+    Setting("handoff_ahead_ms", float, 0.25,
+            "estimated handler time that may wait in the pool's queue behind busy workers "
+            "(cheap routes only; 0 = one request per free worker)", _non_negative,
+            section="deadlines"),
     Setting("switch_interval_ms", float, 0.5,
             "sys.setswitchinterval in ms (GIL hand-off; see docs/deadlines.md)",
             _positive, section="deadlines"),

@@ -16,7 +16,7 @@ class Limits:
         "threads", "max_connections", "header_ns", "body_ns", "idle_ns", "write_ns",
         "graceful_ns", "drain_ns", "readahead", "max_request_line", "max_header_block",
         "max_header_count", "max_body_size", "default_deadline_ns", "margin_ns",
-        "cpu_cap_ns", "health", "access_log", "max_requests", "handshake_ns",
+        "cpu_cap_ns", "ahead_ns", "health", "access_log", "max_requests", "handshake_ns",
     )
 
     def __init__(self, cfg: Config, max_requests: int) -> None:
@@ -36,6 +36,7 @@ class Limits:
         self.default_deadline_ns = int(cfg.deadline_ms * 1_000_000)
         self.margin_ns = int(cfg.deadline_margin_ms * 1_000_000)
         self.cpu_cap_ns = int(cfg.cpu_inflight_ms * 1_000_000)
+        self.ahead_ns = int(cfg.handoff_ahead_ms * 1_000_000)
         self.health = cfg.health_endpoints
         self.access_log = cfg.access_log
         self.max_requests = max_requests  # with its jitter already drawn (0 = never)

@@ -103,6 +103,7 @@ class Server:
             self.worker: Any = self.asgi.runner
             self._submit = self.asgi.submit
             limits.threads = cfg.asgi_concurrency  # admission's running cap: tasks, not threads
+            limits.ahead_ns = 0  # its inbox is not one queue shared by blocked threads
         else:
             self.worker = Worker(self.pool, cfg.stream_high_water)
             self._submit = self.pool.task_put

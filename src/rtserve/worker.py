@@ -22,6 +22,7 @@ log = logging.getLogger("rtserve.error")
 
 STREAM_WAKE = object()  # completion payload: a stream has data (not final)
 STREAM_DONE = object()  # completion payload: the streaming worker is free (final)
+SKIPPED = object()  # completion payload: taken after its respond-by time, never run (final)
 
 _monotonic_ns = time.monotonic_ns
 _thread_time_ns = time.thread_time_ns
@@ -62,6 +63,14 @@ class Worker:
         """Run the handler and frame its answer (`inline`: on the conductor, see below)."""
         route = request.route
         assert route is not None  # only routed requests reach a worker
+        t0 = _monotonic_ns()
+        rb = request.respond_by_ns
+        if rb and t0 >= rb and not inline:
+            # Its answer is due (it waited in the pool's queue behind a handler that turned
+            # slow, see Admission._ahead_ok, or the conductor is late): the deadline's
+            # answer goes out without it. Never run it.
+            return SKIPPED
+        request.t_start = t0
         tick = route.cpu_tick = route.cpu_tick + 1
         # The handler's own CPU time, on a sample of requests (the thread clock is a
         # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
@@ -69,8 +78,6 @@ class Worker:
         sample = tick <= 8 or not tick & (CPU_SAMPLE_EVERY - 1)
         if sample:
             c0 = _thread_time_ns()
-        t0 = _monotonic_ns()
-        request.t_start = t0
         try:
             response = route.handler(request)
             if response.__class__ is not Response:
