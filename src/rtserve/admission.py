@@ -172,8 +172,8 @@ class Admission:
         conn.run()
         route = req.route
         assert route is not None  # admission only sees routed requests
-        if not 0 < route.ewma_ns <= self._ahead_ns:
-            self._slow.add((conn, rid))
+        if self._ahead_ns and not 0 < route.ewma_ns <= self._ahead_ns:
+            self._slow.add((conn, rid))  # keeps the hand-ahead shut while it runs
         charge = route.cpu_ns
         if charge and self._cpu_cap:
             self._cpu_inflight += charge
