@@ -81,7 +81,8 @@ def _enqueue(server, tags: list[str], already: int = 0, headers: dict | None = N
 def test_codel_sheds_old_requests_and_serves_lifo_under_a_standing_queue(gate: Gate) -> None:
     order: list[str] = []
     with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
-                       codel_interval_ms=20, codel_target_ms=250) as server:
+                       codel_interval_ms=20, codel_target_ms=250, codel_budget_share=0,
+                       ) as server:
         a = _block_one(server, gate)
         old = _enqueue(server, ["B1", "B2", "B3"], headers=LONG_BUDGET)
         # The queue stands (> interval) and B waits past the target: B is shed when its
@@ -149,25 +150,24 @@ def test_codel_off_never_sheds_from_the_queue(gate: Gate) -> None:
         assert order == ["B1", "B2"]
 
 
-def _standing_queue_with_a_short_budget(server, gate: Gate) -> tuple[Client, list[Client]]:
+def _standing_queue_with_a_budget(server, gate: Gate) -> tuple[Client, Client, Client]:
     """The worker blocked, a request without a deadline keeping the queue non-empty until
-    it stands, then one whose 400 ms budget is shorter than CoDel's 500 ms interval."""
+    it stands, then one with a 400 ms budget; returns (blocked, filler, budgeted)."""
     a = _block_one(server, gate)
-    filler = _enqueue(server, ["F"])
+    (filler,) = _enqueue(server, ["F"])
     wait_for(lambda: server.admission.queue.standing(time.monotonic_ns()), what="standing")
-    short = Client(server.address)
-    short.send("GET", "/rec?i=S", {"X-Request-Deadline-Ms": "400"})
-    return a, [*filler, short]
+    budgeted = Client(server.address)
+    budgeted.send("GET", "/rec?i=S", {"X-Request-Deadline-Ms": "400"})
+    return a, filler, budgeted
 
 
-def test_codel_does_not_shed_a_request_whose_budget_is_within_its_interval(gate: Gate
-                                                                          ) -> None:
-    """--codel-sheds long: its own deadline bounds its wait below anything
-    CoDel allows, so it waits past CoDel's 1 ms target and is served when the worker frees."""
+def test_under_a_standing_queue_a_request_may_wait_its_budget_share(gate: Gate) -> None:
+    """--codel-budget-share 0.5 (the default): a request with a 400 ms budget may wait
+    200 ms though CoDel's target is 1 ms; served when the worker frees within that."""
     order: list[str] = []
     with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
-                       codel_interval_ms=500, codel_target_ms=1, codel_sheds="long") as server:
-        a, (filler, short) = _standing_queue_with_a_short_budget(server, gate)
+                       codel_interval_ms=50, codel_target_ms=1) as server:
+        a, filler, budgeted = _standing_queue_with_a_budget(server, gate)
         wait_for(lambda: server.admission.queue_depth == 2, what="both to queue")
         queued = server.admission.queue.items[-1][2].t_queued
         wait_for(lambda: time.monotonic_ns() - queued > 20 * MS, what="20 x the target")
@@ -175,27 +175,49 @@ def test_codel_does_not_shed_a_request_whose_budget_is_within_its_interval(gate:
         assert server.metrics.shed == {}
         gate.release.set()
         assert a.recv()[0] == 200
-        assert short.recv()[2] == b"ran\n" and filler.recv()[2] == b"ran\n"
+        assert budgeted.recv()[2] == b"ran\n" and filler.recv()[2] == b"ran\n"
         assert order == ["S", "F"]  # still LIFO for the one with a deadline
         assert server.metrics.shed == {}
-        for c in (a, filler, short):
+        for c in (a, filler, budgeted):
             c.close()
 
 
-def test_codel_sheds_all_sheds_short_budgets_at_the_target(gate: Gate) -> None:
-    """--codel-sheds all (the default): every request with a deadline is shed at CoDel's timeout, so
-    its client hears 503 at once (a fleet behind a balancer that retries elsewhere)."""
+def test_past_its_budget_share_a_request_is_shed_with_503_while_it_waits(gate: Gate
+                                                                       ) -> None:
+    """At its share (200 ms of 400), not before, and not when the worker frees: at once,
+    while the worker is still blocked. The oldest request, without a deadline, is passed
+    over (CoDel never sheds it), not waited behind."""
     order: list[str] = []
     with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
-                       codel_interval_ms=500, codel_target_ms=1, codel_sheds="all") as server:
-        a, (filler, short) = _standing_queue_with_a_short_budget(server, gate)
-        status, headers, _ = short.recv()  # while the worker is still blocked
+                       codel_interval_ms=50, codel_target_ms=1) as server:
+        t0 = time.monotonic()
+        a, filler, budgeted = _standing_queue_with_a_budget(server, gate)
+        status, headers, _ = budgeted.recv()
+        assert time.monotonic() - t0 >= 0.2  # a lower bound: never shed before its share
         assert status == 503 and int(headers["retry-after"]) >= 1
         assert server.metrics.shed == {"codel": 1}
         gate.release.set()
         assert a.recv()[0] == 200 and filler.recv()[2] == b"ran\n"
         assert order == ["F"]
-        for c in (a, filler, short):
+        for c in (a, filler, budgeted):
+            c.close()
+
+
+def test_codel_budget_share_zero_sheds_at_the_target(gate: Gate) -> None:
+    """0: CoDel's target alone, whatever the budget (a fleet behind a balancer that
+    retries elsewhere wants the 503 at once)."""
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
+                       codel_interval_ms=50, codel_target_ms=1, codel_budget_share=0,
+                       ) as server:
+        a, filler, budgeted = _standing_queue_with_a_budget(server, gate)
+        status, _, _ = budgeted.recv()  # while the worker is still blocked
+        assert status == 503
+        assert server.admission.busy == 1 and not gate.release.is_set()
+        assert server.metrics.shed == {"codel": 1}
+        gate.release.set()
+        assert a.recv()[0] == 200 and filler.recv()[2] == b"ran\n"
+        for c in (a, filler, budgeted):
             c.close()
 
 

@@ -40,13 +40,11 @@ class Admission:
             cfg.codel_target_ms, cfg.codel_interval_ms, lambda item: item[2].deadline_ns
         )
         self.waiting = self.queue.items  # truthy while requests wait (a C-level test)
-        # CoDel sheds a queued request with a deadline only if its budget is above this
-        # (--codel-sheds all, the default: -1; long: CoDel's interval, since a shorter
-        # budget already bounds the wait below what CoDel ever allows; docs/deadlines.md,
-        # "Which requests CoDel sheds").
-        self._codel_budget_ns = (-1 if cfg.codel_sheds == "all"
-                                 else int(cfg.codel_interval_ms * 1_000_000))
-        self._sheddable_queued = False  # set when such a request is queued (next_expiry)
+        # Under a standing queue a request with a deadline may wait the larger of CoDel's
+        # target and this share of its own budget (docs/deadlines.md, "CoDel and the
+        # request's own budget"): 5 ms of a 50 ms budget shed requests that had time left.
+        self._budget_share = cfg.codel_budget_share
+        self._sheddable_queued = False  # set when a request with a deadline is queued
         self.limit = ConcurrencyLimit(cfg.adaptive_limit, cfg.max_inflight, limits.threads)
         self._sampling = self.limit.mode != "off"
         self.threads = limits.threads
@@ -115,7 +113,7 @@ class Admission:
         else:
             conn.queue()
             self.queue.push((conn, rid, req), now)
-            if not self._sheddable_queued and self._codel_sheds(req):
+            if req.deadline_ns and not self._sheddable_queued:
                 self._sheddable_queued = True
         return None
 
@@ -243,7 +241,7 @@ class Admission:
             waited = now - req.t_queued
             # CoDel sheds only requests that carry a deadline: for them a long wait means a
             # late answer anyway. Requests without one wait, bounded by --max-inflight.
-            if limit and waited > limit and self._codel_sheds(req):
+            if limit and req.deadline_ns and waited > self._wait_limit(req, limit):
                 self.answer(conn, self._shed_reply(req, "codel", now), now)
                 continue
             if req.deadline_ns and self.respond_by(
@@ -269,33 +267,42 @@ class Admission:
         m.count_shed("deadline")
         self.answer(conn, self._answers.late(req, b"deadline"), now)
 
-    def _codel_sheds(self, req: Request) -> bool:
-        """Is `req` one CoDel sheds at its timeout? Only with a deadline, and under
-        --codel-sheds long only with a budget longer than CoDel's interval: a shorter one
-        waits while it can still be served in time, and its respond-by answer (or the
-        check at dequeue) ends the wait."""
-        d = req.deadline_ns
-        return bool(d) and d - req.start_ns > self._codel_budget_ns
+    def _wait_limit(self, req: Request, limit: int) -> int:
+        """How long `req` (which has a deadline) may wait, given CoDel's timeout now.
+
+        Under a standing queue, CoDel's target or `codel_budget_share` of the request's
+        budget, whichever is longer: the target alone is a general service's figure, and
+        a request that has waited 5 ms of its 50 ms still has the time to be served. Each
+        one shed early is a 503 that a client in a loop answers with a new request at
+        once: more work for the conductor, and fewer answers for real. (Outside a standing
+        queue the timeout is CoDel's interval, as long as or longer than most budgets.)
+        """
+        own = int((req.deadline_ns - req.start_ns) * self._budget_share)
+        return own if own > limit else limit
 
     def next_expiry(self, now: int) -> int:
-        """When the oldest sheddable queued request's CoDel timeout runs out (0: none).
+        """When the oldest queued request with a deadline may wait no longer (0: none).
 
-        0 too when no queued request is one CoDel sheds (no deadline, or a budget within
-        CoDel's interval): a time already past would make the loop poll without sleeping.
+        0 too when no queued request has a deadline (CoDel sheds no other): a time
+        already past would make the loop poll without sleeping while it waits.
         """
         if not self._sheddable_queued:
-            return 0  # nothing to look for (no deadlines, or --codel-sheds long)
+            return 0  # the common case: nothing CoDel sheds is waiting
         limit = self.queue.timeout_ns(now)
         if not limit:
             return 0
         item = self._first_sheddable()
-        return item[2].t_queued + limit + 1 if item is not None else 0
+        if item is None:
+            return 0
+        req = item[2]
+        return req.t_queued + self._wait_limit(req, limit) + 1
 
     def _first_sheddable(self) -> tuple[Connection, int, Request] | None:
-        """The longest-waiting live request CoDel sheds (items are in arrival order), or
-        None, which also clears the flag a push of such a request set."""
+        """The longest-waiting live request with a deadline (items are in arrival order),
+        or None, which also clears the flag its push set. Requests of one route share a
+        budget, so this is also the one whose wait runs out first."""
         for item in self.queue.items:
-            if self._codel_sheds(item[2]) and item[0].awaits(item[1]):
+            if item[2].deadline_ns and item[0].awaits(item[1]):
                 return item
         self._sheddable_queued = False
         return None
@@ -306,7 +313,8 @@ class Admission:
         Checking only at dequeue is not enough: under LIFO the oldest requests sit at the
         bottom until their deadline. Facebook's queue sheds a request at its timeout, so its
         client hears 503 at once (and can retry elsewhere) instead of a late fallback.
-        Requests CoDel does not shed (see _codel_sheds) are passed over, not waited behind.
+        Requests without a deadline (never shed by CoDel) are passed over, not waited
+        behind.
         """
         q = self.queue
         limit = q.timeout_ns(now)
@@ -320,7 +328,7 @@ class Admission:
             if not self._sheddable_queued:
                 return
             item = self._first_sheddable()
-            if item is None or now - item[2].t_queued <= limit:
+            if item is None or now - item[2].t_queued <= self._wait_limit(item[2], limit):
                 return
             q.discard(item, now)
             self.answer(item[0], self._shed_reply(item[2], "codel", now), now)

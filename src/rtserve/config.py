@@ -150,10 +150,10 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative, section="deadlines"),
     Setting("codel_interval_ms", float, 100.0, "CoDel interval N in ms", _positive,
             section="deadlines"),
-    Setting("codel_sheds", str, "all",
-            "which queued requests with a deadline CoDel sheds at its timeout: all, or long "
-            "(only those whose budget exceeds the interval; shorter ones wait while they can "
-            "still be served in time)", None, ("all", "long"), section="deadlines"),
+    Setting("codel_budget_share", float, 0.5,
+            "under a standing queue a request with a deadline may wait this share of its "
+            "budget if that is longer than the CoDel target (0 = the target alone)",
+            lambda v: 0.0 <= v <= 1.0, section="deadlines"),
     Setting("max_inflight", int, 0, "requests queued + running before 503 (0 = unlimited)",
             _non_negative, section="deadlines"),
     Setting("adaptive_limit", str, "off", "adaptive concurrency limit", None,
