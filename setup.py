@@ -23,7 +23,7 @@ from setuptools import setup
 COMPILED = [
     "parser", "parser_rules", "framing", "connection", "timers", "loop", "reader", "writer",
     "completions", "admission", "request", "response", "worker", "pool", "metrics", "wsgi",
-    "tlsio",
+    "wsgi_environ", "tlsio",
 ]
 
 #: What the compiled build needs besides setuptools (mypyc ships inside mypy).
