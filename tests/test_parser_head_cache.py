@@ -1,9 +1,9 @@
-"""The parser's cache of bodyless heads: a hit must give exactly what a full parse gives.
+"""The parser's cache of heads: a hit must give exactly what a full parse gives.
 
 A head seen before (same bytes) is taken from the cache instead of being parsed again
 (parser.py, HEAD_CACHE_BYTES). These tests hold the cache to that: equal requests, their
-own header lists, nothing with a body or an expectation cached, bounded, shared only as
-the reader shares it (one dict for parsers with the same limits).
+own header lists and bodies, nothing chunked or with an expectation cached, bounded,
+shared only as the reader shares it (one dict for parsers with the same limits).
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def fresh(data: bytes) -> Request:
 
 def test_a_repeated_head_is_the_same_request_with_its_own_header_list():
     parser = RequestParser()
-    # Pipelined: a buffer holding two heads is parsed in full, the last head alone is
-    # looked up (seen once now); the next time it enters, then it is taken from the cache.
+    # Pipelined: a buffer that ends as a head does is looked up whole (two bodyless heads
+    # never match), the last head alone then (seen once now); the next time it enters,
+    # then it is taken from the cache.
     zeroth, first = take_all(parser, GET + GET)
     (second,) = take_all(parser, GET)
     third, fourth = take_all(parser, GET + GET)
@@ -75,13 +76,55 @@ def test_cached_heads_of_every_form_parse_as_before(head):
     assert summary(second) == summary(first) == summary(zeroth) == summary(fresh(head))
 
 
+POST = (b"POST /score HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 7\r\n\r\n")
+
+
+def test_a_head_with_a_content_length_is_cached_and_each_request_keeps_its_own_body():
+    """The scoring case: the same head, a different body each time (same length)."""
+    parser = RequestParser()
+    bodies = [b'{"a":%d}' % i for i in range(4)]
+    reqs = [take_all(parser, POST + b)[0] for b in bodies]
+    assert reqs[0].head is None and reqs[1].head is not None
+    assert reqs[2].head is reqs[1].head and reqs[3].head is reqs[1].head
+    for req, body in zip(reqs, bodies, strict=True):
+        assert req.body == body
+        assert summary(req) == summary(fresh(POST + body))
+
+
+def test_a_cached_head_whose_body_comes_in_pieces_waits_for_all_of_it():
+    parser = RequestParser()
+    take_all(parser, POST + b'{"a":0}')
+    (first,) = take_all(parser, POST + b'{"a":1}')
+    assert take_all(parser, POST + b'{"a') == []  # the head hit the cache; 3 of 7 bytes
+    assert take_all(parser, b'":2') == []
+    (second,) = take_all(parser, b"}")
+    assert second.head is first.head and second.body == b'{"a":2}'
+
+
+def test_pipelined_requests_with_bodies_hit_the_cache_one_by_one():
+    parser = RequestParser()
+    take_all(parser, POST + b'{"a":0}')
+    take_all(parser, GET)
+    data = POST + b'{"a":1}' + GET + POST + b'{"a":2}' + GET + POST + b'{"a":3}'
+    reqs = take_all(parser, data)
+    assert [r.method for r in reqs] == ["POST", "GET", "POST", "GET", "POST"]
+    assert reqs[0].head is not None and reqs[2].head is reqs[0].head
+    assert reqs[4].head is reqs[0].head
+    assert [r.body for r in reqs] == [b'{"a":1}', b"", b'{"a":2}', b"", b'{"a":3}']
+    assert reqs[1].head is not None and reqs[3].head is reqs[1].head
+    for r in reqs:
+        assert summary(r) == summary(fresh(POST + r.body if r.method == "POST" else GET))
+
+
 @pytest.mark.parametrize("head, body", [
-    (b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n", b"abc"),
     (b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
      b"3\r\nabc\r\n0\r\n\r\n"),
     (b"POST /p HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n", b""),
+    (b"POST /p HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+     b"abc"),
 ])
-def test_heads_with_a_body_or_an_expectation_are_never_cached(head, body):
+def test_chunked_heads_or_heads_with_an_expectation_are_never_cached(head, body):
     cache = HeadCache()
     parser = RequestParser(head_cache=cache)
     for _ in range(3):
@@ -163,3 +206,15 @@ def test_the_budget_field_flag_holds_for_parsed_and_cached_heads(field, present)
     assert [r.budget_header for r in reqs] == [present] * 3
     # A Request made by hand may carry any field: admission looks (the safe default).
     assert Request("GET", "/", "/", "", "HTTP/1.1", []).budget_header is True
+
+
+def test_a_cached_head_with_a_content_length_that_arrives_alone_waits_for_its_body():
+    """The head in one read and its body in the next (http.client sends them apart): the
+    buffer is exactly the head, as for a bodyless one, and the body must still be read."""
+    parser = RequestParser()
+    take_all(parser, POST + b'{"a":0}')
+    take_all(parser, POST + b'{"a":1}')
+    assert take_all(parser, POST) == []
+    (req,) = take_all(parser, b'{"a":2}')
+    assert req.head is not None and req.body == b'{"a":2}'
+    assert summary(req) == summary(fresh(POST + b'{"a":2}'))

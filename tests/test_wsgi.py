@@ -1095,3 +1095,27 @@ def test_one_connection_repeating_a_head_sees_the_same_environ():
         assert env["REMOTE_PORT"] == ports[i // 3]
         assert {k: v for k, v in env.items() if k != "REMOTE_PORT"} == {
             k: v for k, v in seen[0].items() if k != "REMOTE_PORT"}
+
+
+def _echo_body(environ: dict, start_response: Any) -> list[bytes]:
+    """Echo wsgi.input with the CONTENT_LENGTH the environ says."""
+    body = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [environ["CONTENT_LENGTH"].encode() + b":" + body]
+
+
+def test_posts_with_one_cached_head_each_read_their_own_body():
+    """The scoring case over one keep-alive connection: the parser's cached head and the
+    environ template made for it, a different body every time (http.client)."""
+    import http.client
+
+    with running_server(WSGIApp(_echo_body), threads=2) as (host, port):
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        for i in range(6):
+            body = b'{"tx":%d}' % i
+            conn.request("POST", "/score", body=body,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert resp.read() == b"%d:%s" % (len(body), body)
+        conn.close()

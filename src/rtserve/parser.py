@@ -269,12 +269,27 @@ class RequestParser:
             known = self._heads.get(key)
             if known is not None:
                 buf.clear()
+                if known[6]:  # a Content-Length: its body follows in the next read
+                    return self._cached(known)
                 if self._slow:
                     self._reset_head_scan()
-                request = Request(*known)
+                request = Request(*known)  # the common case (a keep-alive GET), inlined
                 request.raw_headers = list(known[5])
                 request.head = known
                 return request
+        elif not self._seen:
+            # A head followed by more bytes in the buffer (its body, or the next request
+            # pipelined): the key is the head alone, up to its blank line. (A buffer that
+            # ends as a head does is taken for one head above: a head that never repeats
+            # pays for no search.)
+            end = buf.find(b"\r\n\r\n", 0, HEAD_CACHE_BYTES)
+            if end > 0 and end + 4 < len(buf):
+                hend = end + 4
+                key = bytes(buf[:hend])
+                known = self._heads.get(key)
+                if known is not None:
+                    del buf[:hend]
+                    return self._cached(known)
         # First look at this head: one regex both validates it and finds its end. Later
         # looks (the head arrived in pieces) search for the end from where the last one
         # stopped, so byte-by-byte input stays linear, and validate once it is complete.
@@ -300,8 +315,9 @@ class RequestParser:
             head = buf.decode("latin-1") if key is None else key.decode("latin-1")
             buf.clear()
         else:
-            key = None  # the key must be this head alone
-            head = buf[:hend].decode("latin-1")
+            if key is not None and len(key) != hend:
+                key = None  # the key must be this head alone
+            head = buf[:hend].decode("latin-1") if key is None else key.decode("latin-1")
             del buf[:hend]
         if self._slow:
             self._reset_head_scan()
@@ -435,11 +451,6 @@ class RequestParser:
             self._body = bytearray()
             self._budget = self.max_header_block - hend
             return self._parse_body()
-        if length:
-            self.pending = request
-            self._state = _BODY_CL
-            self._left = length
-            return self._parse_body()
         if key is not None and not expect_continue:
             once = self._once
             if key in once:  # the second time: worth an entry
@@ -458,7 +469,28 @@ class RequestParser:
                 if len(once) >= HEAD_CACHE_MAX:
                     once.clear()
                 once.add(key)
+        if length:
+            self.pending = request
+            self._state = _BODY_CL
+            self._left = length
+            return self._parse_body()
         return request
+
+    def _cached(self, known: tuple[Any, ...]) -> Request | object:
+        """The request of a head taken from the cache (its bytes already consumed): at
+        once without a body, else its body is read as after a parsed head."""
+        if self._slow:
+            self._reset_head_scan()
+        request = Request(*known)
+        request.raw_headers = list(known[5])
+        request.head = known
+        length = known[6]
+        if not length:
+            return request
+        self.pending = request
+        self._state = _BODY_CL
+        self._left = length
+        return self._parse_body()
 
     def _reset_head_scan(self) -> None:
         """Forget the incremental-scan state of the head just consumed."""
