@@ -46,7 +46,7 @@ from enum import IntEnum
 from typing import Any, NoReturn
 
 from .errors import InvalidTransition
-from .parser import RequestParser
+from .parser import CLOSED_PARSER, RequestParser
 from .request import Request
 
 
@@ -254,6 +254,9 @@ class Connection:
         self.request = None
         self.out = None
         self.body = None
+        # Stale timer entries keep a closed connection until they pop or are compacted:
+        # let its parser (and the bytes it held) go now (parser.CLOSED_PARSER).
+        self.parser = CLOSED_PARSER
 
     def __repr__(self) -> str:
         return f"<Connection {self.addr} {self.state.name} req={self.req_id}>"
