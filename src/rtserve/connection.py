@@ -255,8 +255,10 @@ class Connection:
         self.out = None
         self.body = None
         # Stale timer entries keep a closed connection until they pop or are compacted:
-        # let its parser (and the bytes it held) go now (parser.CLOSED_PARSER).
+        # let its parser (and the bytes it held) and its address go now, so the cyclic
+        # collector does not walk them, nor count them towards its next collection.
         self.parser = CLOSED_PARSER
+        self.addr = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.addr} {self.state.name} req={self.req_id}>"
