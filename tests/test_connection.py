@@ -22,7 +22,7 @@ from rtserve.connection import (
     State,
 )
 from rtserve.errors import ParseError
-from rtserve.parser import NEED_DATA, RequestParser
+from rtserve.parser import CLOSED_PARSER, NEED_DATA, RequestParser
 from rtserve.request import Request
 
 S = State
@@ -247,6 +247,21 @@ def test_every_open_state_can_close(conn: Connection, state: State) -> None:
     conn.closed()
     assert conn.state is S.CLOSED
     assert conn.request is None and conn.out is None and conn.body is None
+
+
+def test_a_closed_connection_lets_its_parser_and_address_go(conn: Connection) -> None:
+    """Stale timer entries may keep a closed connection for seconds; its parser, and the
+    bytes still buffered in it, must not stay with it."""
+    own = conn.parser
+    own.feed(b"GET /partial HTTP/1.1\r\nHo")  # a partial head, as a client that left
+    conn.closed()
+    assert conn.addr is None  # the address tuple goes too
+    assert conn.parser is CLOSED_PARSER and conn.parser is not own
+    assert not conn.parser.buf and not conn.parser.has_partial()
+    conn.parser.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # takes nothing
+    assert not conn.parser.buf
+    with pytest.raises(ParseError):
+        conn.parser.next_event()
 
 
 # ---- side effects ---------------------------------------------------------------------------

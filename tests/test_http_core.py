@@ -8,7 +8,7 @@ import socket
 
 import requests
 
-from tests.helpers import connect, read_response_file, recv_until_closed
+from tests.helpers import connect, read_response, read_response_file, recv_until_closed
 
 
 def test_hello_404_405_501(addr):
@@ -220,4 +220,20 @@ def test_half_close_after_request_still_gets_the_response(addr):
     s.shutdown(socket.SHUT_WR)
     data = recv_until_closed(s)
     assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"slow\n")
+    s.close()
+
+
+def test_lingering_close_delivers_the_response_while_the_client_still_sends(addr):
+    """Connection: close with more bytes behind it: the server answers, shuts its write
+    side and discards what still comes (no read at once: epoll reports it), so the
+    client reads the whole response and a clean EOF, never a reset, however much it sends
+    after."""
+    s = connect(addr)
+    s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+              b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")  # pipelined: never answered
+    status, headers, body = read_response(s)
+    assert status == 200 and body == b"Hello, world!\n"
+    for _ in range(64):  # 1 MiB after the server's FIN: read and dropped, not reset
+        s.sendall(b"x" * 16384)
+    assert s.recv(1) == b""  # a clean EOF
     s.close()

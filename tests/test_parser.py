@@ -802,3 +802,17 @@ def test_byte_by_byte_chunked_body_is_linear() -> None:
     small = _best_time(lambda: run(16000))  # big enough that timer noise is small
     large = _best_time(lambda: run(128000))
     assert large / small < 25, (small, large)  # 8x the input: linear ~8-10x, quadratic ~64x
+
+
+def test_limits_given_by_position_are_the_same_limits() -> None:
+    """The server's per-connection factory may pass them positionally (cheaper)."""
+    from rtserve.parser import HeadCache
+
+    cache = HeadCache()
+    p = RequestParser(100, 512, 3, 10, cache)
+    assert (p.max_request_line, p.max_header_block, p.max_header_count,
+            p.max_body_size) == (100, 512, 3, 10)
+    p.feed(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\n")
+    with pytest.raises(ParseError) as err:
+        p.next_event()
+    assert err.value.status == 413  # max_body_size=10, from the fourth position

@@ -43,10 +43,10 @@ from __future__ import annotations
 
 from _socket import socket
 from enum import IntEnum
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import InvalidTransition
-from .parser import RequestParser
+from .parser import CLOSED_PARSER, RequestParser
 from .request import Request
 
 
@@ -162,10 +162,15 @@ class Connection:
 
     def _to(self, new: State) -> None:
         if self.state * 8 + new not in _ALLOWED:
-            raise InvalidTransition(f"{self.state.name} -> {new.name} ({self!r})")
+            self._refuse(new)
         self.state = new
 
+    def _refuse(self, new: State) -> NoReturn:
+        raise InvalidTransition(f"{self.state.name} -> {new.name} ({self!r})")
+
     # ---- events, in the order a request meets them ------------------------------------
+    # Those that run for every request (queue, run, respond, linger, closed) test their
+    # edge against _ALLOWED inline: `_to`'s check without its call, which cost more.
 
     def handshake_done(self, tls: Any) -> None:
         """The TLS handshake finished: `tls` (a tls.TLSInfo) is what it established."""
@@ -198,11 +203,15 @@ class Connection:
 
     def queue(self) -> None:
         """Admission parked the request in its queue."""
-        self._to(QUEUED)
+        if self.state * 8 + QUEUED not in _ALLOWED:
+            self._refuse(QUEUED)
+        self.state = QUEUED
 
     def run(self) -> None:
         """The request was handed to a worker."""
-        self._to(RUNNING)
+        if self.state * 8 + RUNNING not in _ALLOWED:
+            self._refuse(RUNNING)
+        self.state = RUNNING
 
     def awaits(self, req_id: int) -> bool:
         """Is request `req_id` still waiting for an answer (queued or on a worker)?"""
@@ -211,7 +220,9 @@ class Connection:
 
     def respond(self, status: int, keep_alive: bool) -> None:
         """An answer for the request in flight starts going out (or a parse error's)."""
-        self._to(WRITING)
+        if self.state * 8 + WRITING not in _ALLOWED:
+            self._refuse(WRITING)
+        self.state = WRITING
         self.status = status
         if not keep_alive:
             self.keep_alive = False
@@ -230,15 +241,24 @@ class Connection:
     def linger(self) -> None:
         """The response is out (or the handshake refused) and our write side is shut:
         discard input until EOF."""
-        self._to(CLOSING)
+        if self.state * 8 + CLOSING not in _ALLOWED:
+            self._refuse(CLOSING)
+        self.state = CLOSING
         self.request = None
 
     def closed(self) -> None:
         """The socket is closed (by writer.close only)."""
-        self._to(CLOSED)
+        if self.state * 8 + CLOSED not in _ALLOWED:
+            self._refuse(CLOSED)
+        self.state = CLOSED
         self.request = None
         self.out = None
         self.body = None
+        # Stale timer entries keep a closed connection until they pop or are compacted:
+        # let its parser (and the bytes it held) and its address go now, so the cyclic
+        # collector does not walk them, nor count them towards its next collection.
+        self.parser = CLOSED_PARSER
+        self.addr = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.addr} {self.state.name} req={self.req_id}>"
