@@ -1,0 +1,108 @@
+"""A deadline's clock starts when the request's bytes arrived (the kernel's receive stamp),
+not when the conductor got round to reading them (reader.py, docs/deadlines.md §1)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from rtserve import App, Request, Response
+from rtserve import reader as reader_mod
+from tests.helpers import REVIEW, Client, server_thread
+
+pytestmark = pytest.mark.skipif(not reader_mod.SO_TIMESTAMPNS,
+                                reason="no SO_TIMESTAMPNS on this platform")
+
+
+def _app(entered: threading.Event, sent: threading.Event) -> App:
+    app = App()
+
+    @app.get("/hold", inline=True)
+    def hold(request: Request) -> Response:
+        """Runs on the conductor: nothing is read until the test has sent its request."""
+        entered.set()
+        sent.wait(10)
+        return Response.text("held\n")
+
+    @app.get("/start", deadline_ms=10_000, fallback=Response.json(REVIEW))
+    def start(request: Request) -> Response:
+        return Response.text(str(request.start_ns))
+
+    @app.get("/plain")
+    def plain(request: Request) -> Response:
+        return Response.text("plain\n")
+
+    return app
+
+
+def test_a_deadline_clock_starts_when_the_bytes_arrived_not_when_they_were_read() -> None:
+    entered, sent = threading.Event(), threading.Event()
+    with server_thread(_app(entered, sent), threads=2) as server:
+        first = Client(server.address)
+        assert first.request("GET", "/start")[0] == 200  # deadlines in use: stamps on
+        assert server.reader.stamps > 0
+        c = Client(server.address)  # accepted with stamps on
+        assert c.request("GET", "/start")[0] == 200
+        blocker = Client(server.address)
+        blocker.send("GET", "/hold")
+        assert entered.wait(10)  # the conductor is busy in /hold and reads nothing
+        c.send("GET", "/start")
+        sent_by = time.monotonic_ns()  # the bytes are in the server's socket by now
+        sent.set()
+        status, _, body = c.recv()
+        assert blocker.recv()[2] == b"held\n"
+        for cl in (first, c, blocker):
+            cl.close()
+    assert status == 200
+    # Read only after /hold returned (after sent_by): the loop's clock would be later.
+    assert int(body) <= sent_by
+
+
+def test_no_stamps_without_deadline_traffic_and_they_stop_when_it_does() -> None:
+    with server_thread(_app(threading.Event(), threading.Event()), threads=2) as server:
+        c = Client(server.address)
+        for _ in range(5):
+            assert c.request("GET", "/plain")[2] == b"plain\n"
+        assert server.reader.stamps == 0
+        assert c.request("GET", "/start")[0] == 200
+        assert server.reader.stamps == reader_mod.STAMP_SPAN
+        for _ in range(reader_mod.STAMP_SPAN):
+            assert c.request("GET", "/plain")[0] == 200
+        assert server.reader.stamps == 0
+        c.close()
+
+
+def _anc(wall_ns: int) -> list[tuple[int, int, bytes]]:
+    sec, nsec = divmod(wall_ns, 1_000_000_000)
+    return [(socket.SOL_SOCKET, reader_mod.SO_TIMESTAMPNS, reader_mod._TIMESPEC.pack(sec, nsec))]
+
+
+def test_a_stamp_is_taken_back_to_the_monotonic_clock_and_bounded_by_now() -> None:
+    with server_thread(App()) as server:
+        r = server.reader
+        conn = SimpleNamespace(sock=None)
+        now = time.monotonic_ns()
+        before = now - 5_000_000
+        at = r._arrival(conn, _anc(time.time_ns() - 5_000_000), now)
+        assert before - 50_000_000 < at <= now  # about 5 ms before now (clock reads apart)
+        later = r._arrival(conn, _anc(time.time_ns() + 1_000_000_000), now)
+        assert later == now  # a stamp after the loop's clock is not believed
+        ancient = r._arrival(conn, _anc(time.time_ns() - 3600 * 1_000_000_000), now)
+        assert ancient == now  # an hour back: a wall-clock step, not a waiting request
+
+
+def test_a_read_without_a_stamp_turns_stamps_on_for_that_socket() -> None:
+    with server_thread(App()) as server:
+        a, b = socket.socketpair()
+        try:
+            assert not a.getsockopt(socket.SOL_SOCKET, reader_mod.SO_TIMESTAMPNS)
+            now = time.monotonic_ns()
+            assert server.reader._arrival(SimpleNamespace(sock=a), [], now) == now
+            assert a.getsockopt(socket.SOL_SOCKET, reader_mod.SO_TIMESTAMPNS) == 1
+        finally:
+            a.close()
+            b.close()
