@@ -49,7 +49,7 @@ RECV_SIZE = 65536
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEALTH_METHODS = frozenset({"GET", "HEAD"})
 
-# Arrival stamps (see Reader._read_stamped). SO_TIMESTAMPNS is 35 in Linux's generic socket
+# Arrival stamps (see Reader._arrival). SO_TIMESTAMPNS is 35 in Linux's generic socket
 # options, with a 16-byte timespec on 64-bit machines (x86, ARM, RISC-V, POWER, s390);
 # Python 3.11 does not name it. Elsewhere requests keep the loop's clock.
 _GENERIC_ABI = ("x86_64", "amd64", "aarch64", "arm64", "riscv64", "ppc64le", "ppc64", "s390x",
@@ -58,7 +58,9 @@ SO_TIMESTAMPNS: int = getattr(socket, "SO_TIMESTAMPNS", 0) or (
     35 if sys.platform == "linux" and platform.machine().lower() in _GENERIC_ABI else 0)
 SOL_SOCKET = socket.SOL_SOCKET
 _TIMESPEC = struct.Struct("@qq")  # struct timespec on a 64-bit kernel ABI
-_ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+_TIMESPEC_SIZE = _TIMESPEC.size
+_unpack_timespec = _TIMESPEC.unpack
+_ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC_SIZE)
 #: A routed request with a deadline keeps arrival stamps on for this many routed requests
 #: without one: a server whose traffic carries no deadline pays nothing for them.
 STAMP_SPAN = 256
@@ -112,7 +114,7 @@ class Reader:
         self._rview = memoryview(self._rbuf)
         self._rbufs = (self._rbuf,)  # recvmsg_into's buffer list
         # > 0 while requests with a deadline come in: reads then ask the kernel when their
-        # bytes arrived (see _read_stamped). 0 without SO_TIMESTAMPNS on this platform.
+        # bytes arrived (see _arrival). 0 without SO_TIMESTAMPNS on this platform.
         self.stamps = 0
         self._stamps_ok = SO_TIMESTAMPNS > 0
         self._offset = 0  # wall clock - monotonic clock, ns (see _arrival)
@@ -159,61 +161,47 @@ class Reader:
         if conn.state is CLOSING:
             self.writer.linger_read(conn)
             return
-        if self.stamps:
-            self._read_stamped(conn, now)
-            return
         try:
-            n = conn.sock.recv_into(self._rbuf)
+            if self.stamps:
+                # While requests with a deadline come in, each read also asks the kernel
+                # when its bytes arrived: a request's clock starts then, not when the
+                # conductor got to read them (see _arrival).
+                n, anc, _flags, _addr = conn.sock.recvmsg_into(self._rbufs, _ANC_SPACE)
+                if n and not conn.req_start:
+                    conn.req_start = self._arrival(conn, anc, now)
+            else:
+                n = conn.sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.writer.abort(conn)
             return
-        self.received(conn, n, now)
-
-    def _read_stamped(self, conn: Connection, now: int) -> None:
-        """One recv that also asks the kernel when the bytes arrived (SO_TIMESTAMPNS).
-
-        A request's clock starts when its first bytes reached the host, not when the
-        conductor got to read them: while CPU-bound handlers hold the GIL the conductor
-        reads them milliseconds later (measured on workload C: p50 0.6-2.7 ms, p99 8-15
-        ms), time its client has already waited. So the stamp of the read that brings a
-        request's first byte becomes `req_start`, never later than the loop's `now`.
-        recvmsg_into costs about 4k more instructions than recv_into, so reads ask for
-        it only while requests with a deadline come in (`stamps`, docs/deadlines.md).
-        """
-        try:
-            n, anc, _flags, _addr = conn.sock.recvmsg_into(self._rbufs, _ANC_SPACE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.writer.abort(conn)
-            return
-        if n and not conn.req_start:
-            conn.req_start = self._arrival(conn, anc, now)
         self.received(conn, n, now)
 
     def _arrival(self, conn: Connection, anc: list, now: int) -> int:
-        """When the bytes of this read arrived, on the monotonic clock (`now` if unknown).
+        """When the bytes of a read arrived, on the monotonic clock (`now` if unknown).
 
-        The kernel stamps in wall-clock time, taken back to the monotonic clock by their
-        offset, read again once a second (a wall-clock step is then wrong for at most a
-        second, and one beyond `_MAX_AGE_NS` not at all). The stamp is of the last segment
-        the read returned, so it is never earlier than the request's first byte.
+        While CPU-bound handlers hold the GIL the conductor reads a request's bytes
+        milliseconds after they came (docs/deadlines.md, "When the clock starts"): time
+        its client has already waited. The kernel's receive stamp (SO_TIMESTAMPNS, the
+        socket's only control message) says when: wall-clock time, taken back to the
+        monotonic clock by their offset, read again once a second (a wall-clock step is
+        then wrong for at most a second, and one beyond `_MAX_AGE_NS` not at all), and
+        never later than the loop's `now`. The stamp is of the last segment the read
+        returned, so it is never earlier than the request's first byte. It costs
+        recvmsg_into instead of recv_into and this arithmetic (docs/deadlines.md), so
+        reads ask for it only while requests with a deadline come in (`stamps`).
         """
         if anc:
-            level, kind, data = anc[0]
-            if level == SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
-                if now - self._offset_at > _OFFSET_NS:
-                    self._offset = wall_offset()
-                    self._offset_at = now
-                sec, nsec = _TIMESPEC.unpack_from(data)
-                at = sec * 1_000_000_000 + nsec - self._offset
-                if at >= now:
-                    return now
-                if now - at < _MAX_AGE_NS:
-                    return at
-            return now
+            data = anc[0][2]
+            if len(data) != _TIMESPEC_SIZE:
+                return now
+            if now - self._offset_at > _OFFSET_NS:
+                self._offset = wall_offset()
+                self._offset_at = now
+            sec, nsec = _unpack_timespec(data)
+            at = sec * 1_000_000_000 + nsec - self._offset
+            return at if now - _MAX_AGE_NS < at < now else now
         self._enable_stamps(conn.sock)  # accepted before stamps were on: from the next read
         return now
 
