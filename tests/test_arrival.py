@@ -7,12 +7,13 @@ import socket
 import threading
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from rtserve import App, Request, Response
 from rtserve import reader as reader_mod
-from tests.helpers import REVIEW, Client, server_thread
+from tests.helpers import REVIEW, Client, read_response, server_thread
 
 pytestmark = pytest.mark.skipif(not reader_mod.SO_TIMESTAMPNS,
                                 reason="no SO_TIMESTAMPNS on this platform")
@@ -96,8 +97,9 @@ def test_a_stamp_is_taken_back_to_the_monotonic_clock_and_bounded_by_now() -> No
 
 
 def test_a_read_without_a_stamp_turns_stamps_on_for_that_socket() -> None:
-    with server_thread(App()) as server:
-        a, b = socket.socketpair()
+    with server_thread(App()) as server, socket.create_server(("127.0.0.1", 0)) as ls:
+        b = socket.create_connection(ls.getsockname())
+        a, _ = ls.accept()
         try:
             assert not a.getsockopt(socket.SOL_SOCKET, reader_mod.SO_TIMESTAMPNS)
             now = time.monotonic_ns()
@@ -106,3 +108,20 @@ def test_a_read_without_a_stamp_turns_stamps_on_for_that_socket() -> None:
         finally:
             a.close()
             b.close()
+
+
+def test_a_unix_socket_has_no_stamps_and_turns_them_off_for_good(tmp_path: Any) -> None:
+    path = str(tmp_path / "rt.sock")
+    with server_thread(_app(threading.Event(), threading.Event()), threads=2,
+                       bind="unix:" + path) as server:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(path)
+        try:
+            for _ in range(3):  # stamps on after the first; the next read finds none
+                s.sendall(b"GET /start HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, _, body = read_response(s)
+                assert status == 200 and int(body) > 0
+        finally:
+            s.close()
+        assert server.reader.stamps == 0

@@ -1,4 +1,5 @@
-"""Reading side of HTTP/1 connections: accept into a Connection, recv, parse, route, admit.
+"""Reading side of HTTP/1 connections: accept into a Connection, recv (with the kernel's
+arrival stamp while requests with a deadline come in), parse, route, admit.
 
 Conductor thread only. A request's way through this module reads top to bottom: `open`
 (a new connection), `on_readable` (one recv), `advance` (the parse loop: one request at a
@@ -57,6 +58,7 @@ _GENERIC_ABI = ("x86_64", "amd64", "aarch64", "arm64", "riscv64", "ppc64le", "pp
 SO_TIMESTAMPNS: int = getattr(socket, "SO_TIMESTAMPNS", 0) or (
     35 if sys.platform == "linux" and platform.machine().lower() in _GENERIC_ABI else 0)
 SOL_SOCKET = socket.SOL_SOCKET
+_AF_UNIX = getattr(socket, "AF_UNIX", -1)
 _TIMESPEC = struct.Struct("@qq")  # struct timespec on a 64-bit kernel ABI
 _TIMESPEC_SIZE = _TIMESPEC.size
 _unpack_timespec = _TIMESPEC.unpack
@@ -206,10 +208,15 @@ class Reader:
         return now
 
     def _enable_stamps(self, sock: Any) -> None:
+        """Ask the kernel to stamp what this socket receives. A unix socket has no receive
+        stamps, and a server's connections all come from one kind of listener: then, or
+        where the option is refused, stamps are off for good."""
         try:
+            if sock.family == _AF_UNIX:
+                raise OSError("no receive stamps on a unix socket")
             sock.setsockopt(SOL_SOCKET, SO_TIMESTAMPNS, 1)
         except OSError:
-            self._stamps_ok = False  # not supported here: never ask again
+            self._stamps_ok = False
             self.stamps = 0
 
     def received(self, conn: Connection, n: int, now: int) -> None:
