@@ -3,16 +3,19 @@ not when the conductor got round to reading them (reader.py, docs/deadlines.md Â
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from types import SimpleNamespace
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from rtserve import App, Request, Response
 from rtserve import reader as reader_mod
+from rtserve.connection import Connection
+from rtserve.parser import RequestParser
 from tests.helpers import REVIEW, Client, read_response, server_thread
 
 pytestmark = pytest.mark.skipif(not reader_mod.SO_TIMESTAMPNS,
@@ -82,10 +85,21 @@ def _anc(wall_ns: int) -> list[tuple[int, int, bytes]]:
     return [(socket.SOL_SOCKET, reader_mod.SO_TIMESTAMPNS, reader_mod._TIMESPEC.pack(sec, nsec))]
 
 
+@contextlib.contextmanager
+def _connection() -> Iterator[Connection]:
+    """A real Connection on one end of a socket pair (the compiled build's reader takes
+    nothing else)."""
+    a, b = socket.socketpair()
+    try:
+        yield Connection(a, ("127.0.0.1", 0), RequestParser())
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_stamp_is_taken_back_to_the_monotonic_clock_and_bounded_by_now() -> None:
-    with server_thread(App()) as server:
+    with server_thread(App()) as server, _connection() as conn:
         r = server.reader
-        conn = SimpleNamespace(sock=None)
         now = time.monotonic_ns()
         before = now - 5_000_000
         at = r._arrival(conn, _anc(time.time_ns() - 5_000_000), now)
@@ -103,7 +117,8 @@ def test_a_read_without_a_stamp_turns_stamps_on_for_that_socket() -> None:
         try:
             assert not a.getsockopt(socket.SOL_SOCKET, reader_mod.SO_TIMESTAMPNS)
             now = time.monotonic_ns()
-            assert server.reader._arrival(SimpleNamespace(sock=a), [], now) == now
+            conn = Connection(a, ("127.0.0.1", 0), RequestParser())
+            assert server.reader._arrival(conn, [], now) == now
             assert a.getsockopt(socket.SOL_SOCKET, reader_mod.SO_TIMESTAMPNS) == 1
         finally:
             a.close()
