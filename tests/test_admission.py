@@ -473,6 +473,7 @@ def test_recent_timer_lateness_is_sent_as_extra_margin(gate: Gate) -> None:
 
     with server_thread(app, threads=1, deadline_margin_ms=1) as server:
         server.admission.lag_ns = 3_000_000  # as if the last fallback fired 3 ms late
+        server.admission._timer_fired = True  # ...just now: the next tick keeps the mark
         c = Client(server.address)
         c.send("GET", "/held")
         gate.wait_entered()
@@ -486,6 +487,15 @@ def test_recent_timer_lateness_is_sent_as_extra_margin(gate: Gate) -> None:
         assert c.recv()[0] == 200
         c.close()
         metrics.close()
+
+
+def test_the_extra_margin_halves_each_second_no_deadline_timer_fires() -> None:
+    """After a burst of late timers the margin must not stay: a quiet tick halves it."""
+    with server_thread(App(), threads=1) as server:
+        adm = server.admission
+        adm.lag_ns = 4_000_000
+        wait_for(lambda: 0 < adm.lag_ns <= 2_000_000, what="a tick to halve the margin")
+        wait_for(lambda: adm.lag_ns <= 1_000_000, what="the next tick to halve it again")
 
 
 def test_cpu_bound_handlers_start_only_within_the_cpu_budget(gate: Gate) -> None:

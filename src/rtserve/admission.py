@@ -72,6 +72,7 @@ class Admission:
         self._charges: dict[tuple, int] = {}  # (conn, req_id) -> CPU ns charged at start
         self._stuck: set[tuple[Connection, int]] = set()  # answered late, worker still on it
         self.lag_ns = 0  # recent deadline-timer lateness, sent as extra margin
+        self._timer_fired = False  # a deadline timer fired since the last tick (on_tick)
         # The gate a hand-off asks last: the CPU gate (_cpu_gate), or what the server puts
         # in its place for an interface whose handlers are not sampled (ASGI: the loops'
         # backlog). An attribute, not a method to patch: the compiled build's classes
@@ -342,6 +343,7 @@ class Admission:
         m.timer_lag.observe(lag)
         decayed = self.lag_ns * 19 // 20  # a decaying high-water mark of the lateness
         self.lag_ns = lag if lag > decayed else decayed
+        self._timer_fired = True
         m.deadline_misses += 1
         running = conn.state is RUNNING
         if running:
@@ -354,6 +356,15 @@ class Admission:
         self.answer(conn, self._answers.late(req, b"deadline"), now)
         if running and self.cancel is not None:
             self.cancel(conn, rid, "deadline")  # the answer is out: now stop the work
+
+    def on_tick(self) -> None:
+        """The housekeeping tick: a second in which no deadline timer fired halves the
+        extra margin. Without it a burst of lateness would keep every later request's
+        respond-by early (more fallbacks than needed) until some timer fired again."""
+        if self._timer_fired:
+            self._timer_fired = False
+        elif self.lag_ns:
+            self.lag_ns >>= 1
 
     def forget(self, conn: Connection, now: int) -> None:
         """The connection is closing: take its queued request out of the queue."""

@@ -288,6 +288,7 @@ class Server:
         self.listener.on_tick(now)
         self.life.on_tick(now)
         adm = self.admission
+        adm.on_tick()
         self.idle_trim.on_tick(now, adm.busy + adm.queue_depth, self.reader.requests_seen)
         stats = self.livestats
         if stats is not None and now >= stats.due:
