@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 from rtserve import App, Request, Response
 from tests.helpers import REVIEW, Client, server_thread, wait_for
@@ -40,6 +41,16 @@ class CheapApp:
             return Response.text("held")
 
 
+def _hold_the_worker(s: CheapApp, server: Any) -> Client:
+    """Warm /cheap up (a small estimate), then block the one worker on a cheap request."""
+    _warm(server.address)
+    s.ran.clear()
+    first = Client(server.address)
+    first.send("GET", "/cheap?tag=first&hold=1")
+    wait_for(lambda: s.ran == ["first"], what="the first request to run")
+    return first
+
+
 def _warm(addr: tuple[str, int]) -> None:
     """A few quick requests, so /cheap has a small service-time estimate."""
     c = Client(addr)
@@ -54,11 +65,7 @@ def test_cheap_requests_are_handed_to_the_pool_while_every_worker_is_busy() -> N
     busy, the CoDel queue stays empty) and are answered in order once it frees."""
     s = CheapApp()
     with server_thread(s.app, threads=1) as server:
-        _warm(server.address)
-        s.ran.clear()
-        first = Client(server.address)
-        first.send("GET", "/cheap?tag=first&hold=1")
-        wait_for(lambda: s.ran == ["first"], what="the first request to run")
+        first = _hold_the_worker(s, server)
         others = [Client(server.address) for _ in range(3)]
         for i, c in enumerate(others):
             c.send("GET", f"/cheap?tag=n{i}")
@@ -101,10 +108,7 @@ def test_a_slow_or_unmeasured_request_running_keeps_the_hand_ahead_shut() -> Non
 def test_handoff_ahead_zero_hands_one_request_per_free_worker() -> None:
     s = CheapApp()
     with server_thread(s.app, threads=1, handoff_ahead_ms=0) as server:
-        _warm(server.address)
-        first = Client(server.address)
-        first.send("GET", "/cheap?tag=first&hold=1")
-        wait_for(lambda: "first" in s.ran, what="the first request to run")
+        first = _hold_the_worker(s, server)
         second = Client(server.address)
         second.send("GET", "/cheap?tag=second")
         adm = server.admission
@@ -121,11 +125,7 @@ def test_a_request_handed_ahead_past_its_respond_by_time_is_answered_and_never_r
     sends the fallback on time, and the worker that takes it later does not run it."""
     s = CheapApp()
     with server_thread(s.app, threads=1) as server:
-        _warm(server.address)
-        s.ran.clear()
-        first = Client(server.address)
-        first.send("GET", "/cheap?tag=first&hold=1")
-        wait_for(lambda: s.ran == ["first"], what="the first request to run")
+        first = _hold_the_worker(s, server)
         late = Client(server.address)
         late.send("GET", "/cheap?tag=late", headers={"X-Request-Deadline-Ms": "100"})
         status, headers, body = late.recv()  # the fallback, while the worker is still held

@@ -80,6 +80,14 @@ def connect(address: Any, n: int) -> list[socket.socket]:
     return [socket.create_connection(address) for _ in range(n)]
 
 
+def cleanup(opened: Opened, clients: list[socket.socket], lst: Listener) -> None:
+    """Close what a test accepted, its clients and the listener."""
+    opened.close()
+    for c in clients:
+        c.close()
+    lst.close()
+
+
 def wait_readable(ep: Any, fd: int) -> None:
     assert (fd, select.EPOLLIN) in ep.poll(5), "the listener never became readable"
 
@@ -97,10 +105,7 @@ def test_one_event_accepts_exactly_the_waiting_connections(ep: Any) -> None:
         assert all(a[0] == "127.0.0.1" for a in opened.addrs)
         assert ep.poll(0) == []  # level-triggered: nothing left to report
     finally:
-        opened.close()
-        for c in clients:
-            c.close()
-        lst.close()
+        cleanup(opened, clients, lst)
 
 
 def test_the_batch_is_bounded_and_the_rest_comes_next_turn(ep: Any,
@@ -118,10 +123,7 @@ def test_the_batch_is_bounded_and_the_rest_comes_next_turn(ep: Any,
         lst.on_ready(0)
         assert len(opened.socks) == 3 and sock.empty == 0
     finally:
-        opened.close()
-        for c in clients:
-            c.close()
-        lst.close()
+        cleanup(opened, clients, lst)
 
 
 def test_no_queue_length_falls_back_to_accepting_until_eagain(ep: Any,
@@ -139,10 +141,7 @@ def test_no_queue_length_falls_back_to_accepting_until_eagain(ep: Any,
         assert len(opened.socks) == 3
         assert sock.calls == 4 and sock.empty == 1
     finally:
-        opened.close()
-        for c in clients:
-            c.close()
-        lst.close()
+        cleanup(opened, clients, lst)
 
 
 def nodelay(s: Any) -> int:
@@ -162,10 +161,7 @@ def test_accepted_sockets_have_nodelay_from_the_listener(ep: Any) -> None:
         assert all(nodelay(s) for s in opened.socks)
         assert lst.nodelay_each is False  # Linux copies it: no setsockopt per socket
     finally:
-        opened.close()
-        for c in clients:
-            c.close()
-        lst.close()
+        cleanup(opened, clients, lst)
 
 
 def test_nodelay_set_on_each_socket_when_not_inherited(ep: Any) -> None:
@@ -183,10 +179,7 @@ def test_nodelay_set_on_each_socket_when_not_inherited(ep: Any) -> None:
         assert lst.nodelay_each is True
         assert all(nodelay(s) for s in opened.socks)
     finally:
-        opened.close()
-        for c in clients:
-            c.close()
-        lst.close()
+        cleanup(opened, clients, lst)
 
 
 def test_unix_listener_accepts_until_eagain(ep: Any) -> None:
@@ -206,10 +199,7 @@ def test_unix_listener_accepts_until_eagain(ep: Any) -> None:
         assert opened.addrs == [("unix", 0), ("unix", 0)]
         assert sock.empty == 1  # no queue length for unix sockets: the old way
     finally:
-        opened.close()
-        for c in clients:
-            c.close()
-        lst.close()
+        cleanup(opened, clients, lst)
         os.unlink(path)
 
 
@@ -231,7 +221,4 @@ def test_the_cap_pauses_and_a_close_below_it_resumes(ep: Any) -> None:
         lst.on_ready(0)
         assert len(opened.socks) == 3
     finally:
-        opened.close()
-        for c in clients:
-            c.close()
-        lst.close()
+        cleanup(opened, clients, lst)
