@@ -29,9 +29,11 @@ from rtserve.errors import (
 )
 from rtserve.parser_rules import (
     FIELD_LINE,
+    FIELD_LINES_RE,
     QUOTED,
     TARGET,
     TOKEN,
+    check_field_lines,
     check_request_line,
     diagnose_fields,
     diagnose_head,
@@ -61,11 +63,8 @@ NEED_DATA: object = _NeedData()
 _HEAD_RE = re.compile(
     f"{TOKEN} {TARGET} HTTP/1\\.[0-9]\\r\\n(?:{FIELD_LINE})*+\\r\\n".encode("latin-1")
 )
-_FIELD_LINES_RE = re.compile(f"(?:{FIELD_LINE})*+")
 # Partial request line: anything but VCHAR/SP, or a CR that is not the last byte.
 _LINE_PREFIX_BAD_RE = re.compile(rb"[^\x21-\x7e \r]|\r(?=[^\n])")
-# Partial field line (no CRLF in it yet): a CTL other than HTAB, or a CR that is not last.
-_FIELD_PREFIX_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x0c\x0e-\x1f\x7f]|\r(?=[\x00-\xff])")
 
 # Field lines already split (see _split_field): at most 1024 lines of at most 256 chars.
 _FIELD_CACHE: dict[str, tuple[str, str]] = {}
@@ -547,29 +546,12 @@ class RequestParser:
             self._line_ok = True
             self._checked = le + 2
             start = le + 2
-        self._check_partial_fields(start)
+        self._checked, self._nfields = check_field_lines(
+            buf, start, self._checked, self._nfields, self.max_header_count
+        )
         if n >= self.max_header_block:
             raise HeaderFieldsTooLarge("header section too large")
         self._seen = n
-
-    def _check_partial_fields(self, start: int) -> None:
-        """Validate complete field lines past `_checked` and the partial tail (no bare CR/LF)."""
-        buf = self._buf
-        n = len(buf)
-        start = max(start, self._checked)
-        last = buf.rfind(b"\r\n", start)
-        if last >= 0:
-            block = buf[self._checked : last + 2].decode("latin-1")
-            if _FIELD_LINES_RE.fullmatch(block) is None:
-                diagnose_fields(block.split("\r\n")[:-1])
-            self._nfields += block.count("\r\n")
-            if self._nfields > self.max_header_count:
-                raise HeaderFieldsTooLarge("too many fields")
-            self._checked = start = last + 2
-        if self._checked < n and buf[self._checked] in b" \t":
-            raise BadRequest("obsolete line folding or leading whitespace")
-        if _FIELD_PREFIX_BAD_RE.search(buf, start) is not None:
-            raise BadRequest("control character or bare CR/LF in header section")
 
     # --- body -----------------------------------------------------------------------------
 
@@ -680,7 +662,10 @@ class RequestParser:
             return True
         end = buf.find(b"\r\n\r\n", self._seen - 3 if self._seen > 3 else 0)
         if end < 0:
-            self._check_partial_fields(self._seen - 1 if self._seen > 0 else 0)
+            self._checked, self._nfields = check_field_lines(
+                buf, self._seen - 1 if self._seen > 0 else 0, self._checked, self._nfields,
+                self.max_header_count,
+            )
             if len(buf) >= self._budget:
                 raise HeaderFieldsTooLarge("trailer section too large")
             self._seen = len(buf)
@@ -689,7 +674,7 @@ class RequestParser:
             raise HeaderFieldsTooLarge("trailer section too large")
         block = buf[: end + 2].decode("latin-1")
         lines = block.split("\r\n")[:-1]
-        if _FIELD_LINES_RE.fullmatch(block) is None:
+        if FIELD_LINES_RE.fullmatch(block) is None:
             diagnose_fields(lines)
         if len(lines) > self.max_header_count:
             raise HeaderFieldsTooLarge("too many trailer fields")

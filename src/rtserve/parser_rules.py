@@ -4,7 +4,8 @@ Any thread (pure functions), called by parser.py on the conductor: the grammar s
 fast-path regexes are made of (RFC 9110 5.6.2, 5.5; RFC 9112 3, 5, 7.1), the Host and
 absolute-form authority rules (RFC 9110 7.2, RFC 3986 3.2.2-3.2.3), the Transfer-Encoding
 classification, and the diagnoses that turn a head the fast-path regex refused into the
-error, and status, of the first rule it broke. None of this runs for a valid request
+error, and status, of the first rule it broke, and the check of a field section still
+arriving (a head or a trailer section in pieces). None of this runs for a valid request
 with a Host value seen before.
 """
 
@@ -13,7 +14,12 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from rtserve.errors import BadRequest, NotImplementedFraming, VersionNotSupported
+from rtserve.errors import (
+    BadRequest,
+    HeaderFieldsTooLarge,
+    NotImplementedFraming,
+    VersionNotSupported,
+)
 
 # --- grammar (RFC 9110 5.6.2, 5.5; RFC 9112 3, 5, 7.1) --------------------------------------
 # Possessive quantifiers (*+, ++) make every pattern backtracking-free: linear time on any
@@ -30,6 +36,10 @@ QUOTED = r'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+
 # Request line with any one-digit version, to tell 505 (well-formed, other version) from 400.
 _REQUEST_LINE_RE = re.compile(f"({TOKEN}) ({TARGET}) HTTP/([0-9])\\.([0-9])")
 _FIELD_LINE_RE = re.compile(FIELD_LINE)
+# A block of complete field lines (a head's or a trailer section's), validated at once.
+FIELD_LINES_RE = re.compile(f"(?:{FIELD_LINE})*+")
+# Partial field line (no CRLF in it yet): a CTL other than HTAB, or a CR that is not last.
+_FIELD_PREFIX_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x0c\x0e-\x1f\x7f]|\r(?=[\x00-\xff])")
 # Host = uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2-3.2.3): an IP-literal in
 # brackets (group 1, checked by host_named) or a reg-name of unreserved / sub-delims /
 # pct-encoded (group 2, may be empty), then an optional port of digits (may be empty).
@@ -74,6 +84,37 @@ def diagnose_fields(lines: list[str]) -> None:
                 raise BadRequest("invalid header name")
             raise BadRequest("invalid character in header value")
     raise BadRequest("invalid header section")
+
+
+def check_field_lines(buf: bytearray, start: int, checked: int, nfields: int,
+                      max_fields: int) -> tuple[int, int]:
+    """Check a field section that is still arriving; the new (checked, nfields).
+
+    For a head's field lines and a chunked body's trailer section alike, so that a bad
+    line is refused on the read that brings it, not at a timeout. The complete lines from
+    `checked` (where the last look stopped) to the last CRLF are validated and counted
+    once each against `max_fields` (431 beyond); the partial line after them is checked
+    only from `start` on (the bytes not seen before) for a CTL or a bare CR/LF, and for
+    obs-fold at its start (400). Each byte is looked at a bounded number of times, so
+    input fed one byte at a time stays linear.
+    """
+    n = len(buf)
+    if start < checked:
+        start = checked
+    last = buf.rfind(b"\r\n", start)
+    if last >= 0:
+        block = buf[checked : last + 2].decode("latin-1")
+        if FIELD_LINES_RE.fullmatch(block) is None:
+            diagnose_fields(block.split("\r\n")[:-1])
+        nfields += block.count("\r\n")
+        if nfields > max_fields:
+            raise HeaderFieldsTooLarge("too many fields")
+        checked = start = last + 2
+    if checked < n and buf[checked] in b" \t":
+        raise BadRequest("obsolete line folding or leading whitespace")
+    if _FIELD_PREFIX_BAD_RE.search(buf, start) is not None:
+        raise BadRequest("control character or bare CR/LF in header section")
+    return checked, nfields
 
 
 def other_target_form(method: str, target: str) -> tuple[str, str]:
