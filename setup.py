@@ -21,9 +21,9 @@ from setuptools import setup
 
 #: The modules the per-request path runs, in src/rtserve. Not here, and why: docs/compiled.md.
 COMPILED = [
-    "parser", "parser_rules", "framing", "connection", "timers", "loop", "reader", "writer",
-    "completions", "admission", "request", "response", "worker", "pool", "metrics", "wsgi",
-    "wsgi_environ", "tlsio",
+    "parser", "body", "parser_rules", "framing", "connection", "timers", "loop", "reader",
+    "writer", "completions", "admission", "request", "response", "worker", "pool", "metrics",
+    "wsgi", "wsgi_environ", "tlsio",
 ]
 
 #: What the compiled build needs besides setuptools (mypyc ships inside mypy).

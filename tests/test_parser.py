@@ -1,53 +1,23 @@
 """Unit tests of the strict request parser: every rule, limit, state and error status.
 
+The body rules (chunked framing, trailers, their limits) are in test_body.py.
+
 Each rejection is also re-run feeding one byte at a time, which must give the same status:
 the incremental (slow) path and the whole-head (fast) path must agree.
 """
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from rtserve.errors import ParseError
 from rtserve.parser import NEED_DATA, RequestParser
 from rtserve.request import Request
+from tests.parsing import TE, best_time, error_status, parse_all, parse_bytewise, req
+from tests.test_body import CHUNKED
+from tests.test_body import REJECTIONS as BODY_REJECTIONS
 
 GET = b"GET /a/b?x=1&y=2 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\n\r\n"
-
-
-def parse_all(data: bytes, **limits: int) -> list[Request]:
-    """Feed `data` at once and collect every complete request until NEED_DATA."""
-    parser = RequestParser(**limits)
-    parser.feed(data)
-    out = []
-    while (event := parser.next_event()) is not NEED_DATA:
-        out.append(event)
-    return out
-
-
-def parse_bytewise(data: bytes, **limits: int) -> list[Request]:
-    """Feed `data` one byte at a time, polling after each byte (the conductor's worst case)."""
-    parser = RequestParser(**limits)
-    out = []
-    for i in range(len(data)):
-        parser.feed(data[i : i + 1])
-        while (event := parser.next_event()) is not NEED_DATA:
-            out.append(event)
-    return out
-
-
-def error_status(data: bytes, *, bytewise: bool = False, **limits: int) -> int | None:
-    """The status of the ParseError `data` raises, or None if it parses (or needs more)."""
-    try:
-        if bytewise:
-            parse_bytewise(data, **limits)
-        else:
-            parse_all(data, **limits)
-    except ParseError as exc:
-        return exc.status
-    return None
 
 
 def summary(r: Request) -> tuple:
@@ -154,11 +124,6 @@ def test_repeated_connection_fields_are_merged() -> None:
     assert r.keep_alive is False
 
 
-def test_content_length_body() -> None:
-    (r,) = parse_all(b"POST /s HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello")
-    assert (r.content_length, r.body, r.chunked) == (5, b"hello", False)
-
-
 def test_content_length_zero_and_leading_zeros() -> None:
     (r,) = parse_all(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
     assert (r.content_length, r.body) == (0, b"")
@@ -172,33 +137,11 @@ def test_content_length_18_digits_is_accepted_then_413() -> None:
     assert error_status(data) == 413
 
 
-CHUNKED = (
-    b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"5\r\nhello\r\n"
-    b"1;name=value;flag\r\n \r\n"
-    b'0000A;q="quoted \\" str";x=y\r\n0123456789\r\n'
-    b"0\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n"
-)
-
-
-def test_chunked_body_with_extensions_and_trailers() -> None:
-    (r,) = parse_all(CHUNKED)
-    assert (r.chunked, r.content_length, r.body) == (True, None, b"hello 0123456789")
-    # trailers are validated and discarded, not merged into the headers
-    assert r.raw_headers == [("host", "h"), ("transfer-encoding", "chunked")]
-
-
 @pytest.mark.parametrize("te", [b"chunked", b"Chunked", b"CHUNKED", b"  chunked  "])
 def test_chunked_is_case_insensitive_and_ows_stripped(te: bytes) -> None:
     data = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: " + te + b"\r\n\r\n0\r\n\r\n"
     (r,) = parse_all(data)
     assert (r.chunked, r.body) == (True, b"")
-
-
-def test_chunk_size_uppercase_and_lowercase_hex() -> None:
-    body = b"a\r\n" + b"x" * 10 + b"\r\nA\r\n" + b"y" * 10 + b"\r\n0\r\n\r\n"
-    (r,) = parse_all(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
-    assert r.body == b"x" * 10 + b"y" * 10
 
 
 def test_absolute_form_takes_path_and_ignores_host_mismatch() -> None:
@@ -265,19 +208,6 @@ def test_higher_minor_version_is_read_as_1_1(version: bytes) -> None:
     (r,) = parse_all(b"GET / HTTP/" + version + b"\r\nHost: h\r\n\r\n")
     assert (r.version, r.keep_alive) == ("HTTP/1.1", True)
     assert error_status(b"GET / HTTP/" + version + b"\r\n\r\n") == 400  # Host required
-
-
-@pytest.mark.parametrize(
-    "line",
-    [b"5 ;a=b", b"5\t;a=b", b"5; a=b", b"5;a =b", b"5;a= b", b"5 ; a = b", b'5 ; q = "x y"'],
-)
-def test_chunk_extension_bws_is_accepted(line: bytes) -> None:
-    """RFC 9112 7.1.1: BWS around `;` and `=`; the extension is ignored."""
-    data = req(TE, line + b"\r\nhello\r\n0\r\n\r\n")
-    (r,) = parse_all(data)
-    assert r.body == b"hello"
-    (r,) = parse_bytewise(data)
-    assert r.body == b"hello"
 
 
 # --- leading empty lines ------------------------------------------------------------------
@@ -379,16 +309,6 @@ def test_pending_is_set_between_head_and_body() -> None:
     assert parser.pending is None and not parser.has_partial() and parser.buffered == 0
 
 
-def test_pending_for_chunked_and_cleared_when_complete() -> None:
-    parser = RequestParser()
-    parser.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab")
-    assert parser.next_event() is NEED_DATA
-    assert parser.pending is not None and parser.pending.chunked
-    parser.feed(b"c\r\n0\r\n\r\n")
-    r = parser.next_event()
-    assert isinstance(r, Request) and r.body == b"abc" and parser.pending is None
-
-
 def test_no_pending_for_bodyless_request_and_head_in_progress() -> None:
     parser = RequestParser()
     parser.feed(b"GET / HTTP/1.1\r\nHo")
@@ -436,13 +356,7 @@ def test_parser_is_dead_after_an_error() -> None:
 # --- rejections: (raw request, status) -----------------------------------------------------
 
 
-def req(head: bytes, body: bytes = b"") -> bytes:
-    """A request with Host first, then `head` field lines, then `body`."""
-    return b"POST / HTTP/1.1\r\nHost: h\r\n" + head + b"\r\n" + body
-
-
-TE = b"Transfer-Encoding: chunked\r\n"
-REJECTIONS: dict[str, tuple[bytes, int]] = {
+HEAD_REJECTIONS: dict[str, tuple[bytes, int]] = {
     # framing / smuggling
     "cl_plus_te": (req(b"Content-Length: 3\r\n" + TE, b"0\r\n\r\n"), 400),
     "te_plus_cl": (req(TE + b"Content-Length: 3\r\n", b"0\r\n\r\n"), 400),
@@ -482,43 +396,6 @@ REJECTIONS: dict[str, tuple[bytes, int]] = {
         400,
     ),
     "te_quoted": (req(b'Transfer-Encoding: "chunked"\r\n'), 400),
-    # chunk-size lines
-    "chunk_0x": (req(TE, b"0x1\r\na\r\n0\r\n\r\n"), 400),
-    "chunk_plus": (req(TE, b"+1\r\na\r\n0\r\n\r\n"), 400),
-    "chunk_minus": (req(TE, b"-1\r\na\r\n0\r\n\r\n"), 400),
-    "chunk_underscore": (req(TE, b"1_0\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n"), 400),
-    "chunk_leading_space": (req(TE, b" 1\r\na\r\n0\r\n\r\n"), 400),
-    "chunk_trailing_space": (req(TE, b"1 \r\na\r\n0\r\n\r\n"), 400),
-    "chunk_trailing_tab": (req(TE, b"1\t\r\na\r\n0\r\n\r\n"), 400),
-    "chunk_17_hex_digits": (req(TE, b"0" * 16 + b"1\r\na\r\n0\r\n\r\n"), 400),
-    "chunk_empty_size": (req(TE, b"\r\n\r\n"), 400),
-    "chunk_not_hex": (req(TE, b"g\r\na\r\n0\r\n\r\n"), 400),
-    "chunk_bare_lf_size": (req(TE, b"1\na\r\n0\r\n\r\n"), 400),
-    "chunk_bare_cr_size": (req(TE, b"1\ra\r\n0\r\n\r\n"), 400),
-    "chunk_ext_bare_lf": (req(TE, b"1;a=b\nc\r\nx\r\n0\r\n\r\n"), 400),
-    "chunk_ext_bare_cr": (req(TE, b"1;a=b\rc\r\nx\r\n0\r\n\r\n"), 400),
-    "chunk_ext_unterminated_quote": (req(TE, b'1;a="b\r\nx\r\n0\r\n\r\n'), 400),
-    "chunk_ext_no_name": (req(TE, b"1;=b\r\nx\r\n0\r\n\r\n"), 400),
-    "chunk_ext_bad_name": (req(TE, b"1;a b\r\nx\r\n0\r\n\r\n"), 400),
-    "chunk_ext_nul": (req(TE, b"1;a=\x00\r\nx\r\n0\r\n\r\n"), 400),
-    "chunk_ext_bws_after_value": (req(TE, b"1;a=b \r\nx\r\n0\r\n\r\n"), 400),
-    "chunk_ext_too_long_line": (req(TE, b"1;a=" + b"b" * 5000 + b"\r\nx\r\n0\r\n\r\n"), 400),
-    "chunk_ext_total_too_long": (
-        req(TE, b"".join(b"1;a=" + b"b" * 4000 + b"\r\nx\r\n" for _ in range(5)) + b"0\r\n\r\n"),
-        400,
-    ),
-    "chunk_data_no_crlf": (req(TE, b"1\r\naX\r\n0\r\n\r\n"), 400),
-    "chunk_data_longer": (req(TE, b"1\r\nabc\r\n0\r\n\r\n"), 400),
-    "chunk_data_bare_lf": (req(TE, b"1\r\na\n0\r\n\r\n"), 400),
-    "chunk_data_bare_cr": (req(TE, b"1\r\na\r0\r\n\r\n"), 400),
-    "chunk_last_no_final_crlf_garbage": (req(TE, b"0\r\nX\r\n\r\n"), 400),
-    "trailer_content_length": (req(TE, b"0\r\nContent-Length: 5\r\n\r\n"), 400),
-    "trailer_transfer_encoding": (req(TE, b"0\r\nTransfer-Encoding: chunked\r\n\r\n"), 400),
-    "trailer_host": (req(TE, b"0\r\nHost: evil\r\n\r\n"), 400),
-    "trailer_obs_fold": (req(TE, b"0\r\nX: a\r\n b\r\n\r\n"), 400),
-    "trailer_space_before_colon": (req(TE, b"0\r\nX : a\r\n\r\n"), 400),
-    "trailer_bare_lf": (req(TE, b"0\r\nX: a\nY: b\r\n\r\n"), 400),
-    "trailer_nul": (req(TE, b"0\r\nX: a\x00\r\n\r\n"), 400),
     # line endings and field syntax
     "bare_lf_request_line": (b"GET / HTTP/1.1\nHost: h\r\n\r\n", 400),
     "bare_lf_everywhere": (b"GET / HTTP/1.1\nHost: h\n\n", 400),
@@ -589,17 +466,21 @@ REJECTIONS: dict[str, tuple[bytes, int]] = {
     # Expect
     "expect_unknown": (req(b"Expect: foo\r\nContent-Length: 1\r\n", b"x"), 417),
 }
+# The whole corpus of refused requests, the body's (test_body.py) included: what
+# test_parser_differential.py runs through h11 and httptools and fuzz/fuzz_parser.py seeds
+# its search with.
+REJECTIONS = {**HEAD_REJECTIONS, **BODY_REJECTIONS}
 
 
-@pytest.mark.parametrize("name", sorted(REJECTIONS))
+@pytest.mark.parametrize("name", sorted(HEAD_REJECTIONS))
 def test_rejection_status(name: str) -> None:
-    data, status = REJECTIONS[name]
+    data, status = HEAD_REJECTIONS[name]
     assert error_status(data) == status
 
 
-@pytest.mark.parametrize("name", sorted(REJECTIONS))
+@pytest.mark.parametrize("name", sorted(HEAD_REJECTIONS))
 def test_rejection_status_is_the_same_byte_by_byte(name: str) -> None:
-    data, status = REJECTIONS[name]
+    data, status = HEAD_REJECTIONS[name]
     assert error_status(data, bytewise=True) == status
 
 
@@ -707,64 +588,7 @@ def test_content_length_limit_is_checked_from_the_head(delta: int, status: int |
         assert info.value.status == status
 
 
-@pytest.mark.parametrize("bytewise", [False, True])
-@pytest.mark.parametrize(("delta", "status"), [(-1, None), (0, None), (1, 413)])
-def test_chunked_body_limit(delta: int, status: int | None, bytewise: bool) -> None:
-    limit = 100
-    size = limit + delta
-    body = b"32\r\n" + b"a" * 50 + b"\r\n" + b"%x\r\n" % (size - 50) + b"b" * (size - 50)
-    data = req(TE, body + b"\r\n0\r\n\r\n")
-    assert error_status(data, bytewise=bytewise, max_body_size=limit) == status
-
-
-def test_chunked_413_is_raised_when_the_size_line_crosses_the_limit() -> None:
-    parser = RequestParser(max_body_size=100)
-    parser.feed(req(TE, b"64\r\n" + b"a" * 100 + b"\r\n1\r\n"))
-    with pytest.raises(ParseError) as info:
-        parser.next_event()  # the 101st byte is announced, not yet sent
-    assert info.value.status == 413
-
-
-@pytest.mark.parametrize(("delta", "status"), [(-1, None), (0, None), (1, 431)])
-def test_trailers_share_the_header_block_limit(delta: int, status: int | None) -> None:
-    limit = 512
-    head = req(TE)
-    base = b"0\r\nT: \r\n\r\n"
-    trailer_size = limit - len(head) + delta
-    body = base[:-4] + b"t" * (trailer_size - len(base) + 3) + b"\r\n\r\n"
-    assert len(head) + len(body) - 3 == limit + delta  # "0\r\n" is not trailer
-    assert error_status(head + body, max_header_block=limit) == status
-    assert error_status(head + body, bytewise=True, max_header_block=limit) == status
-
-
-def test_trailer_fields_do_not_count_against_the_next_head() -> None:
-    """Regression (found by fuzz/fuzz_parser.py): the trailer scan's field counter leaked
-    into the next pipelined head, which then got a 431 with fewer fields than the limit."""
-    first = req(TE, b"0\r\nX: t\r\nY: u\r\n\r\n")
-    fields = b"Host: h\r\n" + b"".join(b"F%d: v\r\n" % i for i in range(9))
-    second = b"GET / HTTP/1.1\r\n" + fields + b"\r\n"
-    assert len(parse_all(first + second, max_header_count=10)) == 2
-    assert len(parse_bytewise(first + second, max_header_count=10)) == 2
-
-
-def test_trailer_count_limit() -> None:
-    trailers = b"".join(b"T%d: v\r\n" % i for i in range(11))
-    data = req(TE, b"0\r\n" + trailers + b"\r\n")
-    assert error_status(data, max_header_count=10) == 431
-    assert error_status(data, max_header_count=11) is None
-
-
 # --- linear time (ReDoS and rescanning) ----------------------------------------------------
-
-
-def _best_time(fn, repeat: int = 5) -> float:
-    """Best of `repeat` wall times: the minimum filters out a busy machine's noise."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def test_pathological_values_parse_in_linear_time() -> None:
@@ -778,7 +602,7 @@ def test_pathological_values_parse_in_linear_time() -> None:
         b"GET /" + b"a" * 8000 + b" HTTP/1.1\r\nHost: h\r\n" + b"A" * 60000 + b"\r\n\r\n",
     ]
     for data in heads:
-        elapsed = _best_time(lambda data=data: error_status(data))
+        elapsed = best_time(lambda data=data: error_status(data))
         assert elapsed < 0.05, (data[:40], elapsed)
 
 
@@ -789,18 +613,8 @@ def test_byte_by_byte_head_is_linear_not_quadratic() -> None:
         data = b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"v" * n + b"\r\n\r\n"
         assert len(parse_bytewise(data, max_header_block=1 << 20)) == 1
 
-    small = _best_time(lambda: run(16000))  # big enough that timer noise is small
-    large = _best_time(lambda: run(128000))
-    assert large / small < 25, (small, large)  # 8x the input: linear ~8-10x, quadratic ~64x
-
-
-def test_byte_by_byte_chunked_body_is_linear() -> None:
-    def run(n: int) -> None:
-        data = req(TE, b"%x\r\n" % n + b"x" * n + b"\r\n0\r\n\r\n")
-        assert len(parse_bytewise(data)) == 1
-
-    small = _best_time(lambda: run(16000))  # big enough that timer noise is small
-    large = _best_time(lambda: run(128000))
+    small = best_time(lambda: run(16000))  # big enough that timer noise is small
+    large = best_time(lambda: run(128000))
     assert large / small < 25, (small, large)  # 8x the input: linear ~8-10x, quadratic ~64x
 
 

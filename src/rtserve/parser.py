@@ -8,7 +8,8 @@ takes the slow path, which keeps search offsets so total work stays linear in th
 
 Interface (see docs/parser.md): `feed(bytes)`, then `next_event()` returns one complete
 `Request` (body read, chunked decoded, trailers discarded) or `NEED_DATA`, and raises a
-`ParseError` subclass carrying the HTTP status. After an error the parser is dead.
+`ParseError` subclass carrying the HTTP status. After an error the parser is dead. This
+module reads the head and decides the framing; body.py reads the body it announced.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from rtserve.body import BodyReader
 from rtserve.deadlines import BUDGET_HEADERS
 from rtserve.errors import (
     BadRequest,
@@ -29,13 +31,10 @@ from rtserve.errors import (
 )
 from rtserve.parser_rules import (
     FIELD_LINE,
-    FIELD_LINES_RE,
-    QUOTED,
     TARGET,
     TOKEN,
     check_field_lines,
     check_request_line,
-    diagnose_fields,
     diagnose_head,
     host_named,
     other_target_form,
@@ -83,17 +82,6 @@ _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
 # emptied when full, so a client sending unique heads only costs itself the miss.
 HEAD_CACHE_BYTES = 2048
 HEAD_CACHE_MAX = 256
-# chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
-# (RFC 9112 7.1.1), val = token / quoted-string. BWS is whitespace a sender must not
-# generate but a recipient must parse, so it is accepted, and extensions are ignored.
-_BWS = r"[\t ]*+"
-_CHUNK_EXT = f"{_BWS};{_BWS}{TOKEN}(?:{_BWS}={_BWS}(?:{TOKEN}|{QUOTED}))?"
-_CHUNK_LINE_RE = re.compile(f"([0-9A-Fa-f]{{1,16}})((?:{_CHUNK_EXT})*+)")
-# The usual line has no extension: matched in the receive buffer, no slice or decode.
-_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-_MAX_CHUNK_LINE = 4096  # one chunk-size line, extensions included
-_MAX_CHUNK_EXT_TOTAL = 16384  # all chunk extensions of one request (they cost parse time)
 _MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
 
 # Fields the parser itself interprets, and the client-budget fields it notes the presence
@@ -101,30 +89,6 @@ _MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
 _SPECIAL = frozenset(
     ("host", "content-length", "transfer-encoding", "connection", "expect")
 ) | BUDGET_HEADERS
-# Fields a sender must not put in a trailer section because they are evaluated before the
-# content (RFC 9110 6.5.1: framing, routing, authentication, request modifiers, response
-# controls, content format), plus connection control and rtserve's own deadline fields.
-# Trailers are never merged into the headers (they are discarded); one of these in them
-# is refused with 400, as a client probing for a recipient that would merge it.
-_FORBIDDEN_TRAILERS = frozenset((
-    # framing (RFC 9112 6, RFC 9110 6.6.2)
-    "content-length", "transfer-encoding", "trailer",
-    # connection control (RFC 9110 7.6.1, 7.8, 10.1.4)
-    "connection", "keep-alive", "proxy-connection", "te", "upgrade",
-    # routing (RFC 9110 7.2, 7.6.2; RFC 7239 and its X- forerunners, see proxy.py)
-    "host", "max-forwards", "forwarded", "x-forwarded-for", "x-forwarded-host",
-    "x-forwarded-proto",
-    # authentication and state (RFC 9110 11.6, 11.7; RFC 6265)
-    "authorization", "proxy-authorization", "cookie",
-    # request modifiers (RFC 9110 10.1.1, 13.1, 14.2; RFC 9111 5.2, 5.4)
-    "expect", "range", "if-match", "if-none-match", "if-modified-since",
-    "if-unmodified-since", "if-range", "cache-control", "pragma",
-    # content format (RFC 9110 8.3, 8.4, 14.4)
-    "content-type", "content-encoding", "content-range",
-    # the client deadline, read from the head before dispatch (docs/deadlines.md)
-    "x-request-deadline-ms", "grpc-timeout", "x-envoy-expected-rq-timeout-ms",
-))
-
 
 
 class HeadCache:
@@ -147,8 +111,8 @@ class HeadCache:
         self.once: set[bytes] = set()
 
 
-# parser states
-_HEAD, _BODY_CL, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _DEAD = range(7)
+# parser states: reading a head, a body (body.py reads it), dead after an error
+_HEAD, _BODY, _DEAD = range(3)
 
 
 class RequestParser:
@@ -173,23 +137,11 @@ class RequestParser:
         "_checked",
         "_nfields",
         "_empty_lines",
-        "_left",
-        "_total",
-        "_body",
-        "_ext_total",
-        "_budget",
         "_slow",
+        "_bodies",
         "_heads",
         "_once",
     )
-
-    # Body state: assigned when a body begins (Content-Length or chunked), never read
-    # before, so a connection's parser is made without them (one per connection).
-    _left: int  # body bytes (Content-Length) or chunk bytes still to read
-    _total: int  # decoded chunked body size so far
-    _body: bytearray  # the chunked body decoded so far
-    _ext_total: int  # chunk-extension bytes so far
-    _budget: int  # bytes left for the trailer section (shares max_header_block)
 
     def __init__(
         self,
@@ -220,6 +172,9 @@ class RequestParser:
         self._nfields = 0  # field lines validated so far
         self._empty_lines = 0  # CRLFs skipped before the current request line
         self._slow = False  # a slow path touched the head-scan state above
+        # Made at the first body (see _with_body), so a connection's parser has no body
+        # state until then (one parser per connection).
+        self._bodies: BodyReader | None = None
         # Parsed heads by their bytes (HEAD_CACHE_BYTES): this parser's own cache unless
         # it is given one shared with parsers of the same limits.
         cache = HeadCache() if head_cache is None else head_cache
@@ -247,7 +202,7 @@ class RequestParser:
         try:
             if self._state == _HEAD:
                 return self._parse_head()
-            return self._parse_body()
+            return self._read_body()
         except ParseError as exc:
             self._state = _DEAD
             self._error = exc
@@ -447,14 +402,8 @@ class RequestParser:
             raw_path,
             budget,
         )
-        if chunked:
-            self.pending = request
-            self._state = _CHUNK_SIZE
-            self._total = 0
-            self._ext_total = 0
-            self._body = bytearray()
-            self._budget = self.max_header_block - hend
-            return self._parse_body()
+        if chunked:  # what the head left of the header-block limit is the trailers'
+            return self._with_body(request, 0, self.max_header_block - hend)
         if key is not None and not expect_continue:
             once = self._once
             if key in once:  # the second time: worth an entry
@@ -474,10 +423,7 @@ class RequestParser:
                     once.clear()
                 once.add(key)
         if length:
-            self.pending = request
-            self._state = _BODY_CL
-            self._left = length
-            return self._parse_body()
+            return self._with_body(request, length, 0)
         return request
 
     def _cached(self, known: tuple[Any, ...]) -> Request | object:
@@ -491,10 +437,7 @@ class RequestParser:
         length = known[6]
         if not length:
             return request
-        self.pending = request
-        self._state = _BODY_CL
-        self._left = length
-        return self._parse_body()
+        return self._with_body(request, length, 0)
 
     def _reset_head_scan(self) -> None:
         """Forget the incremental-scan state of the head just consumed."""
@@ -553,137 +496,39 @@ class RequestParser:
             raise HeaderFieldsTooLarge("header section too large")
         self._seen = n
 
-    # --- body -----------------------------------------------------------------------------
+    # --- body (body.py reads it) ----------------------------------------------------------
 
-    def _parse_body(self) -> Request | object:
-        """Continue reading the pending request's body; return it when complete."""
-        state = self._state
-        buf = self._buf
-        if state == _BODY_CL:
-            need = self._left
-            if len(buf) < need:
-                return NEED_DATA
-            request = self.pending
-            if len(buf) == need:
-                request.body = bytes(buf)  # type: ignore[union-attr]
-                buf.clear()
-            else:
-                request.body = bytes(buf[:need])  # type: ignore[union-attr]
-                del buf[:need]
-            return self._finish(request)  # type: ignore[arg-type]
-        if state == _DEAD:
-            raise self._error  # type: ignore[misc]
-        while True:
-            if state == _CHUNK_SIZE:
-                if not self._read_chunk_size():
-                    return NEED_DATA
-            elif state == _CHUNK_DATA:
-                n = min(len(buf), self._left)
-                if n == 0:
-                    return NEED_DATA
-                self._body += buf[:n]
-                del buf[:n]
-                self._left -= n
-                if self._left:
-                    return NEED_DATA
-                self._state = _CHUNK_CRLF
-            elif state == _CHUNK_CRLF:
-                if len(buf) < 2:
-                    if buf and buf[0] != 13:
-                        raise BadRequest("missing CRLF after chunk data")
-                    return NEED_DATA
-                if buf[0] != 13 or buf[1] != 10:
-                    raise BadRequest("missing CRLF after chunk data")
-                del buf[:2]
-                self._state = _CHUNK_SIZE
-            else:  # _TRAILERS
-                if not self._read_trailers():
-                    return NEED_DATA
-                request = self.pending
-                request.body = bytes(self._body)  # type: ignore[union-attr]
-                self._body = bytearray()
-                return self._finish(request)  # type: ignore[arg-type]
-            state = self._state
-
-    def _finish(self, request: Request) -> Request:
-        """Reset to read the next head and hand out the completed request."""
-        self.pending = None
-        self._state = _HEAD
-        self._reset_head_scan()  # the trailer scan shares these offsets and counters
+    def _with_body(self, request: Request, length: int, trailer_budget: int) -> Request | object:
+        """The request with its body, which body.py reads from the buffer (`length` bytes,
+        or chunked with `trailer_budget` bytes for its trailers), or NEED_DATA with the
+        request pending until the rest of the body came."""
+        bodies = self._bodies
+        if bodies is None:  # this parser's first body
+            bodies = self._bodies = BodyReader(self._buf, self.max_body_size,
+                                               self.max_header_count)
+        if request.chunked:
+            body = bodies.chunked(trailer_budget)
+        else:
+            body = bodies.length(length)
+        if body is None:
+            self.pending = request
+            self._state = _BODY
+            return NEED_DATA
+        request.body = body
         return request
 
-    def _read_chunk_size(self) -> bool:
-        """Consume one chunk-size line; False if it is not complete yet."""
-        buf = self._buf
-        start = self._seen - 1 if self._seen > 0 else 0
-        i = buf.find(b"\r\n", start)
-        if i < 0:
-            n = len(buf)
-            if buf.find(b"\n", start) >= 0 or buf.find(b"\r", start, n - 1) >= 0:
-                raise BadRequest("bare CR or LF in chunk-size line")
-            if n > _MAX_CHUNK_LINE + 1:
-                raise BadRequest("chunk-size line too long")
-            self._seen = n
-            return False
-        if i > _MAX_CHUNK_LINE:
-            raise BadRequest("chunk-size line too long")
-        if _CHUNK_SIZE_RE.fullmatch(buf, 0, i) is not None:  # no extension: the common line
-            size = int(buf[:i], 16)
-        else:
-            m = _CHUNK_LINE_RE.fullmatch(buf[:i].decode("latin-1"))
-            if m is None:
-                raise BadRequest("invalid chunk-size line")
-            size_hex, ext = m.groups()
-            self._ext_total += len(ext)
-            if self._ext_total > _MAX_CHUNK_EXT_TOTAL:
-                raise BadRequest("chunk extensions too long")
-            size = int(size_hex, 16)
-        del buf[: i + 2]
-        self._seen = 0
-        if size == 0:
-            self._state = _TRAILERS
-            self._checked = 0
-            self._nfields = 0
-            return True
-        self._total += size
-        if self._total > self.max_body_size:
-            raise PayloadTooLarge("chunked body exceeds the body limit")
-        self._left = size
-        self._state = _CHUNK_DATA
-        return True
-
-    def _read_trailers(self) -> bool:
-        """Consume the trailer section (validated, then discarded); False if incomplete."""
-        buf = self._buf
-        if len(buf) < 2:
-            return False
-        if buf[0] == 13 and buf[1] == 10:
-            del buf[:2]
-            return True
-        end = buf.find(b"\r\n\r\n", self._seen - 3 if self._seen > 3 else 0)
-        if end < 0:
-            self._checked, self._nfields = check_field_lines(
-                buf, self._seen - 1 if self._seen > 0 else 0, self._checked, self._nfields,
-                self.max_header_count,
-            )
-            if len(buf) >= self._budget:
-                raise HeaderFieldsTooLarge("trailer section too large")
-            self._seen = len(buf)
-            return False
-        if end + 4 > self._budget:
-            raise HeaderFieldsTooLarge("trailer section too large")
-        block = buf[: end + 2].decode("latin-1")
-        lines = block.split("\r\n")[:-1]
-        if FIELD_LINES_RE.fullmatch(block) is None:
-            diagnose_fields(lines)
-        if len(lines) > self.max_header_count:
-            raise HeaderFieldsTooLarge("too many trailer fields")
-        for line in lines:
-            if line[: line.index(":")].lower() in _FORBIDDEN_TRAILERS:
-                raise BadRequest("forbidden field in trailer section")
-        del buf[: end + 4]
-        self._seen = 0
-        return True
+    def _read_body(self) -> Request | object:
+        """Bytes came for the pending request's body: the request once its body is whole."""
+        if self._state == _DEAD:
+            raise self._error  # type: ignore[misc]
+        body = self._bodies.read()  # type: ignore[union-attr]
+        if body is None:
+            return NEED_DATA
+        request = self.pending
+        request.body = body  # type: ignore[union-attr]
+        self.pending = None
+        self._state = _HEAD
+        return request
 
 
 def _closed_parser() -> RequestParser:
