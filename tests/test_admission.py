@@ -278,6 +278,7 @@ def test_a_request_whose_deadline_passed_while_queued_never_runs(gate: Gate) -> 
         assert json.loads(body) == REVIEW
         assert server.admission.queue_depth == 0  # taken out of the queue when it was answered
         assert server.metrics.shed == {"deadline": 1}
+        assert server.metrics.deadline_misses == 1
         assert not server.admission.stuck_count  # it never ran, so no worker is stuck for it
         gate.release.set()
         assert a.recv()[0] == 200

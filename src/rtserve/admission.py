@@ -258,9 +258,10 @@ class Admission:
             self._start(conn, rid, req)
 
     def skipped(self, conn: Connection, rid: int, now: int) -> None:
-        """A worker took this request after its respond-by time and did not run it (its
-        worker is given back already): the deadline's answer, now, as `on_deadline` would
-        send it for a request that never ran (its timer entry then finds it answered)."""
+        """The deadline's answer, now, for a request that never ran: its respond-by time
+        came while it was queued (`on_deadline`, which took it out of the queue), or a
+        worker took it after that time and did not run it (its worker is given back
+        already; its timer entry then finds it answered)."""
         req = conn.request
         assert req is not None  # awaits(rid) held
         m = self._metrics
@@ -344,17 +345,16 @@ class Admission:
         decayed = self.lag_ns * 19 // 20  # a decaying high-water mark of the lateness
         self.lag_ns = lag if lag > decayed else decayed
         self._timer_fired = True
-        m.deadline_misses += 1
-        running = conn.state is RUNNING
-        if running:
-            self._stuck.add((conn, rid))
-            if self._sampling:
-                self.limit.on_sample(now - req.start_ns, self._busy + len(self.queue), True)
-        else:  # still queued: it never ran
+        if conn.state is not RUNNING:  # still queued: it never ran
             self.queue.discard((conn, rid, req), now)
-            m.count_shed("deadline")
+            self.skipped(conn, rid, now)
+            return
+        m.deadline_misses += 1
+        self._stuck.add((conn, rid))
+        if self._sampling:
+            self.limit.on_sample(now - req.start_ns, self._busy + len(self.queue), True)
         self.answer(conn, self._answers.late(req, b"deadline"), now)
-        if running and self.cancel is not None:
+        if self.cancel is not None:
             self.cancel(conn, rid, "deadline")  # the answer is out: now stop the work
 
     def on_tick(self) -> None:
