@@ -1,10 +1,11 @@
 """How a request body is framed and decoded: Content-Length counted out, chunked decoded.
 
 Conductor thread, inside `RequestParser.next_event` (parser.py). Once a head announces a
-body, the parser hands it here (`BodyReader.length` or `.chunked`) and gets back the whole
-body, or None while bytes are missing; `read` goes on when more came. The reader works on
-the parser's own receive buffer (the same bytearray), so a body that arrived with its head
-costs one slice. Chunked framing (RFC 9112 7.1): size lines with their extensions, the
+body, the parser hands it here. A Content-Length body that came in its head's read (the
+usual case) is one slice of the parser's receive buffer (`take_length`); any other body
+goes to the parser's `BodyReader` (`length` or `chunked`), which works in that same buffer
+and gives back the whole body, or None while bytes are missing (`read` goes on when more
+came). Chunked framing (RFC 9112 7.1): size lines with their extensions, the
 data, the CRLF after it, then the trailer section, validated and discarded. The head has
 checked a Content-Length against the body limit already; a chunked body is checked as its
 size lines announce it. Every error is a ParseError subclass carrying its status (400,
@@ -24,7 +25,7 @@ from rtserve.parser_rules import (
     diagnose_fields,
 )
 
-__all__ = ["BodyReader"]
+__all__ = ["BodyReader", "take_length"]
 
 # chunk = chunk-size [ chunk-ext ] CRLF; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
 # (RFC 9112 7.1.1), val = token / quoted-string. BWS is whitespace a sender must not
@@ -66,12 +67,28 @@ _FORBIDDEN_TRAILERS = frozenset((
 _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS = range(5)
 
 
-class BodyReader:
-    """Reads one request body at a time from the front of a parser's receive buffer.
+def take_length(buf: bytearray, length: int) -> bytes | None:
+    """A body of `length` bytes (a Content-Length within the limit) from the front of
+    `buf`: the body, consumed, when all of it is there, else None and nothing consumed."""
+    n = len(buf)
+    if n < length:
+        return None
+    if n == length:  # the usual case: the read ended with the body
+        body = bytes(buf)
+        buf.clear()
+        return body
+    body = bytes(buf[:length])  # the next request (pipelined) follows
+    del buf[:length]
+    return body
 
-    One per parser, made at its first body (a connection that only sends bodyless requests
-    never makes one) and used again for each later body: `length` and `chunked` set every
-    field the body they begin reads. Conductor-only (not thread-safe).
+
+class BodyReader:
+    """Reads one request body at a time from the front of a parser's receive buffer: a
+    chunked one, or a Content-Length one that did not come whole with its head.
+
+    One per parser, made at the first body that needs one (a connection whose bodies
+    come with their heads never makes one) and used again for each later body: `length`
+    and `chunked` set every field the body they begin reads. Conductor-only.
     """
 
     __slots__ = (
@@ -109,22 +126,11 @@ class BodyReader:
 
     # --- a body begins (the parser, right after its head) ------------------------------------
 
-    def length(self, length: int) -> bytes | None:
-        """A body of `length` bytes (a Content-Length within the limit): the body, consumed,
-        once the buffer holds all of it, else None (`read` goes on)."""
-        buf = self._buf
-        n = len(buf)
-        if n < length:
-            self._state = _LENGTH
-            self._left = length
-            return None
-        if n == length:  # the usual case: the read ended with the body
-            body = bytes(buf)
-            buf.clear()
-            return body
-        body = bytes(buf[:length])  # the next request (pipelined) follows
-        del buf[:length]
-        return body
+    def length(self, length: int) -> None:
+        """A body of `length` bytes (a Content-Length within the limit) whose bytes are not
+        all in yet (`take_length` said so): `read` takes it once they are."""
+        self._state = _LENGTH
+        self._left = length
 
     def chunked(self, trailer_budget: int) -> bytes | None:
         """A chunked body: the decoded body once its last chunk and trailers are in, else
@@ -143,7 +149,7 @@ class BodyReader:
         """Go on with the body begun: the whole body once it is complete, else None."""
         state = self._state
         if state == _LENGTH:
-            return self.length(self._left)
+            return take_length(self._buf, self._left)
         buf = self._buf
         while True:
             if state == _CHUNK_SIZE:

@@ -18,7 +18,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from rtserve.body import BodyReader
+from rtserve.body import BodyReader, take_length
 from rtserve.deadlines import BUDGET_HEADERS
 from rtserve.errors import (
     BadRequest,
@@ -172,8 +172,8 @@ class RequestParser:
         self._nfields = 0  # field lines validated so far
         self._empty_lines = 0  # CRLFs skipped before the current request line
         self._slow = False  # a slow path touched the head-scan state above
-        # Made at the first body (see _with_body), so a connection's parser has no body
-        # state until then (one parser per connection).
+        # Made at the first body that needs one (_body_reader), so a connection's parser
+        # has no body state until then (one parser per connection).
         self._bodies: BodyReader | None = None
         # Parsed heads by their bytes (HEAD_CACHE_BYTES): this parser's own cache unless
         # it is given one shared with parsers of the same limits.
@@ -403,7 +403,7 @@ class RequestParser:
             budget,
         )
         if chunked:  # what the head left of the header-block limit is the trailers'
-            return self._with_body(request, 0, self.max_header_block - hend)
+            return self._chunked_body(request, self.max_header_block - hend)
         if key is not None and not expect_continue:
             once = self._once
             if key in once:  # the second time: worth an entry
@@ -423,7 +423,7 @@ class RequestParser:
                     once.clear()
                 once.add(key)
         if length:
-            return self._with_body(request, length, 0)
+            return self._length_body(request, length)
         return request
 
     def _cached(self, known: tuple[Any, ...]) -> Request | object:
@@ -437,7 +437,7 @@ class RequestParser:
         length = known[6]
         if not length:
             return request
-        return self._with_body(request, length, 0)
+        return self._length_body(request, length)
 
     def _reset_head_scan(self) -> None:
         """Forget the incremental-scan state of the head just consumed."""
@@ -498,24 +498,36 @@ class RequestParser:
 
     # --- body (body.py reads it) ----------------------------------------------------------
 
-    def _with_body(self, request: Request, length: int, trailer_budget: int) -> Request | object:
-        """The request with its body, which body.py reads from the buffer (`length` bytes,
-        or chunked with `trailer_budget` bytes for its trailers), or NEED_DATA with the
-        request pending until the rest of the body came."""
-        bodies = self._bodies
-        if bodies is None:  # this parser's first body
-            bodies = self._bodies = BodyReader(self._buf, self.max_body_size,
-                                               self.max_header_count)
-        if request.chunked:
-            body = bodies.chunked(trailer_budget)
-        else:
-            body = bodies.length(length)
+    def _length_body(self, request: Request, length: int) -> Request | object:
+        """The request with its Content-Length body, or NEED_DATA with the request pending
+        until the rest of the body came."""
+        body = take_length(self._buf, length)
+        if body is None:  # the rest comes in later reads
+            self._body_reader().length(length)
+            self.pending = request
+            self._state = _BODY
+            return NEED_DATA
+        request.body = body  # the usual case: it came in its head's read
+        return request
+
+    def _chunked_body(self, request: Request, trailer_budget: int) -> Request | object:
+        """The request with its decoded chunked body, or NEED_DATA with the request pending
+        until the rest came (`trailer_budget`: what the head left for the trailers)."""
+        body = self._body_reader().chunked(trailer_budget)
         if body is None:
             self.pending = request
             self._state = _BODY
             return NEED_DATA
         request.body = body
         return request
+
+    def _body_reader(self) -> BodyReader:
+        """This parser's BodyReader, made at the first body that needs one."""
+        bodies = self._bodies
+        if bodies is None:
+            bodies = self._bodies = BodyReader(self._buf, self.max_body_size,
+                                               self.max_header_count)
+        return bodies
 
     def _read_body(self) -> Request | object:
         """Bytes came for the pending request's body: the request once its body is whole."""
