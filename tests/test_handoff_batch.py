@@ -42,6 +42,11 @@ class GateApp:
 
         self.together = threading.Barrier(4, timeout=10)
 
+        @self.app.get("/stream")
+        def stream(request: Request) -> Response:
+            self._record(request)
+            return Response(iter([b"a", b"b"]), content_type="text/plain")
+
         @self.app.get("/unmeasured")
         def unmeasured(request: Request) -> Response:
             self.together.wait()  # returns only when four run at the same time
@@ -101,6 +106,22 @@ def test_unmeasured_requests_are_handed_over_one_by_one() -> None:
             assert c.recv()[0:3:2] == (200, f"u{i}".encode())
             c.close()
         assert len({s.threads[f"u{i}"] for i in range(4)}) == 4
+        assert server.metrics.handoff_batched == 0
+
+
+def test_a_route_that_streams_is_never_batched() -> None:
+    """A streamed body is produced after the handler returned, beyond its estimate: such a
+    route is never cheap, however small its estimate."""
+    s = GateApp()
+    with server_thread(s.app, threads=4, handoff_ahead_ms=50.0) as server:
+        warm = Client(server.address)
+        for _ in range(5):
+            assert warm.request("GET", "/stream?tag=warm")[2] == b"ab"
+        route = s.app._exact[("GET", "/stream")]
+        assert route.streams and route.ewma_ns > 0
+        for c in _burst(s, server, [f"/stream?tag=s{i}" for i in range(4)]):
+            assert c.recv()[2] == b"ab"
+            c.close()
         assert server.metrics.handoff_batched == 0
 
 

@@ -154,7 +154,7 @@ class Admission:
         deadline and CoDel still choose.
         """
         e = route.ewma_ns
-        return (0 < e <= self._ahead_ns and not self._slow
+        return (0 < e <= self._ahead_ns and not self._slow and not route.streams
                 and (self._busy - self.threads + 1) * e <= self._ahead_cap)
 
     def _cpu_gate(self) -> bool:
@@ -176,14 +176,15 @@ class Admission:
         conn.run()
         route = req.route
         assert route is not None  # admission only sees routed requests
-        if self._ahead_ns and not 0 < route.ewma_ns <= self._ahead_ns:
+        cheap = 0 < route.ewma_ns <= self._ahead_ns and not route.streams
+        if self._ahead_ns and not cheap:
             self._slow.add((conn, rid))  # keeps the hand-ahead shut while it runs
         charge = route.cpu_ns
         if charge and self._cpu_cap:
             self._cpu_inflight += charge
             self._charges[(conn, rid)] = charge
         batch = self.batch
-        if batch is not None and 0 < route.ewma_ns <= self._ahead_ns:
+        if batch is not None and cheap:
             batch.append((self._worker, conn, rid, req))
             self._batch_ns += route.ewma_ns
             if self._batch_ns >= self._ahead_ns:

@@ -138,6 +138,7 @@ class WorkerPool:
         )
         get = self._tasks.get
         post = self.post
+        put = self._completions.put
         try:
             while True:
                 item = get()
@@ -146,7 +147,9 @@ class WorkerPool:
                 # A list is a batch of cheap tasks from one loop turn (Admission.batch):
                 # run in turn, each posting its own result.
                 tasks = item if item.__class__ is list else (item,)
+                left = len(tasks)
                 for fn, conn, req_id, arg in tasks:
+                    left -= 1
                     try:
                         result = fn(conn, req_id, arg)
                     except BaseException as exc:  # noqa: BLE001 - the task code is the boundary
@@ -156,7 +159,13 @@ class WorkerPool:
                             raise
                         log.exception("task raised outside the handler guard")
                         result = exc
-                    post(conn, req_id, result, True)
+                    if left:
+                        # Within a batch the conductor is woken once, by its last result:
+                        # woken by the first, it would preempt this thread only to wait
+                        # for the GIL (the rest of the batch is at most --handoff-ahead-ms).
+                        put((conn, req_id, result, True))
+                    else:
+                        post(conn, req_id, result, True)
         except BaseException:
             # A worker that dies is replaced so the pool keeps its size.
             self.deaths += 1
