@@ -34,7 +34,7 @@ class Admission:
     """The queue and the gates in front of the worker pool."""
 
     def __init__(self, limits: Limits, cfg: Config, metrics: Metrics, timers: Timers,
-                 answers: Answers, submit: Callable[[tuple], None], worker: Any) -> None:
+                 answers: Answers, submit: Callable[[Any], None], worker: Any) -> None:
         # Items are (conn, req_id, request); only requests with a deadline jump the line.
         self.queue = CoDelQueue(
             cfg.codel_target_ms, cfg.codel_interval_ms, lambda item: item[2].deadline_ns
@@ -57,11 +57,16 @@ class Admission:
         self._ahead_ns = limits.ahead_ns
         self._ahead_cap = self._ahead_ns * limits.threads
         self._slow: set[tuple[Connection, int]] = set()
+        # Cheap tasks started in one loop turn go to the pool as one batch (flush_batch,
+        # called by the loop at the end of its turn): one worker wake-up per turn, not
+        # one per request. None: every task is handed over at once (no loop flushes).
+        self.batch: list[tuple] | None = None
+        self._batch_ns = 0.0
         self._shed_fallback = cfg.shed_with_fallback
         self._metrics = metrics
         self._timers = timers
         self._answers = answers
-        self._submit = submit  # the pool's task queue put: one C call per hand-off
+        self._submit = submit  # the pool's task queue put (a task, or a batch: a list)
         self._worker = worker
         self.answer: Callable[[Connection, Reply, int], None] = _unset  # writer.answer
         # Set by the server for an interface whose work can be stopped (ASGI): called with
@@ -149,7 +154,7 @@ class Admission:
         deadline and CoDel still choose.
         """
         e = route.ewma_ns
-        return (0 < e <= self._ahead_ns and not self._slow
+        return (0 < e <= self._ahead_ns and not self._slow and not route.streams
                 and (self._busy - self.threads + 1) * e <= self._ahead_cap)
 
     def _cpu_gate(self) -> bool:
@@ -171,13 +176,34 @@ class Admission:
         conn.run()
         route = req.route
         assert route is not None  # admission only sees routed requests
-        if self._ahead_ns and not 0 < route.ewma_ns <= self._ahead_ns:
+        cheap = 0 < route.ewma_ns <= self._ahead_ns and not route.streams
+        if self._ahead_ns and not cheap:
             self._slow.add((conn, rid))  # keeps the hand-ahead shut while it runs
         charge = route.cpu_ns
         if charge and self._cpu_cap:
             self._cpu_inflight += charge
             self._charges[(conn, rid)] = charge
-        self._submit((self._worker, conn, rid, req))
+        batch = self.batch
+        if batch is not None and cheap:
+            batch.append((self._worker, conn, rid, req))
+            self._batch_ns += route.ewma_ns
+            if self._batch_ns >= self._ahead_ns:
+                self.flush_batch()
+        else:
+            self._submit((self._worker, conn, rid, req))
+
+    def flush_batch(self) -> None:
+        """Hand the turn's cheap tasks to the pool: a lone one as itself, several as one
+        list that one worker runs in turn (pool.py), so a burst wakes one thread."""
+        batch = self.batch
+        if batch:
+            if len(batch) == 1:
+                self._submit(batch[0])
+            else:
+                self._metrics.handoff_batched += len(batch)
+                self._submit(batch)
+            self.batch = []
+            self._batch_ns = 0.0
 
     def _shed_reply(self, req: Request, reason: str, now: int) -> Reply:
         self._metrics.count_shed(reason)

@@ -33,7 +33,7 @@ class Route:
     """
 
     __slots__ = ("name", "handler", "deadline_ns", "fallback", "ewma_ns", "doa_scale", "cpu_ns",
-                 "cpu_tick", "inline")
+                 "cpu_tick", "inline", "streams")
 
     def __init__(
         self,
@@ -60,6 +60,10 @@ class Route:
         # Run on the conductor itself, never on a worker (opt-in: see docs/deadlines.md,
         # "Inline handlers"); such a route's statistics are then written by the conductor.
         self.inline = inline
+        # Set by a worker once a handler of the route returned a streamed body: its
+        # estimate covers the handler's return, not the stream, so it is never "cheap"
+        # for the hand-ahead or a batch (admission.py).
+        self.streams = False
 
     def observe_cpu(self, cpu_ns: int) -> None:
         """Fold one sampled handler CPU time into its EWMA (alpha 0.25)."""

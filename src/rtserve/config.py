@@ -168,6 +168,10 @@ SETTINGS: tuple[Setting, ...] = (
             "estimated handler time that may wait in the pool's queue behind busy workers "
             "(cheap routes only; 0 = one request per free worker)", _non_negative,
             section="deadlines"),
+    Setting("handoff_batch", _as_bool, True,
+            "hand the requests of cheap routes (--handoff-ahead-ms) started in one loop turn "
+            "to one worker as a batch: one thread woken per turn, not one per request",
+            section="deadlines"),
     Setting("switch_interval_ms", float, 0.5,
             "sys.setswitchinterval in ms (GIL hand-off; see docs/deadlines.md)",
             _positive, section="deadlines"),

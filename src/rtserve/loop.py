@@ -107,6 +107,8 @@ class EventLoop:
                 life.handle_signals(now)
             if monotonic_ns() >= due:
                 self._run_due(server, monotonic_ns())
+            if admission.batch:
+                admission.flush_batch()
             if life.draining and not conns:
                 return  # drained: every connection is closed
 

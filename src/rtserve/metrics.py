@@ -70,6 +70,9 @@ class Metrics:
         "connections_accepted": ("rtserve_connections_accepted_total", "Connections accepted."),
         "accept_pauses": ("rtserve_accept_pauses_total",
                           "Times accepting paused (fd exhaustion or connection cap)."),
+        "handoff_batched": ("rtserve_handoff_batched_total",
+                            "Requests handed to the worker pool in one batch with others of "
+                            "the same loop turn (one worker woken for the batch)."),
         "internal_errors": ("rtserve_internal_errors_total",
                             "Conductor bugs caught while handling one connection (that "
                             "connection was closed, the rest served on)."),
@@ -87,6 +90,7 @@ class Metrics:
         self.worker_deaths = 0
         self.connections_accepted = 0
         self.accept_pauses = 0
+        self.handoff_batched = 0
         self.handler_errors = 0
         self.internal_errors = 0
         self.tls = False  # serving TLS: the TLS series are rendered (server.py sets it)

@@ -83,7 +83,9 @@ class WorkerPool:
         try:
             while True:
                 item = self._tasks.get_nowait()
-                if item is not _STOP:
+                if item.__class__ is list:
+                    pending.extend(item)
+                elif item is not _STOP:
                     pending.append(item)
         except queue.Empty:
             pass
@@ -120,6 +122,15 @@ class WorkerPool:
             except (BlockingIOError, OSError):
                 pass
 
+    def _requeue_after(self, tasks: Any, conn: Any, req_id: int) -> None:
+        """A worker dies within a batch: the tasks after the one that killed it go back
+        on the queue for the other workers (and its replacement), so none is lost."""
+        for k, task in enumerate(tasks):
+            if task[1] is conn and task[2] == req_id:
+                for rest in tasks[k + 1:]:
+                    self._tasks.put(rest)
+                return
+
     def _run(self) -> None:
         """Worker loop: block signals the conductor handles, then run tasks until told to stop."""
         signal.pthread_sigmask(
@@ -127,21 +138,34 @@ class WorkerPool:
         )
         get = self._tasks.get
         post = self.post
+        put = self._completions.put
         try:
             while True:
                 item = get()
                 if item is _STOP:
                     return
-                fn, conn, req_id, arg = item
-                try:
-                    result = fn(conn, req_id, arg)
-                except BaseException as exc:  # noqa: BLE001 - the task code is the boundary
-                    if isinstance(exc, SystemExit | KeyboardInterrupt):
-                        post(conn, req_id, exc, True)
-                        raise
-                    log.exception("task raised outside the handler guard")
-                    result = exc
-                post(conn, req_id, result, True)
+                # A list is a batch of cheap tasks from one loop turn (Admission.batch):
+                # run in turn, each posting its own result.
+                tasks = item if item.__class__ is list else (item,)
+                left = len(tasks)
+                for fn, conn, req_id, arg in tasks:
+                    left -= 1
+                    try:
+                        result = fn(conn, req_id, arg)
+                    except BaseException as exc:  # noqa: BLE001 - the task code is the boundary
+                        if isinstance(exc, SystemExit | KeyboardInterrupt):
+                            post(conn, req_id, exc, True)
+                            self._requeue_after(tasks, conn, req_id)
+                            raise
+                        log.exception("task raised outside the handler guard")
+                        result = exc
+                    if left:
+                        # Within a batch the conductor is woken once, by its last result:
+                        # woken by the first, it would preempt this thread only to wait
+                        # for the GIL (the rest of the batch is at most --handoff-ahead-ms).
+                        put((conn, req_id, result, True))
+                    else:
+                        post(conn, req_id, result, True)
         except BaseException:
             # A worker that dies is replaced so the pool keeps its size.
             self.deaths += 1

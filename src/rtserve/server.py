@@ -201,6 +201,8 @@ class Server:
             limits, cfg, self.metrics, timers, answers, self._submit, self.worker
         )
         answers.admission = admission
+        if limits.ahead_ns and cfg.handoff_batch:  # the loop flushes it every turn
+            admission.batch = []
         reader_args = (limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics,
                        self.app, answers, admission, self.life)
         writer_args = (limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics,

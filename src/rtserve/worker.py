@@ -102,6 +102,7 @@ class Worker:
             reply = serialize(request, INTERNAL_ERROR, self.draining)
         data = reply[2]
         if data.__class__ is StreamPlan:
+            route.streams = True
             if inline:  # streaming would block the conductor at the high-water mark
                 log.error("inline handler for %s %s returned a streamed body (not allowed)",
                           request.method, request.path)
