@@ -276,18 +276,17 @@ class Admission:
             ) - now <= req.route.ewma_ns:
                 # Late already, or too late to finish: never run it; answer it now rather
                 # than leave it for the timer (it is out of the queue, so nothing else would).
-                self._metrics.count_shed("deadline")
-                self._metrics.deadline_misses += 1
-                self.answer(conn, self._answers.late(req, b"deadline"), now)
+                self.skipped(conn, rid, now)
                 continue
             self._metrics.queue_wait.observe(waited)
             self._start(conn, rid, req)
 
     def skipped(self, conn: Connection, rid: int, now: int) -> None:
         """The deadline's answer, now, for a request that never ran: its respond-by time
-        came while it was queued (`on_deadline`, which took it out of the queue), or a
-        worker took it after that time and did not run it (its worker is given back
-        already; its timer entry then finds it answered)."""
+        came while it was queued (`on_deadline`, which took it out of the queue), it was
+        too late to finish when a worker freed (`dispatch_queued`), or a worker took it
+        after that time and did not run it (its worker is given back already; its timer
+        entry then finds it answered)."""
         req = conn.request
         assert req is not None  # awaits(rid) held
         m = self._metrics
