@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+
+import pytest
 
 from rtserve.pool import WorkerPool
 from tests.helpers import wait_completions
@@ -49,6 +52,22 @@ def test_workers_block_the_signals_the_conductor_handles():
         pool.submit(lambda c, r, a: signal.pthread_sigmask(signal.SIG_BLOCK, []), "c", 1, None)
         (_, _, mask, _), = wait_completions(pool, 1)
         assert signal.SIGINT in mask and signal.SIGQUIT in mask and signal.SIGTERM in mask
+    finally:
+        pool.shutdown(5)
+        pool.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling classes")
+def test_workers_run_under_the_batch_policy_and_the_caller_keeps_its_own():
+    before = os.sched_getscheduler(0)
+    pool = WorkerPool(2)
+    pool.start()
+    try:
+        for i in range(2):
+            pool.submit(lambda c, r, a: os.sched_getscheduler(0), "c", i, None)
+        done = wait_completions(pool, 2)
+        assert [policy for _, _, policy, _ in done] == [os.SCHED_BATCH] * 2
+        assert os.sched_getscheduler(0) == before  # the conductor is not demoted
     finally:
         pool.shutdown(5)
         pool.close()
