@@ -115,12 +115,8 @@ class WorkerPool:
         spare wake-up.
         """
         self._shared.append(item)
-        if not self._waking:  # _wake_one, inlined: this runs once per request
-            self._waking = True
-            try:
-                self._idle.pop().put(_CHECK)
-            except IndexError:  # every worker is busy: the next to finish takes it
-                self._waking = False
+        if not self._waking:
+            self._wake_one()
 
     def _wake_one(self) -> None:
         """Wake the worker that went idle last (none idle: every worker will look again)."""
