@@ -1,14 +1,12 @@
 """The fixed worker pool and the completion path back to the conductor.
 
-Both threads, labelled: the conductor hands `(fn, conn, req_id, arg)` to the pool
-(`task_put`; `submit` is the same for other callers) and takes completions with
-`take_completions`; worker threads run `fn(conn, req_id, arg)`, post `(conn, req_id,
-result, final)` on the completion queue, and wake the conductor through an eventfd
-(written only when no wake-up is already pending, so a burst of completions costs one
-syscall). A task goes to the inbox of the worker that went idle last, so each wakes one
-thread, or, while every worker is busy, to a shared queue the next free worker takes it
-from (see `_put`). Worker threads run under SCHED_BATCH where Linux has it (see
-`batch_policy`). The pool knows nothing of sockets or HTTP.
+Both threads, labelled: the conductor puts `(fn, conn, req_id, arg)` on the task queue
+(`task_put`, the queue's own put: no Python call on the hand-off; `submit` is the same
+for other callers) and takes completions with `take_completions`; worker threads run
+`fn(conn, req_id, arg)`, post `(conn, req_id, result, final)` on the completion queue, and
+wake the conductor through an eventfd (written only when no wake-up is already pending,
+so a burst of completions costs one syscall). Worker threads run under SCHED_BATCH where
+Linux has it (see `batch_policy`). The pool knows nothing of sockets or HTTP.
 """
 
 from __future__ import annotations
@@ -18,14 +16,12 @@ import os
 import queue
 import signal
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("rtserve.error")
 
 _STOP = object()
-_CHECK = object()  # an inbox nudge: look at the shared queue again (see WorkerPool._put)
 
 Completion = tuple[Any, int, Any, bool]
 
@@ -57,21 +53,15 @@ def batch_policy() -> bool:
 
 
 class WorkerPool:
-    """N threads, their inboxes and a shared task queue; one completion queue + eventfd
-    to wake the conductor."""
+    """N threads, one task queue, one completion queue + eventfd to wake the conductor."""
 
     def __init__(self, threads: int, name: str = "rtserve-worker") -> None:
         if threads < 1:
             raise ValueError("threads must be >= 1")
         self.size = threads
         self.name = name
-        # Tasks not taken yet; a worker takes them in order.
-        self._shared: deque[Any] = deque()
-        self._waking = False  # a worker was woken and has not looked at the queue yet
-        # The inboxes of the workers waiting for a task, the one that went idle last at
-        # the end (a stack: its thread is the most likely to be warm in the caches).
-        self._idle: list[queue.SimpleQueue] = []
-        self.task_put = self._put  # takes (fn, conn, req_id, arg)
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.task_put = self._tasks.put  # takes (fn, conn, req_id, arg): submit without a call
         self._completions: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_pending = False
@@ -94,37 +84,7 @@ class WorkerPool:
 
     def submit(self, fn: Callable[[Any], Any], conn: Any, req_id: int, arg: Any) -> None:
         """Queue `fn(conn, req_id, arg)`; its result comes back as a final completion."""
-        self._put((fn, conn, req_id, arg))
-
-    def _put(self, item: Any) -> None:
-        """Queue a task; wake a waiting worker unless one is already on its way.
-
-        The pool had one SimpleQueue that every waiting worker blocked on, which wakes
-        them in a chain: each worker that takes a task releases the queue's lock, waking
-        the next waiting worker whether or not a task is left for it. Under workload B
-        that was about one wasted wake-up (a futex call and two context switches) per
-        request. Here each waiting worker blocks on its own inbox, and a wake-up is sent
-        only when none is in flight (`_waking`); a worker that takes a task and sees more
-        queued wakes the next one (see `_run`), so a burst of slow or blocking tasks
-        still spreads over the workers as fast as each gets to run.
-
-        A worker that finds the queue empty puts its inbox on the idle stack and then
-        looks at the queue again, so a task appended between its two looks is never left
-        waiting while a worker sleeps. Each step is one C call on a deque, list or
-        SimpleQueue, atomic under the GIL; a race between two of them costs at most one
-        spare wake-up.
-        """
-        self._shared.append(item)
-        if not self._waking:
-            self._wake_one()
-
-    def _wake_one(self) -> None:
-        """Wake the worker that went idle last (none idle: every worker will look again)."""
-        self._waking = True
-        try:
-            self._idle.pop().put(_CHECK)
-        except IndexError:
-            self._waking = False
+        self._tasks.put((fn, conn, req_id, arg))
 
     def take_completions(self) -> list[Completion]:
         """Every completion posted so far (call after the eventfd fired, or any time)."""
@@ -147,15 +107,17 @@ class WorkerPool:
         """
         self._stopping = True
         pending = []
-        shared = self._shared
-        while shared:
-            item = shared.popleft()
-            if item is not _STOP:
-                pending.append(item)
+        try:
+            while True:
+                item = self._tasks.get_nowait()
+                if item is not _STOP:
+                    pending.append(item)
+        except queue.Empty:
+            pass
         with self._lock:
             threads = list(self._threads)
         for _ in threads:
-            self._put(_STOP)  # each worker ends at the first it takes
+            self._tasks.put(_STOP)
         import time
 
         end = None if timeout is None else time.monotonic() + timeout
@@ -192,32 +154,11 @@ class WorkerPool:
             signal.SIG_BLOCK, {signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP}
         )
         batch_policy()
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
-        wait = inbox.get
-        shared = self._shared
-        take = shared.popleft
-        idle = self._idle
+        get = self._tasks.get
         post = self.post
         try:
             while True:
-                if not shared:
-                    idle.append(inbox)
-                    if shared:  # a task came between the test and the append (see _put)
-                        try:
-                            idle.remove(inbox)
-                        except ValueError:  # _wake_one took the inbox: its wake-up comes
-                            wait()
-                            self._waking = False
-                        continue
-                    wait()  # a _CHECK from _wake_one
-                    self._waking = False
-                    continue
-                try:
-                    item = take()
-                except IndexError:  # another worker took it between the test and here
-                    continue
-                if shared and not self._waking:
-                    self._wake_one()  # more queued: the next worker runs those
+                item = get()
                 if item is _STOP:
                     return
                 fn, conn, req_id, arg = item
