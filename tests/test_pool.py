@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import time
 
 import pytest
 
@@ -136,5 +138,51 @@ def test_one_wakeup_for_a_burst_of_completions():
         done = wait_completions(pool, 51)
         assert len(done) == 51
     finally:
+        pool.shutdown(5)
+        pool.close()
+
+
+def test_a_burst_of_blocking_tasks_runs_on_every_worker_at_once():
+    """Blocking handlers handed over in one burst are not queued behind each other while
+    workers wait: each worker that takes a task lets the next one take another."""
+    pool = WorkerPool(4)
+    pool.start()
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold(conn, rid, arg):
+        started.release()
+        return gate.wait(10)
+
+    try:
+        for i in range(4):
+            pool.submit(hold, "c", i, None)
+        for _ in range(4):
+            assert started.acquire(timeout=10)  # all four run together, none waits
+        gate.set()
+        assert [v for _, _, v, _ in wait_completions(pool, 4)] == [True] * 4
+    finally:
+        gate.set()
+        pool.shutdown(5)
+        pool.close()
+
+
+def test_every_task_runs_under_racing_hand_offs():
+    """Bursts of every size, with thread switches forced between almost every bytecode
+    (workers going idle while tasks arrive): a lost wake-up would leave a burst
+    incomplete and time out here."""
+    pool = WorkerPool(3)
+    pool.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        rid = 0
+        for burst in range(300):
+            for _ in range(burst % 7 + 1):
+                rid += 1
+                pool.submit(lambda c, r, a: time.sleep(0) if a % 2 else a, "c", rid, rid)
+            wait_completions(pool, burst % 7 + 1)
+    finally:
+        sys.setswitchinterval(interval)
         pool.shutdown(5)
         pool.close()
