@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+import time
+
+import pytest
 
 from rtserve.pool import WorkerPool
 from tests.helpers import wait_completions
@@ -49,6 +54,22 @@ def test_workers_block_the_signals_the_conductor_handles():
         pool.submit(lambda c, r, a: signal.pthread_sigmask(signal.SIG_BLOCK, []), "c", 1, None)
         (_, _, mask, _), = wait_completions(pool, 1)
         assert signal.SIGINT in mask and signal.SIGQUIT in mask and signal.SIGTERM in mask
+    finally:
+        pool.shutdown(5)
+        pool.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling classes")
+def test_workers_run_under_the_batch_policy_and_the_caller_keeps_its_own():
+    before = os.sched_getscheduler(0)
+    pool = WorkerPool(2)
+    pool.start()
+    try:
+        for i in range(2):
+            pool.submit(lambda c, r, a: os.sched_getscheduler(0), "c", i, None)
+        done = wait_completions(pool, 2)
+        assert [policy for _, _, policy, _ in done] == [os.SCHED_BATCH] * 2
+        assert os.sched_getscheduler(0) == before  # the conductor is not demoted
     finally:
         pool.shutdown(5)
         pool.close()
@@ -117,5 +138,51 @@ def test_one_wakeup_for_a_burst_of_completions():
         done = wait_completions(pool, 51)
         assert len(done) == 51
     finally:
+        pool.shutdown(5)
+        pool.close()
+
+
+def test_a_burst_of_blocking_tasks_runs_on_every_worker_at_once():
+    """Blocking handlers handed over in one burst are not queued behind each other while
+    workers wait: each worker that takes a task lets the next one take another."""
+    pool = WorkerPool(4)
+    pool.start()
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold(conn, rid, arg):
+        started.release()
+        return gate.wait(10)
+
+    try:
+        for i in range(4):
+            pool.submit(hold, "c", i, None)
+        for _ in range(4):
+            assert started.acquire(timeout=10)  # all four run together, none waits
+        gate.set()
+        assert [v for _, _, v, _ in wait_completions(pool, 4)] == [True] * 4
+    finally:
+        gate.set()
+        pool.shutdown(5)
+        pool.close()
+
+
+def test_every_task_runs_under_racing_hand_offs():
+    """Bursts of every size, with thread switches forced between almost every bytecode
+    (workers going idle while tasks arrive): a lost wake-up would leave a burst
+    incomplete and time out here."""
+    pool = WorkerPool(3)
+    pool.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        rid = 0
+        for burst in range(300):
+            for _ in range(burst % 7 + 1):
+                rid += 1
+                pool.submit(lambda c, r, a: time.sleep(0) if a % 2 else a, "c", rid, rid)
+            wait_completions(pool, burst % 7 + 1)
+    finally:
+        sys.setswitchinterval(interval)
         pool.shutdown(5)
         pool.close()
