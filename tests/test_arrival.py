@@ -22,6 +22,9 @@ pytestmark = pytest.mark.skipif(not reader_mod.SO_TIMESTAMPNS,
                                 reason="no SO_TIMESTAMPNS on this platform")
 
 
+HOLD_AFTER_NS = 100_000_000
+
+
 def _app(entered: threading.Event, sent: threading.Event) -> App:
     app = App()
 
@@ -30,6 +33,10 @@ def _app(entered: threading.Event, sent: threading.Event) -> App:
         """Runs on the conductor: nothing is read until the test has sent its request."""
         entered.set()
         sent.wait(10)
+        # Hold on a while after the test sent its request, so a clock started at the read
+        # would be HOLD_AFTER_NS past `sent_by`, far beyond the error of converting the
+        # kernel's wall-clock stamp to the monotonic clock on a loaded machine (~0.1 ms).
+        threading.Event().wait(HOLD_AFTER_NS / 1e9)
         return Response.text("held\n")
 
     @app.get("/start", deadline_ms=10_000, fallback=Response.json(REVIEW))
@@ -62,8 +69,10 @@ def test_a_deadline_clock_starts_when_the_bytes_arrived_not_when_they_were_read(
         for cl in (first, c, blocker):
             cl.close()
     assert status == 200
-    # Read only after /hold returned (after sent_by): the loop's clock would be later.
-    assert int(body) <= sent_by
+    # Read only after /hold returned (HOLD_AFTER_NS after sent_by): the loop's clock would
+    # be that much later; the arrival stamp is before sent_by, give or take the clocks'
+    # conversion, for which half of HOLD_AFTER_NS is room enough.
+    assert int(body) <= sent_by + HOLD_AFTER_NS // 2
 
 
 def test_no_stamps_without_deadline_traffic_and_they_stop_when_it_does() -> None:
