@@ -32,8 +32,9 @@ _SCHED_BATCH: int | None = getattr(os, "SCHED_BATCH", None)
 def batch_policy() -> bool:
     """Put the calling thread under SCHED_BATCH; True if it took effect.
 
-    Every task put wakes a worker, and a woken thread of the normal policy preempts the
-    thread that woke it: the conductor, which holds the GIL. So the worker ran only to
+    Every task put wakes a worker (one per loop turn for a batch of cheap requests, one
+    per request otherwise), and a woken thread of the normal policy preempts the thread
+    that woke it: the conductor, which holds the GIL. So the worker ran only to
     find the GIL taken and sleep again, and the conductor was switched out and back in:
     measured under workload B (one request per connection, the server on one core), the
     conductor was preempted 1.1-1.4 times per request. A SCHED_BATCH thread does not
@@ -149,15 +150,6 @@ class WorkerPool:
             except (BlockingIOError, OSError):
                 pass
 
-    def _requeue_after(self, tasks: Any, conn: Any, req_id: int) -> None:
-        """A worker dies within a batch: the tasks after the one that killed it go back
-        on the queue for the other workers (and its replacement), so none is lost."""
-        for k, task in enumerate(tasks):
-            if task[1] is conn and task[2] == req_id:
-                for rest in tasks[k + 1:]:
-                    self._tasks.put(rest)
-                return
-
     def _run(self) -> None:
         """Worker loop: block signals the conductor handles, take the batch policy, then run
         tasks until told to stop."""
@@ -184,7 +176,10 @@ class WorkerPool:
                     except BaseException as exc:  # noqa: BLE001 - the task code is the boundary
                         if isinstance(exc, SystemExit | KeyboardInterrupt):
                             post(conn, req_id, exc, True)
-                            self._requeue_after(tasks, conn, req_id)
+                            # Dying within a batch: the tasks after this one go back on
+                            # the queue for the other workers (and the replacement).
+                            for rest in tasks[len(tasks) - left:]:
+                                self._tasks.put(rest)
                             raise
                         log.exception("task raised outside the handler guard")
                         result = exc
