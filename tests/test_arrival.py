@@ -16,7 +16,7 @@ from rtserve import App, Request, Response
 from rtserve import reader as reader_mod
 from rtserve.connection import Connection
 from rtserve.parser import RequestParser
-from tests.helpers import REVIEW, Client, read_response, server_thread
+from tests.helpers import REVIEW, Client, read_response, server_thread, wait_for
 
 pytestmark = pytest.mark.skipif(not reader_mod.SO_TIMESTAMPNS,
                                 reason="no SO_TIMESTAMPNS on this platform")
@@ -58,6 +58,12 @@ def test_a_deadline_clock_starts_when_the_bytes_arrived_not_when_they_were_read(
         assert server.reader.stamps > 0
         c = Client(server.address)  # accepted with stamps on
         assert c.request("GET", "/start")[0] == 200
+        # The kernel turns receive stamping on for the whole stack in deferred work (the
+        # netstamp static key) when the first socket asks: on a loaded machine that can
+        # take longer than the hold below. Wait until a read came stamped (the reader
+        # takes the clocks' offset then).
+        wait_for(lambda: c.request("GET", "/start")[0] == 200
+                 and server.reader._offset_at >= 0, 10, "a stamped read")
         blocker = Client(server.address)
         blocker.send("GET", "/hold")
         assert entered.wait(10)  # the conductor is busy in /hold and reads nothing

@@ -206,6 +206,9 @@ def test_curl_with_cacert(certs: Certs, tls_server: Any) -> None:
     assert out.count("Hello, world!") == 2
     assert out.rstrip().endswith("200 1.1 0")
     assert tls_server.metrics.tls_handshakes == 1  # both requests on one connection
+    # The accept is deferred until the ClientHello came, but a TLS connection starts with
+    # its handshake, not a read of the request (tests/test_defer_accept.py).
+    assert tls_server.listener.deferred and not tls_server.reader.read_first
 
 
 def test_requests_keep_alive_and_what_a_handler_sees(certs: Certs, tls_server: Any) -> None:

@@ -116,6 +116,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backlog", int, 1024, "listen(2) backlog", _positive),
     Setting("max_connections", int, 10000, "open connections before accepting pauses", _positive),
     Setting("reuse_port", _as_bool, False, "set SO_REUSEPORT on the listener"),
+    Setting("defer_accept", int, 1,
+            "seconds the kernel holds a new TCP connection back until its first bytes come "
+            "(TCP_DEFER_ACCEPT), which are then read at accept; 0 = off", _non_negative),
     # -- timeouts (seconds)
     Setting("header_timeout", float, 10.0, "seconds to receive a request head (408)", _positive),
     Setting("body_timeout", float, 30.0, "seconds to receive a request body (408)", _positive),

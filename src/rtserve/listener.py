@@ -25,6 +25,7 @@ _FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 # struct tcp_info up to tcpi_unacked, which on a listening socket is the accept queue's
 # length (Linux: tcp_get_info reports sk_ack_backlog there, as `ss -lt` shows in Recv-Q).
 _TCP_INFO = getattr(socket, "TCP_INFO", 0)
+_TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", 0)  # Linux
 _TCP_INFO_LEN = 28
 _queued = struct.Struct("24xI").unpack
 
@@ -69,10 +70,11 @@ class Listener:
     """
 
     __slots__ = ("sock", "fd", "address", "tcp", "_ep", "_open", "paused", "resume_at",
-                 "_max", "_metrics", "_alarm", "_kind", "nodelay_each", "_count")
+                 "_max", "_metrics", "_alarm", "_kind", "nodelay_each", "_count", "deferred")
 
     def __init__(self, sock: socket.socket, ep: Any, open_connection: Callable[..., Any],
-                 max_connections: int, metrics: Any, alarm: Callable[[int], None]) -> None:
+                 max_connections: int, metrics: Any, alarm: Callable[[int], None],
+                 defer_accept: int = 0) -> None:
         sock.setblocking(False)
         self.sock: socket.socket | None = sock
         self.fd = sock.fileno()
@@ -96,6 +98,18 @@ class Listener:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 self.nodelay_each = True
+        # TCP_DEFER_ACCEPT: the kernel completes the handshake but queues the connection
+        # for accept only once its first bytes came (or after about `defer_accept`
+        # seconds without any). The request is then there to read at accept (reader.open),
+        # and connections that never send (port scans, TCP health checks, an idle flood)
+        # cost the server nothing. True when the kernel took it.
+        self.deferred = False
+        if self.tcp and defer_accept > 0 and _TCP_DEFER_ACCEPT:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_DEFER_ACCEPT, defer_accept)
+                self.deferred = True
+            except OSError:
+                pass
         # How many connections wait (TCP_INFO): accepting exactly those spares the failing
         # accept that ends a batch (an EAGAIN raised and caught: ~7k instructions, about
         # once per connection under connection churn). Unix sockets take the old way.

@@ -140,15 +140,49 @@ class Reader:
         # Set by the server for an interface whose work can be stopped (ASGI): the client's
         # EOF while its request waits or runs means it left (as uvicorn and nginx take it).
         self.abort_on_eof = False
+        # Set by the server when the listener defers accepts until a request's bytes came
+        # (TCP_DEFER_ACCEPT, listener.py): open() then reads at once.
+        self.read_first = False
 
     # ---- a new connection -----------------------------------------------------------------
 
     def open(self, sock: _socket.socket, addr: Any, now: int) -> int:
-        """Adopt an accepted socket; returns how many connections are open."""
+        """Adopt an accepted socket; returns how many connections are open.
+
+        With `read_first` (the listener defers accepts until bytes came: listener.py) the
+        request is read now, not on the next loop turn, and a request that came whole
+        needs no header timer. The connection is watched from the start all the same:
+        a client that leaves while its request waits or streams is noticed at once.
+        """
         if self.stamps:
             self._enable_stamps(sock)
-        return self._adopt(Connection(sock, addr, self._new_parser()), now + self._header_ns,
-                           T_HEADER)
+        conn = Connection(sock, addr, self._new_parser())
+        if not self.read_first:
+            return self._adopt(conn, now + self._header_ns, T_HEADER)
+        try:
+            if self.stamps:
+                n, anc, _flags, _addr = sock.recvmsg_into(self._rbufs, _ANC_SPACE)
+                if n:
+                    conn.req_start = self._arrival(conn, anc, now)
+            else:
+                n = sock.recv_into(self._rbuf)
+        except (BlockingIOError, InterruptedError):  # the defer ran out before any bytes
+            return self._adopt(conn, now + self._header_ns, T_HEADER)
+        except OSError:  # reset already
+            n = -1
+        conns = self._conns
+        conns[conn.fd] = conn
+        self._ep.register(conn.fd, READ_MASK)
+        conn.mask = READ_MASK
+        self._metrics.connections_accepted += 1
+        try:
+            if n < 0:
+                self.writer.abort(conn)
+            else:
+                self.received(conn, n, now)
+        except Exception:  # as the loop does for a read event: drop this connection alone
+            self.writer.fault(conn, "handling an event")
+        return len(conns)
 
     def _adopt(self, conn: Connection, timer_at: int, timer_kind: int) -> int:
         """Register a new connection for reading with its first timer; returns the count."""

@@ -237,9 +237,13 @@ class Server:
             cfg.bind, cfg.backlog, cfg.reuse_port
         )
         self.listener = writer.listener = Listener(
-            lst, loop.ep, reader.open, limits.max_connections, self.metrics, timers.alarm
+            lst, loop.ep, reader.open, limits.max_connections, self.metrics, timers.alarm,
+            cfg.defer_accept,
         )
         loop.handlers[self.listener.fd] = self.listener.on_ready
+        # Read the request at accept when the kernel held the connection until it came
+        # (plain HTTP: a TLS connection starts with its handshake, tlsio.py).
+        reader.read_first = self.listener.deferred and self.tls is None
         self.address = self.listener.address
         if asgi is not None:
             asgi.set_server_address(self.address)
