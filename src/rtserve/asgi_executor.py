@@ -49,7 +49,7 @@ from .asgi_lifespan import Lifespan
 from .asgi_scope import ScopeBuilder
 from .config import Config
 from .framing import serialize
-from .pool import WorkerPool
+from .pool import WorkerPool, batch_policy
 from .request import Request
 from .response import Response
 from .worker import INTERNAL_ERROR, STREAM_WAKE
@@ -176,6 +176,9 @@ class LoopThread:
         signal.pthread_sigmask(
             signal.SIG_BLOCK, {signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP}
         )
+        # As the pool's workers (pool.batch_policy): a loop woken by a hand-over does not
+        # preempt the conductor, which holds the GIL it would wait for.
+        batch_policy()
         loop = self.loop
         asyncio.set_event_loop(loop)
         loop.call_soon(self._running.set)
