@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Instructions per parse of the request parser, for heads the cache knows and heads it never will.
 
-Why: the parser keeps heads it has seen twice (parser.HeadCache; not chunked ones). A hit skips the
-whole parse; a head that never repeats pays for the look-up and the set of heads seen once.
+Why: the parser keeps heads it has seen twice (head_cache.HeadCache; not chunked ones). A hit skips
+the whole parse; a head that never repeats pays for the look-up and the set of heads seen once.
 This prints both costs for a source tree, counted by callgrind (N then 2N parses in two
 processes, the difference divided by N, so start-up cancels out):
 

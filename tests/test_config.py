@@ -167,23 +167,3 @@ def test_replace_keeps_the_resolved_values_without_reading_the_file_again(tmp_pa
     (tmp_path / "rtserve.toml").unlink()
     again = cfg.replace(backlog=5)
     assert (again.threads, again.backlog, again.config) == (3, 5, path)
-
-
-def test_sighup_settings_come_from_the_file_as_it_is_now(tmp_path):
-    """reload_config: the file is re-read, flags still win, listener settings wait."""
-    from rtserve.supervisor import reload_config
-
-    path = write(tmp_path, 'threads = 3\nmax_body_size = 10\nbind = "127.0.0.1:9000"\n')
-    flags = {"config": path, "max_body_size": "20"}
-    cfg = Config(_env={}, **flags)
-    assert (cfg.threads, cfg.max_body_size, cfg.bind) == (3, 20, "127.0.0.1:9000")
-    write(tmp_path, 'threads = 5\nmax_body_size = 99\nbind = "127.0.0.1:9001"\n')
-    new, notes = reload_config(cfg, flags)
-    assert (new.threads, new.max_body_size, new.bind) == (5, 20, "127.0.0.1:9000")
-    assert notes == [
-        "bind changed to '127.0.0.1:9001': needs a restart, keeping '127.0.0.1:9000'",
-        "threads: 3 -> 5",
-    ]
-    write(tmp_path, "threads = 0\n")
-    with pytest.raises(ConfigError, match="threads"):
-        reload_config(cfg, flags)

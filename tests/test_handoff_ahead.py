@@ -1,4 +1,4 @@
-"""The hand-ahead (admission.Admission._ahead_ok): cheap requests wait in the pool's own
+"""The hand-ahead (handoff.Handoff._ahead_ok): cheap requests wait in the pool's own
 queue while every worker is busy, slow or unmeasured ones in the conductor's CoDel queue.
 
 One worker thread, and a route that is cheap by its estimate but can be told to block on

@@ -1,4 +1,4 @@
-"""The batched hand-off (admission.Admission.flush_batch, pool.WorkerPool._run): cheap
+"""The batched hand-off (handoff.Handoff.flush_batch, pool.WorkerPool._run): cheap
 requests started in one loop turn reach the pool as one item that one worker runs in turn,
 so a burst of new requests wakes one thread instead of one per request.
 

@@ -620,7 +620,7 @@ def test_byte_by_byte_head_is_linear_not_quadratic() -> None:
 
 def test_limits_given_by_position_are_the_same_limits() -> None:
     """The server's per-connection factory may pass them positionally (cheaper)."""
-    from rtserve.parser import HeadCache
+    from rtserve.head_cache import HeadCache
 
     cache = HeadCache()
     p = RequestParser(100, 512, 3, 10, cache)

@@ -1,9 +1,10 @@
 """The parser's cache of heads: a hit must give exactly what a full parse gives.
 
 A head seen before (same bytes) is taken from the cache instead of being parsed again
-(parser.py, HEAD_CACHE_BYTES). These tests hold the cache to that: equal requests, their
-own header lists and bodies, nothing chunked or with an expectation cached, bounded,
-shared only as the reader shares it (one dict for parsers with the same limits).
+(head_cache.py, HEAD_CACHE_BYTES; looked up and entered by parser.py). These tests hold
+the cache to that: equal requests, their own header lists and bodies, nothing chunked or
+with an expectation cached, bounded, shared only as the reader shares it (one dict for
+parsers with the same limits).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from rtserve.errors import ParseError
-from rtserve.parser import HEAD_CACHE_BYTES, HEAD_CACHE_MAX, NEED_DATA, HeadCache, RequestParser
+from rtserve.head_cache import HEAD_CACHE_BYTES, HEAD_CACHE_MAX, HeadCache
+from rtserve.parser import NEED_DATA, RequestParser
 from rtserve.request import Request
 
 GET = b"GET /a/b?x=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\n\r\n"

@@ -1022,7 +1022,7 @@ def _parsed(data: bytes, cache: Any, client: tuple[str, int]) -> Request:
 
 
 def test_requests_with_one_cached_head_get_equal_environs_of_their_own():
-    from rtserve.parser import HeadCache
+    from rtserve.head_cache import HeadCache
 
     head = (b"GET /p/q%20r?x=1 HTTP/1.1\r\nHost: example.com:8443\r\nCookie: a=1\r\n"
             b"Cookie: b=2\r\nContent-Type: text/x\r\n\r\n")
@@ -1057,7 +1057,7 @@ def test_requests_with_one_cached_head_get_equal_environs_of_their_own():
 
 
 def test_a_cached_head_with_proxy_headers_is_resolved_per_peer():
-    from rtserve.parser import HeadCache
+    from rtserve.head_cache import HeadCache
 
     head = b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n"
     wsgi = WSGIApp(environ_app, Config(forwarded_allow_ips="10.0.0.1"))

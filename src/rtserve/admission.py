@@ -1,15 +1,18 @@
 """Admission: which request runs, waits, or is answered at once, and when.
 
 Conductor thread only. Between the parser and the pool: the budget and its margin, dead on
-arrival, the concurrency limit, the CPU gate, the CoDel queue, the deadline timers' answers
-and the bookkeeping of workers still running requests that were answered late (stuck). The
-algorithms themselves (client budgets, CoDelQueue, ConcurrencyLimit) are in deadlines.py.
+arrival, the concurrency limit, the CoDel queue, the deadline timers' answers and the
+bookkeeping of workers still running requests that were answered late (stuck). The
+algorithms themselves (client budgets, CoDelQueue, ConcurrencyLimit) are in deadlines.py;
+the hand-over of a request this module starts (the busy count, the hand-ahead test, the
+loop turn's batch, the CPU gate and its charges) is in handoff.py, `Admission`'s base.
 
 `admit` decides synchronously for a request the reader just parsed and returns the reply
 to send at once (or None when the request was queued or started). Everything that happens
 later (a deadline, a CoDel expiry, a worker freeing up) sends its answer through
 `answer(conn, reply, now)`, the writer's entry for replies that do not come from the parse
-loop. Read-only properties at the end are the public view /metrics and tests use.
+loop. Read-only properties at the end (and the base's: busy, cpu_inflight_ns, charged) are
+the public view /metrics and tests use.
 """
 
 from __future__ import annotations
@@ -24,17 +27,20 @@ from .connection import QUEUED, RUNNING, Connection
 from .deadlines import DOA_DECAY, CoDelQueue, ConcurrencyLimit, client_budget_ns
 from .deadlines import retry_after_seconds as _retry_after
 from .framing import Reply
+from .handoff import Handoff
 from .limits import Limits
 from .metrics import Metrics
 from .request import Request
 from .timers import Timers
 
 
-class Admission:
-    """The queue and the gates in front of the worker pool."""
+class Admission(Handoff):
+    """The queue and the gates in front of the worker pool (the hand-over itself, the
+    hand-ahead test, the batch and the CPU gate are the base class's: handoff.py)."""
 
     def __init__(self, limits: Limits, cfg: Config, metrics: Metrics, timers: Timers,
                  answers: Answers, submit: Callable[[Any], None], worker: Any) -> None:
+        super().__init__(limits, metrics, submit, worker)
         # Items are (conn, req_id, request); only requests with a deadline jump the line.
         self.queue = CoDelQueue(
             cfg.codel_target_ms, cfg.codel_interval_ms, lambda item: item[2].deadline_ns
@@ -47,42 +53,18 @@ class Admission:
         self._sheddable_queued = False  # set when a request with a deadline is queued
         self.limit = ConcurrencyLimit(cfg.adaptive_limit, cfg.max_inflight, limits.threads)
         self._sampling = self.limit.mode != "off"
-        self.threads = limits.threads
         self._margin_ns = limits.margin_ns
         self._default_ns = limits.default_deadline_ns
-        self._cpu_cap = limits.cpu_cap_ns
-        # The hand-ahead (see _ahead_ok): handler time by the routes' estimates that may
-        # wait in the pool's own queue behind busy workers, and the requests running on a
-        # route too slow (or not yet measured) for it, which keep it shut while they run.
-        self._ahead_ns = limits.ahead_ns
-        self._ahead_cap = self._ahead_ns * limits.threads
-        self._slow: set[tuple[Connection, int]] = set()
-        # Cheap tasks started in one loop turn go to the pool as one batch (flush_batch,
-        # called by the loop at the end of its turn): one worker wake-up per turn, not
-        # one per request. None: every task is handed over at once (no loop flushes).
-        self.batch: list[tuple] | None = None
-        self._batch_ns = 0.0
         self._shed_fallback = cfg.shed_with_fallback
-        self._metrics = metrics
         self._timers = timers
         self._answers = answers
-        self._submit = submit  # the pool's task queue put (a task, or a batch: a list)
-        self._worker = worker
         self.answer: Callable[[Connection, Reply, int], None] = _unset  # writer.answer
         # Set by the server for an interface whose work can be stopped (ASGI): called with
         # (conn, req_id, "deadline") after a running request's fallback went out.
         self.cancel: Callable[[Connection, int, str], None] | None = None
-        self._busy = 0  # requests on workers (streams count until their worker is free)
-        self._cpu_inflight = 0  # sampled CPU ns of the handlers running now (see _cpu_gate)
-        self._charges: dict[tuple, int] = {}  # (conn, req_id) -> CPU ns charged at start
         self._stuck: set[tuple[Connection, int]] = set()  # answered late, worker still on it
         self.lag_ns = 0  # recent deadline-timer lateness, sent as extra margin
         self._timer_fired = False  # a deadline timer fired since the last tick (on_tick)
-        # The gate a hand-off asks last: the CPU gate (_cpu_gate), or what the server puts
-        # in its place for an interface whose handlers are not sampled (ASGI: the loops'
-        # backlog). An attribute, not a method to patch: the compiled build's classes
-        # cannot have their methods replaced (docs/compiled.md).
-        self.cpu_ok: Callable[[], bool] = self._cpu_gate
 
     # ---- a request the reader just parsed -----------------------------------------------
 
@@ -141,70 +123,6 @@ class Admission:
         quarter = budget >> 2
         return deadline_ns - self._margin_ns - (lag if lag < quarter else quarter)
 
-    def _ahead_ok(self, route: Route) -> bool:
-        """May a request start while every worker is busy, waiting in the pool's queue?
-
-        Only for cheap work: the pool's queue is shared, so the first worker to finish
-        takes it without a round trip through the conductor (one completion and one
-        dispatch per request otherwise, which made fewer threads slower on small
-        handlers). Allowed while its route's estimate is at most `handoff_ahead_ms`, no
-        request of a slower or unmeasured route runs, and the estimated time of what would
-        wait ahead of it, spread over the workers, stays within `handoff_ahead_ms`. A
-        route of 1 ms handlers never waits there: it stays in the CoDel queue, where the
-        deadline and CoDel still choose.
-        """
-        e = route.ewma_ns
-        return (0 < e <= self._ahead_ns and not self._slow and not route.streams
-                and (self._busy - self.threads + 1) * e <= self._ahead_cap)
-
-    def _cpu_gate(self) -> bool:
-        """May another handler start now without time-slicing the GIL?
-
-        Handlers of one process share one core. Eight 1 ms CPU-bound handlers started
-        together each take ~8 ms of wall time, most finish after their deadline's fallback
-        went out (wasted work), and the conductor's timers wait for the GIL behind them.
-        So a handler starts only while the sampled CPU time of the handlers running is
-        under `cpu_inflight_ms` (whatever its own cost, so a heavy route is not starved).
-        Handlers that mostly wait (I/O, sleeps) cost little CPU and still use every thread.
-        """
-        cap = self._cpu_cap
-        return not cap or self._cpu_inflight < cap
-
-    def _start(self, conn: Connection, rid: int, req: Request) -> None:
-        """Hand a request to the pool, charging its route's CPU estimate until it ends."""
-        self._busy += 1
-        conn.run()
-        route = req.route
-        assert route is not None  # admission only sees routed requests
-        cheap = 0 < route.ewma_ns <= self._ahead_ns and not route.streams
-        if self._ahead_ns and not cheap:
-            self._slow.add((conn, rid))  # keeps the hand-ahead shut while it runs
-        charge = route.cpu_ns
-        if charge and self._cpu_cap:
-            self._cpu_inflight += charge
-            self._charges[(conn, rid)] = charge
-        batch = self.batch
-        if batch is not None and cheap:
-            batch.append((self._worker, conn, rid, req))
-            self._batch_ns += route.ewma_ns
-            if self._batch_ns >= self._ahead_ns:
-                self.flush_batch()
-        else:
-            self._submit((self._worker, conn, rid, req))
-
-    def flush_batch(self) -> None:
-        """Hand the turn's cheap tasks to the pool: a lone one as itself, several as one
-        list that one worker runs in turn (pool.py), so a burst wakes one thread."""
-        batch = self.batch
-        if batch:
-            if len(batch) == 1:
-                self._submit(batch[0])
-            else:
-                self._metrics.handoff_batched += len(batch)
-                self._submit(batch)
-            self.batch = []
-            self._batch_ns = 0.0
-
     def _shed_reply(self, req: Request, reason: str, now: int) -> Reply:
         self._metrics.count_shed(reason)
         route = req.route
@@ -224,13 +142,17 @@ class Admission:
 
         `req` is the request when its result is used (not late), for the limiter's sample.
         """
+        # The hand-off's part (handoff.py's state, given back here inline: a call per
+        # completion would cost ~0.5% of a keep-alive request): the worker, its CPU
+        # charge, and its hold on the hand-ahead.
         self._busy -= 1
         if self._charges:
             self._cpu_inflight -= self._charges.pop((conn, rid), 0)
-        if self._stuck:
-            self._stuck.discard((conn, rid))
         if self._slow:
             self._slow.discard((conn, rid))
+        # Admission's part: a stuck worker is free again, and what a run tells the gates.
+        if self._stuck:
+            self._stuck.discard((conn, rid))
         if req is not None:
             route = req.route
             assert route is not None
@@ -238,13 +160,6 @@ class Admission:
                 route.doa_scale = 1.0  # it ran: the workers' estimate is fresh again
             if self._sampling:
                 self.limit.on_sample(now - req.start_ns, self._busy + len(self.queue), False)
-
-    def handler_returned(self, conn: Connection, rid: int) -> None:
-        """A streamed response's head arrived: its handler returned, and its worker now
-        produces the body, mostly waiting for the client at the high-water mark. Its CPU
-        charge ends here: a stalled stream must not hold the CPU gate shut for others."""
-        if self._charges:
-            self._cpu_inflight -= self._charges.pop((conn, rid), 0)
 
     def dispatch_queued(self, now: int) -> None:
         """Hand queued requests to free workers: CoDel sheds, LIFO under a standing queue.
@@ -413,23 +328,9 @@ class Admission:
         return len(self.queue)
 
     @property
-    def busy(self) -> int:
-        """Workers running a handler (or producing a stream)."""
-        return self._busy
-
-    @property
     def stuck_count(self) -> int:
         """Workers still running a request that was answered at its deadline."""
         return len(self._stuck)
-
-    @property
-    def cpu_inflight_ns(self) -> int:
-        return self._cpu_inflight
-
-    @property
-    def charged(self) -> int:
-        """Requests holding a CPU charge (0 once every charged handler finished)."""
-        return len(self._charges)
 
 
 def _unset(conn: Connection, reply: Reply, now: int) -> None:

@@ -62,7 +62,7 @@ class Route:
         self.inline = inline
         # Set by a worker once a handler of the route returned a streamed body: its
         # estimate covers the handler's return, not the stream, so it is never "cheap"
-        # for the hand-ahead or a batch (admission.py).
+        # for the hand-ahead or a batch (handoff.py).
         self.streams = False
 
     def observe_cpu(self, cpu_ns: int) -> None:

@@ -51,7 +51,7 @@ class Completions:
                     if final:
                         final = False  # given back now: a fault below must not do it again
                         finished(conn, rid, req, now)
-                    else:  # a stream's head (see Admission.handler_returned)
+                    else:  # a stream's head (see Handoff.handler_returned)
                         self._admission.handler_returned(conn, rid)
                     if result[0] >= 500:
                         metrics.handler_errors += 1

@@ -29,6 +29,7 @@ from rtserve.errors import (
     PayloadTooLarge,
     URITooLong,
 )
+from rtserve.head_cache import HEAD_CACHE_BYTES, HEAD_CACHE_MAX, HeadCache, cached_request
 from rtserve.parser_rules import (
     FIELD_LINE,
     TARGET,
@@ -42,7 +43,8 @@ from rtserve.parser_rules import (
 )
 from rtserve.request import Request
 
-__all__ = ["CLOSED_PARSER", "NEED_DATA", "RequestParser"]
+# HeadCache is head_cache.py's, named here too: what a parser is given comes with it.
+__all__ = ["CLOSED_PARSER", "NEED_DATA", "HeadCache", "RequestParser"]
 
 
 class _NeedData:
@@ -74,14 +76,6 @@ _FIELD_CACHE_LINE = 256
 _VALID_HOSTS: set[str] = set()
 _VALID_HOSTS_MAX = 256
 _CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")
-# Heads already parsed, by their exact bytes (see `HeadCache`): clients repeat the very same
-# head (a keep-alive client polling one URL, a load balancer's health check, a benchmark),
-# so a hit replaces the regex, the decode, both splits and the field loop with one bytes
-# copy and one dict lookup. Only heads of requests without a body (no Content-Length
-# above 0, no Transfer-Encoding, no Expect) of at most HEAD_CACHE_BYTES enter; the dict is
-# emptied when full, so a client sending unique heads only costs itself the miss.
-HEAD_CACHE_BYTES = 2048
-HEAD_CACHE_MAX = 256
 _MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
 
 # Fields the parser itself interprets, and the client-budget fields it notes the presence
@@ -89,26 +83,6 @@ _MAX_EMPTY_LINES = 2  # CRLFs tolerated before a request line (RFC 9112 2.2)
 _SPECIAL = frozenset(
     ("host", "content-length", "transfer-encoding", "connection", "expect")
 ) | BUDGET_HEADERS
-
-
-class HeadCache:
-    """Parsed bodyless heads by their exact bytes, shared by the parsers given it.
-
-    `heads` maps head bytes to the positional arguments of their `Request` (the headers as
-    the cache's own list, never handed out: each request gets a copy). That tuple is shared
-    by every request whose head had those bytes (`Request.head`), so a consumer can key its
-    own per-head work on it by identity (the WSGI adapter's environ template: see wsgi.py).
-    A head enters only the second time it is seen (`once` holds the heads seen once), so
-    a stream of unique heads costs a set insert each, not an entry built and thrown away.
-    Parsers may share a cache only if they share their limits: a head enters only after
-    it passed them (the reader gives one to all of a server's connections).
-    """
-
-    __slots__ = ("heads", "once")
-
-    def __init__(self) -> None:
-        self.heads: dict[bytes, tuple[Any, ...]] = {}
-        self.once: set[bytes] = set()
 
 
 # parser states: reading a head, a body (body.py reads it), dead after an error
@@ -229,10 +203,12 @@ class RequestParser:
             if known is not None:
                 buf.clear()
                 if known[6]:  # a Content-Length: its body follows in the next read
-                    return self._cached(known)
+                    if self._slow:
+                        self._reset_head_scan()
+                    return self._length_body(cached_request(known), known[6])
                 if self._slow:
                     self._reset_head_scan()
-                request = Request(*known)  # the common case (a keep-alive GET), inlined
+                request = Request(*known)  # the common case (a keep-alive GET): inlined
                 request.raw_headers = list(known[5])
                 request.head = known
                 return request
@@ -248,7 +224,11 @@ class RequestParser:
                 known = self._heads.get(key)
                 if known is not None:
                     del buf[:hend]
-                    return self._cached(known)
+                    if self._slow:
+                        self._reset_head_scan()
+                    request = cached_request(known)
+                    length = known[6]
+                    return self._length_body(request, length) if length else request
         # First look at this head: one regex both validates it and finds its end. Later
         # looks (the head arrived in pieces) search for the end from where the last one
         # stopped, so byte-by-byte input stays linear, and validate once it is complete.
@@ -425,19 +405,6 @@ class RequestParser:
         if length:
             return self._length_body(request, length)
         return request
-
-    def _cached(self, known: tuple[Any, ...]) -> Request | object:
-        """The request of a head taken from the cache (its bytes already consumed): at
-        once without a body, else its body is read as after a parsed head."""
-        if self._slow:
-            self._reset_head_scan()
-        request = Request(*known)
-        request.raw_headers = list(known[5])
-        request.head = known
-        length = known[6]
-        if not length:
-            return request
-        return self._length_body(request, length)
 
     def _reset_head_scan(self) -> None:
         """Forget the incremental-scan state of the head just consumed."""

@@ -165,7 +165,7 @@ class WorkerPool:
                 item = get()
                 if item is _STOP:
                     return
-                # A list is a batch of cheap tasks from one loop turn (Admission.batch):
+                # A list is a batch of cheap tasks from one loop turn (Handoff.batch, handoff.py):
                 # run in turn, each posting its own result.
                 tasks = item if item.__class__ is list else (item,)
                 left = len(tasks)

@@ -146,7 +146,7 @@ class Request:
         self._headers: Headers | None = None
         self._query: dict[str, list[str]] | None = None
         # The parser's record of this head when requests with the same head bytes share
-        # one (an immutable tuple, see parser.HeadCache): per-head work may be keyed on it.
+        # one (an immutable tuple, see head_cache.HeadCache): per-head work may be keyed on it.
         self.head: Any = None
         # The head has a client-budget field (X-Request-Deadline-Ms, grpc-timeout,
         # x-envoy-expected-rq-timeout-ms): False lets admission skip looking for one.

@@ -35,7 +35,8 @@ all have exited; a second SIGINT or SIGQUIT: children quit at once. SIGHUP: re-r
 config file (`--config`), then a rolling restart with the settings that gives, one slot at
 a time: start the new child on the slot's listener, wait until it beats (it is
 accepting), then SIGTERM the old one. The port never lacks a listener. A config file that
-no longer parses leaves everything as it was (logged).
+no longer parses leaves everything as it was (logged). The reload is reload.py's, run by
+this loop: `start_reload` at the signal, `advance_reload` every turn.
 
 Recycling (`--max-requests`): a child's conductor counts the requests it routes (health
 endpoints excluded) and then drains as a SIGTERM would, `--drain-seconds` included
@@ -54,11 +55,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .child import BEAT_FD_ENV, CHILD_ENV, LISTEN_FD_ENV
-from .config import SETTINGS, Config, ConfigError
+from .config import SETTINGS, Config
+from .reload import Reload, advance_reload, start_reload
 
 log = logging.getLogger("rtserve.error")
 
@@ -103,20 +105,8 @@ class Slot:
     restart_at: float = 0.0  # monotonic time of a scheduled restart (0 = none)
 
 
-@dataclass(eq=False)
-class Reload:
-    """A rolling restart in progress: slots still to replace and the child booting now."""
-
-    queue: list[int] = field(default_factory=list)
-    pending: Child | None = None
-
-
 def reuseport_available() -> bool:
     return hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
-
-
-# Settings the supervisor itself applies once: they shape the listeners and the slots.
-RESTART_ONLY = ("bind", "backlog", "reuse_port", "share_listener", "processes")
 
 
 def child_args(app_spec: str, cfg: Config) -> list[str]:
@@ -144,25 +134,6 @@ def child_args(app_spec: str, cfg: Config) -> list[str]:
         else:
             args.append(f"{s.flag}={value}")
     return args
-
-
-def reload_config(cfg: Config, overrides: dict[str, Any]) -> tuple[Config, list[str]]:
-    """The settings a SIGHUP gives: flags (`overrides`) and environment as at start, the
-    config file as it is now. Returns the new Config and one line per change; a change to
-    a RESTART_ONLY setting is reported and not applied. ConfigError if the file is bad."""
-    new = Config(**overrides)
-    keep = {name: getattr(cfg, name) for name in RESTART_ONLY}
-    notes = []
-    for s in SETTINGS:
-        old_value, new_value = getattr(cfg, s.name), getattr(new, s.name)
-        if old_value == new_value:
-            continue
-        if s.name in keep:
-            notes.append(f"{s.name} changed to {new_value!r}: needs a restart, "
-                         f"keeping {old_value!r}")
-        else:
-            notes.append(f"{s.name}: {old_value!r} -> {new_value!r}")
-    return new.replace(**keep), notes
 
 
 def child_env(cfg: Config) -> dict[str, str]:
@@ -400,61 +371,21 @@ class Supervisor:
             if not child.killed and now - child.last_beat > limit:
                 child.killed = "no heartbeat for %.1f s" % (now - child.last_beat)
                 log.error("process %d: %s: killing it", child.pid, child.killed)
-                self._kill(child, signal.SIGKILL)
+                self.kill(child, signal.SIGKILL)
 
-    def _kill(self, child: Child, sig: int) -> None:
+    def apply(self, cfg: Config) -> None:
+        """New settings (SIGHUP, reload.py): heartbeat_timeout, drain_seconds and
+        graceful_timeout apply here now, every setting to the children started next."""
+        self.cfg = cfg
+        self.argv = child_args(self.app_spec, cfg)
+
+    def kill(self, child: Child, sig: int) -> None:
+        """Signal a child (the reload's SIGTERM to the one it replaced, too); one already
+        gone is no error."""
         try:
             os.kill(child.pid, sig)
         except ProcessLookupError:
             pass
-
-    # ---- reload (SIGHUP) ----------------------------------------------------------------
-
-    def start_reload(self) -> None:
-        if self.stopping:
-            return
-        try:
-            cfg, notes = reload_config(self.cfg, self.overrides)
-        except ConfigError as exc:
-            log.error("SIGHUP: %s: settings and processes left as they were", exc)
-            return
-        for note in notes:
-            log.info("SIGHUP: %s", note)
-        self.cfg = cfg  # heartbeat_timeout, drain_seconds, graceful_timeout apply here now
-        self.argv = child_args(self.app_spec, cfg)  # and every setting to the new children
-        slots = [s.index for s in self.slots]
-        if self.reload is None:
-            self.reload = Reload(queue=slots)
-            log.info("SIGHUP: rolling restart of %d processes", len(slots))
-        else:  # a reload during a reload: go round once more, with the newest code
-            self.reload.queue = slots
-            log.info("SIGHUP: rolling restart starts over")
-
-    def _advance_reload(self) -> None:
-        rl = self.reload
-        if rl is None or self.stopping:
-            return
-        new = rl.pending
-        if new is not None:
-            if not new.ready_at:
-                return
-            slot = self.slots[new.slot]
-            old = slot.child
-            slot.child = new
-            slot.restart_at = 0.0
-            rl.pending = None
-            if old is not None:
-                old.retiring = True
-                log.info("reload: process %d replaces %d (slot %d)", new.pid, old.pid, slot.index)
-                self._kill(old, signal.SIGTERM)
-        while rl.pending is None and rl.queue:
-            slot = self.slots[rl.queue.pop(0)]
-            if slot.sock is None:  # restarting after crashes: it will load the new code
-                continue
-            rl.pending = self.spawn(slot)
-        if rl.pending is None:
-            log.info("reload complete")
-            self.reload = None
 
     # ---- stop -------------------------------------------------------------------------
 
@@ -474,9 +405,9 @@ class Supervisor:
         for child in self.children:
             child.retiring = True
             if graceful:
-                self._kill(child, signal.SIGTERM)
+                self.kill(child, signal.SIGTERM)
             else:  # one still booting serves nothing yet (and SIGQUIT would dump core)
-                self._kill(child, signal.SIGQUIT if child.ready_at else signal.SIGKILL)
+                self.kill(child, signal.SIGQUIT if child.ready_at else signal.SIGKILL)
         # Children keep their own copies: each listener closes when its last child does.
         for slot in self.slots:
             slot.restart_at = 0.0
@@ -515,7 +446,7 @@ class Supervisor:
                 log.info("%s: draining %d processes", name, len(self.children))
                 self.stop(graceful=True)
             elif signum == signal.SIGHUP:
-                self.start_reload()
+                start_reload(self)
 
     def _timeout(self) -> float:
         timeout = 0.5
@@ -555,7 +486,7 @@ class Supervisor:
                     if time.monotonic() >= self.stop_deadline:
                         for child in self.children:
                             log.error("process %d did not stop in time: SIGKILL", child.pid)
-                            self._kill(child, signal.SIGKILL)
+                            self.kill(child, signal.SIGKILL)
                             child.proc.wait()
                         self.exit_code = self.exit_code or 1
                         self._reap()
@@ -563,10 +494,10 @@ class Supervisor:
                     continue
                 self._check_heartbeats()
                 self._restart_due()
-                self._advance_reload()
+                advance_reload(self)
         finally:
             for child in self.children:  # only on an unexpected error
-                self._kill(child, signal.SIGKILL)
+                self.kill(child, signal.SIGKILL)
             signal.set_wakeup_fd(-1)
             self.sel.close()
             self._wake_r.close()

@@ -67,14 +67,14 @@ class Worker:
         rb = request.respond_by_ns
         if rb and t0 >= rb and not inline:
             # Its answer is due (it waited in the pool's queue behind a handler that turned
-            # slow, see Admission._ahead_ok, or the conductor is late): the deadline's
+            # slow, see Handoff._ahead_ok, or the conductor is late): the deadline's
             # answer goes out without it. Never run it.
             return SKIPPED
         request.t_start = t0
         tick = route.cpu_tick = route.cpu_tick + 1
         # The handler's own CPU time, on a sample of requests (the thread clock is a
         # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
-        # time-slicing the GIL (see admission.Admission._cpu_gate).
+        # time-slicing the GIL (see handoff.Handoff._cpu_gate).
         sample = tick <= 8 or not tick & (CPU_SAMPLE_EVERY - 1)
         if sample:
             c0 = _thread_time_ns()
