@@ -35,10 +35,11 @@ from .connection import (
     Connection,
 )
 from .errors import HTTPError, ParseError
+from .head_cache import HeadCache
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .metrics import Metrics
-from .parser import NEED_DATA, HeadCache, RequestParser
+from .parser import NEED_DATA, RequestParser
 from .protocols import Dispatcher
 from .request import Request
 from .response import Response
