@@ -1,5 +1,5 @@
 """A deadline's clock starts when the request's bytes arrived (the kernel's receive stamp),
-not when the conductor got round to reading them (reader.py, docs/deadlines.md §1)."""
+not when the conductor got round to reading them (arrival.py, docs/deadlines.md §1)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from rtserve import App, Request, Response
-from rtserve import reader as reader_mod
+from rtserve import arrival as arrival_mod
 from rtserve.connection import Connection
 from rtserve.parser import RequestParser
 from tests.helpers import REVIEW, Client, read_response, server_thread, wait_for
 
-pytestmark = pytest.mark.skipif(not reader_mod.SO_TIMESTAMPNS,
+pytestmark = pytest.mark.skipif(not arrival_mod.SO_TIMESTAMPNS,
                                 reason="no SO_TIMESTAMPNS on this platform")
 
 
@@ -55,7 +55,7 @@ def test_a_deadline_clock_starts_when_the_bytes_arrived_not_when_they_were_read(
     with server_thread(_app(entered, sent), threads=2) as server:
         first = Client(server.address)
         assert first.request("GET", "/start")[0] == 200  # deadlines in use: stamps on
-        assert server.reader.stamps > 0
+        assert server.reader.arrival.stamps > 0
         c = Client(server.address)  # accepted with stamps on
         assert c.request("GET", "/start")[0] == 200
         # The kernel turns receive stamping on for the whole stack in deferred work (the
@@ -63,7 +63,7 @@ def test_a_deadline_clock_starts_when_the_bytes_arrived_not_when_they_were_read(
         # take longer than the hold below. Wait until a read came stamped (the reader
         # takes the clocks' offset then).
         wait_for(lambda: c.request("GET", "/start")[0] == 200
-                 and server.reader._offset_at >= 0, 10, "a stamped read")
+                 and server.reader.arrival.offset_at >= 0, 10, "a stamped read")
         blocker = Client(server.address)
         blocker.send("GET", "/hold")
         assert entered.wait(10)  # the conductor is busy in /hold and reads nothing
@@ -86,18 +86,18 @@ def test_no_stamps_without_deadline_traffic_and_they_stop_when_it_does() -> None
         c = Client(server.address)
         for _ in range(5):
             assert c.request("GET", "/plain")[2] == b"plain\n"
-        assert server.reader.stamps == 0
+        assert server.reader.arrival.stamps == 0
         assert c.request("GET", "/start")[0] == 200
-        assert server.reader.stamps == reader_mod.STAMP_SPAN
-        for _ in range(reader_mod.STAMP_SPAN):
+        assert server.reader.arrival.stamps == arrival_mod.STAMP_SPAN
+        for _ in range(arrival_mod.STAMP_SPAN):
             assert c.request("GET", "/plain")[0] == 200
-        assert server.reader.stamps == 0
+        assert server.reader.arrival.stamps == 0
         c.close()
 
 
 def _anc(wall_ns: int) -> list[tuple[int, int, bytes]]:
     sec, nsec = divmod(wall_ns, 1_000_000_000)
-    return [(socket.SOL_SOCKET, reader_mod.SO_TIMESTAMPNS, reader_mod._TIMESPEC.pack(sec, nsec))]
+    return [(socket.SOL_SOCKET, arrival_mod.SO_TIMESTAMPNS, arrival_mod.TIMESPEC.pack(sec, nsec))]
 
 
 @contextlib.contextmanager
@@ -117,11 +117,11 @@ def test_a_stamp_is_taken_back_to_the_monotonic_clock_and_bounded_by_now() -> No
         r = server.reader
         now = time.monotonic_ns()
         before = now - 5_000_000
-        at = r._arrival(conn, _anc(time.time_ns() - 5_000_000), now)
+        at = r.arrival.arrival(conn.sock, _anc(time.time_ns() - 5_000_000), now)
         assert before - 50_000_000 < at <= now  # about 5 ms before now (clock reads apart)
-        later = r._arrival(conn, _anc(time.time_ns() + 1_000_000_000), now)
+        later = r.arrival.arrival(conn.sock, _anc(time.time_ns() + 1_000_000_000), now)
         assert later == now  # a stamp after the loop's clock is not believed
-        ancient = r._arrival(conn, _anc(time.time_ns() - 3600 * 1_000_000_000), now)
+        ancient = r.arrival.arrival(conn.sock, _anc(time.time_ns() - 3600 * 1_000_000_000), now)
         assert ancient == now  # an hour back: a wall-clock step, not a waiting request
 
 
@@ -130,11 +130,11 @@ def test_a_read_without_a_stamp_turns_stamps_on_for_that_socket() -> None:
         b = socket.create_connection(ls.getsockname())
         a, _ = ls.accept()
         try:
-            assert not a.getsockopt(socket.SOL_SOCKET, reader_mod.SO_TIMESTAMPNS)
+            assert not a.getsockopt(socket.SOL_SOCKET, arrival_mod.SO_TIMESTAMPNS)
             now = time.monotonic_ns()
             conn = Connection(a, ("127.0.0.1", 0), RequestParser())
-            assert server.reader._arrival(conn, [], now) == now
-            assert a.getsockopt(socket.SOL_SOCKET, reader_mod.SO_TIMESTAMPNS) == 1
+            assert server.reader.arrival.arrival(conn.sock, [], now) == now
+            assert a.getsockopt(socket.SOL_SOCKET, arrival_mod.SO_TIMESTAMPNS) == 1
         finally:
             a.close()
             b.close()
@@ -154,4 +154,4 @@ def test_a_unix_socket_has_no_stamps_and_turns_them_off_for_good(tmp_path: Any) 
                 assert status == 200 and int(body) > 0
         finally:
             s.close()
-        assert server.reader.stamps == 0
+        assert server.reader.arrival.stamps == 0

@@ -11,18 +11,14 @@ comes back through writer.py, which calls `resume` when the connection may read 
 from __future__ import annotations
 
 import _socket
-import platform
 import select
-import socket
-import struct
-import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from .admission import Admission
 from .answers import Answers
+from .arrival import ANC_SPACE, STAMP_SPAN, ArrivalClock
 from .connection import (
     CLOSING,
     QUEUED,
@@ -50,43 +46,6 @@ READ_MASK = select.EPOLLIN | select.EPOLLRDHUP
 RECV_SIZE = 65536
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEALTH_METHODS = frozenset({"GET", "HEAD"})
-
-# Arrival stamps (see Reader._arrival). SO_TIMESTAMPNS is 35 in Linux's generic socket
-# options, with a 16-byte timespec on 64-bit machines (x86, ARM, RISC-V, POWER, s390);
-# Python 3.11 does not name it. Elsewhere requests keep the loop's clock.
-_GENERIC_ABI = ("x86_64", "amd64", "aarch64", "arm64", "riscv64", "ppc64le", "ppc64", "s390x",
-                "loongarch64")
-SO_TIMESTAMPNS: int = getattr(socket, "SO_TIMESTAMPNS", 0) or (
-    35 if sys.platform == "linux" and platform.machine().lower() in _GENERIC_ABI else 0)
-SOL_SOCKET = socket.SOL_SOCKET
-_AF_UNIX = getattr(socket, "AF_UNIX", -1)
-_TIMESPEC = struct.Struct("@qq")  # struct timespec on a 64-bit kernel ABI
-_TIMESPEC_SIZE = _TIMESPEC.size
-_unpack_timespec = _TIMESPEC.unpack
-_ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC_SIZE)
-#: A routed request with a deadline keeps arrival stamps on for this many routed requests
-#: without one: a server whose traffic carries no deadline pays nothing for them.
-STAMP_SPAN = 256
-#: A stamp further back than this is taken for a wall-clock step: the loop's clock is used.
-_MAX_AGE_NS = 10_000_000_000
-#: How often the wall-clock offset is read again.
-_OFFSET_NS = 1_000_000_000
-_monotonic_ns = time.monotonic_ns
-_time_ns = time.time_ns
-
-
-def wall_offset() -> int:
-    """The wall clock less the monotonic clock, in ns. Another thread can take the GIL
-    between the two readings and make the difference too large: the least of three is
-    the one taken without a switch in between."""
-    best = 0
-    for i in range(3):
-        mono = _monotonic_ns()
-        off = _time_ns() - mono  # a switch in between reads the wall clock late: too large
-        if not i or off < best:
-            best = off
-    return best
-
 
 class Reader:
     """Turns bytes from clients into admitted requests."""
@@ -116,12 +75,8 @@ class Reader:
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
         self._rbufs = (self._rbuf,)  # recvmsg_into's buffer list
-        # > 0 while requests with a deadline come in: reads then ask the kernel when their
-        # bytes arrived (see _arrival). 0 without SO_TIMESTAMPNS on this platform.
-        self.stamps = 0
-        self._stamps_ok = SO_TIMESTAMPNS > 0
-        self._offset = 0  # wall clock - monotonic clock, ns (see _arrival)
-        self._offset_at = -_OFFSET_NS - 1  # `now` when it was read: never yet
+        # When a read's bytes arrived, while requests with a deadline come in (arrival.py).
+        self.arrival = ArrivalClock()
         self._health = limits.health
         self._health_paths = answers.health_paths
         self._max_requests = limits.max_requests
@@ -155,16 +110,17 @@ class Reader:
         needs no header timer. The connection is watched from the start all the same:
         a client that leaves while its request waits or streams is noticed at once.
         """
-        if self.stamps:
-            self._enable_stamps(sock)
+        arrival = self.arrival
+        if arrival.stamps:
+            arrival.enable(sock)
         conn = Connection(sock, addr, self._new_parser())
         if not self.read_first:
             return self._adopt(conn, now + self._header_ns, T_HEADER)
         try:
-            if self.stamps:
-                n, anc, _flags, _addr = sock.recvmsg_into(self._rbufs, _ANC_SPACE)
+            if arrival.stamps:
+                n, anc, _flags, _addr = sock.recvmsg_into(self._rbufs, ANC_SPACE)
                 if n:
-                    conn.req_start = self._arrival(conn, anc, now)
+                    conn.req_start = arrival.arrival(sock, anc, now)
             else:
                 n = sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):  # the defer ran out before any bytes
@@ -202,13 +158,14 @@ class Reader:
             self.writer.linger_read(conn)
             return
         try:
-            if self.stamps:
+            arrival = self.arrival
+            if arrival.stamps:
                 # While requests with a deadline come in, each read also asks the kernel
                 # when its bytes arrived: a request's clock starts then, not when the
-                # conductor got to read them (see _arrival).
-                n, anc, _flags, _addr = conn.sock.recvmsg_into(self._rbufs, _ANC_SPACE)
+                # conductor got to read them (arrival.py).
+                n, anc, _flags, _addr = conn.sock.recvmsg_into(self._rbufs, ANC_SPACE)
                 if n and not conn.req_start:
-                    conn.req_start = self._arrival(conn, anc, now)
+                    conn.req_start = arrival.arrival(conn.sock, anc, now)
             else:
                 n = conn.sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):
@@ -217,45 +174,6 @@ class Reader:
             self.writer.abort(conn)
             return
         self.received(conn, n, now)
-
-    def _arrival(self, conn: Connection, anc: list, now: int) -> int:
-        """When the bytes of a read arrived, on the monotonic clock (`now` if unknown).
-
-        While CPU-bound handlers hold the GIL the conductor reads a request's bytes
-        milliseconds after they came (docs/deadlines.md, "When the clock starts"): time
-        its client has already waited. The kernel's receive stamp (SO_TIMESTAMPNS, the
-        socket's only control message) says when: wall-clock time, taken back to the
-        monotonic clock by their offset, read again once a second (a wall-clock step is
-        then wrong for at most a second, and one beyond `_MAX_AGE_NS` not at all), and
-        never later than the loop's `now`. The stamp is of the last segment the read
-        returned, so it is never earlier than the request's first byte. It costs
-        recvmsg_into instead of recv_into and this arithmetic (docs/deadlines.md), so
-        reads ask for it only while requests with a deadline come in (`stamps`).
-        """
-        if anc:
-            data = anc[0][2]
-            if len(data) != _TIMESPEC_SIZE:
-                return now
-            if now - self._offset_at > _OFFSET_NS:
-                self._offset = wall_offset()
-                self._offset_at = now
-            sec, nsec = _unpack_timespec(data)
-            at = sec * 1_000_000_000 + nsec - self._offset
-            return at if now - _MAX_AGE_NS < at < now else now
-        self._enable_stamps(conn.sock)  # accepted before stamps were on: from the next read
-        return now
-
-    def _enable_stamps(self, sock: Any) -> None:
-        """Ask the kernel to stamp what this socket receives. A unix socket has no receive
-        stamps, and a server's connections all come from one kind of listener: then, or
-        where the option is refused, stamps are off for good."""
-        try:
-            if sock.family == _AF_UNIX:
-                raise OSError("no receive stamps on a unix socket")
-            sock.setsockopt(SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        except OSError:
-            self._stamps_ok = False
-            self.stamps = 0
 
     def received(self, conn: Connection, n: int, now: int) -> None:
         """`n` bytes arrived in the read buffer (0: the client shut its side): parse them.
@@ -381,11 +299,12 @@ class Reader:
             reply = self._admit(conn, rid, req, target, now)
         except HTTPError as exc:  # a malformed budget header
             reply = self._answers.response(req, Response.text(exc.reason + "\n", exc.status))
+        arrival = self.arrival
         if req.deadline_ns:
-            if self._stamps_ok:
-                self.stamps = STAMP_SPAN  # deadlines in use: their clocks need the arrival
-        elif self.stamps:
-            self.stamps -= 1
+            if arrival.ok:
+                arrival.stamps = STAMP_SPAN  # deadlines in use: their clocks need the arrival
+        elif arrival.stamps:
+            arrival.stamps -= 1
         if reply is not None:
             self.writer.respond(conn, reply, now)
 

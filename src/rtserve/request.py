@@ -135,7 +135,7 @@ class Request:
         self.expect_continue = expect_continue
         self.body = b""
         self.client: tuple[str, int] | None = None
-        self.start_ns = 0  # when its first bytes arrived (monotonic ns; see reader._arrival)
+        self.start_ns = 0  # when its first bytes arrived (monotonic ns; see arrival.py)
         self.deadline_ns = 0  # 0 = no deadline
         self.respond_by_ns = 0  # when the conductor sends the fallback instead (0 = none)
         self.route: Route | None = None  # set by the reader when routed
