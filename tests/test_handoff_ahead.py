@@ -2,7 +2,9 @@
 queue while every worker is busy, slow or unmeasured ones in the conductor's CoDel queue.
 
 One worker thread, and a route that is cheap by its estimate but can be told to block on
-an event (`/cheap?hold=1`), so the test decides when the worker is busy.
+an event (`/cheap?hold=1`), so the test decides when the worker is busy. The servers run
+with a 50 ms `handoff_ahead_ms`, so a warm-up request that a loaded machine preempted
+(a few ms of wall time) still leaves /cheap counted cheap.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 from rtserve import App, Request, Response
 from tests.helpers import REVIEW, Client, server_thread, wait_for
+
+AHEAD_MS = 50.0  # far above /cheap's handler time, however slow the machine
 
 
 class CheapApp:
@@ -64,7 +68,7 @@ def test_cheap_requests_are_handed_to_the_pool_while_every_worker_is_busy() -> N
     """Behind a busy worker, cheap requests go to the pool's queue (admission counts them
     busy, the CoDel queue stays empty) and are answered in order once it frees."""
     s = CheapApp()
-    with server_thread(s.app, threads=1) as server:
+    with server_thread(s.app, threads=1, handoff_ahead_ms=AHEAD_MS) as server:
         first = _hold_the_worker(s, server)
         others = [Client(server.address) for _ in range(3)]
         for i, c in enumerate(others):
@@ -86,7 +90,7 @@ def test_a_slow_or_unmeasured_request_running_keeps_the_hand_ahead_shut() -> Non
     """While a request of a route with no estimate (or a slow one) runs, cheap requests
     wait in the conductor's queue, where CoDel and the deadlines choose."""
     s = CheapApp()
-    with server_thread(s.app, threads=1) as server:
+    with server_thread(s.app, threads=1, handoff_ahead_ms=AHEAD_MS) as server:
         _warm(server.address)
         blocked = Client(server.address)
         blocked.send("GET", "/held")
@@ -124,7 +128,7 @@ def test_a_request_handed_ahead_past_its_respond_by_time_is_answered_and_never_r
     """Its deadline comes while it waits behind a handler that turned slow: the conductor
     sends the fallback on time, and the worker that takes it later does not run it."""
     s = CheapApp()
-    with server_thread(s.app, threads=1) as server:
+    with server_thread(s.app, threads=1, handoff_ahead_ms=AHEAD_MS) as server:
         first = _hold_the_worker(s, server)
         late = Client(server.address)
         late.send("GET", "/cheap?tag=late", headers={"X-Request-Deadline-Ms": "100"})
