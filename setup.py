@@ -21,9 +21,9 @@ from setuptools import setup
 
 #: The modules the per-request path runs, in src/rtserve. Not here, and why: docs/compiled.md.
 COMPILED = [
-    "parser", "head_cache", "body", "arrival", "parser_rules", "framing", "connection", "timers", "loop",
-    "reader", "writer", "completions", "admission", "handoff", "request", "response", "worker",
-    "pool", "metrics", "wsgi", "wsgi_environ", "tlsio",
+    "parser", "head_cache", "body", "arrival", "parser_rules", "framing", "connection",
+    "timers", "loop", "reader", "writer", "completions", "admission", "handoff", "request",
+    "response", "worker", "pool", "metrics", "wsgi", "wsgi_environ", "tlsio",
 ]
 
 #: What the compiled build needs besides setuptools (mypyc ships inside mypy).

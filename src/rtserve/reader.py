@@ -193,8 +193,14 @@ class Reader:
     def _on_eof(self, conn: Connection, now: int) -> None:
         """The client shut its write side: finish what is in flight, then close."""
         conn.eof = True
-        self._set_mask(conn, conn.mask & ~READ_MASK)  # no busy loop on a half-closed socket
         st = conn.state
+        if st is READING_HEAD and not conn.parser.buf:
+            # An idle keep-alive connection the client closed, the usual end of one: close
+            # at once (the close takes it out of epoll; a mask change first is a wasted
+            # system call).
+            self.writer.close(conn)
+            return
+        self._set_mask(conn, conn.mask & ~READ_MASK)  # no busy loop on a half-closed socket
         if st is READING_HEAD or st is READING_BODY:
             self.advance(conn, now)  # a complete request may still be buffered
         elif st is CLOSING:
