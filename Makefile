@@ -76,7 +76,7 @@ test: $(STAMP)
 	@set -e; \
 	nice -n 10 $(MAKE) --no-print-directory compiled > $(CVENV).log 2>&1 & build=$$!; \
 	trap 'kill $$build 2>/dev/null || true' EXIT; \
-	$(VENV)/bin/ruff check src tests; \
+	$(VENV)/bin/ruff check .; \
 	$(VENV)/bin/mypy; \
 	$(PY) -m pytest -q -p no:cacheprovider; \
 	echo "waiting for the compiled build ($(CVENV).log)"; \
@@ -84,7 +84,7 @@ test: $(STAMP)
 	RTSERVE_EXPECT_COMPILED=1 $(CPY) -m pytest -q -p no:cacheprovider --tb=native
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 clean:
