@@ -162,14 +162,17 @@ def test_prometheus_sees_the_traffic(prom_and_server) -> None:
                          f'(http_server_request_duration_seconds_bucket{{http_route="{route}"}}))')
         want = histogram_quantile(q, route_buckets(samples, route))
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (route, q)
-    # ... and consistent with what was sent: /fast answers at once; a third of /score
-    # requests were held past the deadline, so its p99 is a fallback, sent at respond_by
-    # (at least 14 ms: 20 ms less the 1 ms margin and at most a quarter of extra margin).
+    # ... and consistent with what was sent: a third of /score requests were held past the
+    # deadline, so its p99 is a fallback, sent at respond_by (at least 14 ms: 20 ms less
+    # the 1 ms margin and at most a quarter of extra margin), never before; /fast is never
+    # held, so its median is below that (no bound of its own: a loaded machine stretches
+    # it, as it did to 12.5 ms once with another test run beside this one).
     p50_fast = prom.value("histogram_quantile(0.5, sum by (le) "
                           '(http_server_request_duration_seconds_bucket{http_route="/fast"}))')
     p99_score = prom.value("histogram_quantile(0.99, sum by (le) "
                            '(http_server_request_duration_seconds_bucket{http_route="/score"}))')
-    assert p50_fast < 0.01 <= p99_score < 1.0
+    assert 0.01 <= p99_score < 1.0
+    assert p50_fast < p99_score
     # the rate of deadline misses: 8 between two scrapes of this minute
     misses = traffic.fallbacks + traffic.timeouts
     assert prom.value("rtserve_deadline_misses_total") == misses
