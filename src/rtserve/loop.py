@@ -3,10 +3,12 @@
 Conductor thread only. Each turn: wait until the nearest timer (microsecond waits with
 select() when it is under 2 ms away, since epoll counts whole milliseconds rounded up),
 hand each ready connection to the reader or the writer, each wake-up fd to its handler
-(the pool's completions eventfd, the listener, signals, the control socket), then run
-what is due: deadlines first (a due fallback beats a CoDel 503), connection timers, the
-housekeeping tick, and CoDel expiries. An exception from one connection's event is that
-connection's fault alone (writer.fault): it is logged, counted and the connection closed.
+(the pool's completions eventfd, signals, the control socket), accept last (a connection
+accepted in the turn may take the fd number of one the turn closed, which must not get
+the closed one's events), then run what is due: deadlines first (a due fallback beats a
+CoDel 503), connection timers, the housekeeping tick, and CoDel expiries. An exception
+from one connection's event is that connection's fault alone (writer.fault): it is
+logged, counted and the connection closed.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class EventLoop:
         epfd = (ep.fileno(),)
         fault = writer.fault
         waiting = admission.waiting
+        listener = server.listener
+        listen_fd = listener.fd if listener is not None else -1
         while not life.force_exit:
             due = next_due()
             if waiting:
@@ -84,6 +88,7 @@ class EventLoop:
             except InterruptedError:
                 events = []
             now = monotonic_ns()
+            accept = False
             for fd, ev in events:
                 conn = conns.get(fd)
                 if conn is not None:
@@ -96,6 +101,8 @@ class EventLoop:
                             writer.abort(conn)
                     except Exception:
                         fault(conn, "handling an event")
+                elif fd == listen_fd and listener.sock is not None:
+                    accept = True
                 else:
                     handler = handlers.get(fd)
                     if handler is not None:
@@ -103,6 +110,14 @@ class EventLoop:
                             handler(now)
                         except Exception:
                             fault(None, "in a wake-up handler")
+            if accept:
+                # After the batch's other events: a connection closed in this turn frees
+                # its fd number, and one accepted now may take it; an event of the closed
+                # one later in the batch would reach the new one (a reset would abort it).
+                try:
+                    listener.on_ready(now)
+                except Exception:
+                    fault(None, "accepting")
             if life.signals:
                 life.handle_signals(now)
             if monotonic_ns() >= due:

@@ -240,7 +240,7 @@ class Server:
             lst, loop.ep, reader.open, limits.max_connections, self.metrics, timers.alarm,
             cfg.defer_accept,
         )
-        loop.handlers[self.listener.fd] = self.listener.on_ready
+        # The loop dispatches the listener itself, after a turn's other events (loop.py).
         # Read the request at accept when the kernel held the connection until it came
         # (plain HTTP: a TLS connection starts with its handshake, tlsio.py).
         reader.read_first = self.listener.deferred and self.tls is None
