@@ -242,17 +242,21 @@ def machine_info() -> dict[str, Any]:
 
 
 def calibrate_burn(target_ms: float = 1.0) -> int:
-    """Iterations of apps.logic.burn() that take ``target_ms`` on the server CPU.
+    """Iterations of apps.logic.burn() that take ``target_ms`` on the server CPU."""
+    iters = 10000
+    return max(1000, round(iters * target_ms / time_burn_ms(iters)))
 
-    Measured pinned to the server CPU, best of several rounds (other load only slows it).
-    """
+
+def time_burn_ms(iters: int) -> float:
+    """Milliseconds ``apps.logic.burn(iters)`` takes on the server CPU: pinned to it, the
+    best of 200 rounds (other load only slows it). Called at the start (the calibration)
+    and again at the end, where a different figure says the VM's speed moved meanwhile."""
     sys.path.insert(0, str(BENCH))
     from apps import logic  # noqa: PLC0415 - needs the bench path first
 
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {int(SERVER_CPU)})
     try:
-        iters = 10000
         best = float("inf")
         for _ in range(200):  # min of many short samples: immune to time slices lost
             t = time.perf_counter()
@@ -260,7 +264,7 @@ def calibrate_burn(target_ms: float = 1.0) -> int:
             best = min(best, time.perf_counter() - t)
     finally:
         os.sched_setaffinity(0, old)
-    return max(1000, round(iters * target_ms / 1000 / best))
+    return best * 1000
 
 
 def _tree(pid: int) -> list[int]:
@@ -1243,6 +1247,18 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _burn_end(res: dict[str, Any]) -> str:
+    """The CPU loop re-timed at the end of the run, and whether the VM's speed moved."""
+    end = res.get("burn_ms_end")
+    if end is None:  # an older results file
+        return ""
+    start = res.get("burn_ms_start", 1.0)
+    drift = end / start
+    verdict = ("steady" if 0.85 <= drift <= 1.15 else
+               "the VM's speed moved during the run: compare servers within a repeat only")
+    return f"; the same loop took {end:.3f} ms at the end ({drift:.2f}x: {verdict})"
+
+
 def _load_range(res: dict[str, Any]) -> str:
     loads = [r["loadavg"] for by in res["runs"].values() for runs in by.values()
              for r in runs if "loadavg" in r]
@@ -1312,6 +1328,7 @@ def write_docs(res: dict[str, Any], json_path: Path) -> None:
     """Rewrite docs/benchmarks.md: machine, method, exact commands, tables of this run."""
     m = res["machine"]
     vers = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    burn_end = _burn_end(res)
     servers = "\n".join(f"| {s['name']} | {s['kind']} | {s['note']} |" for s in res["servers"])
     cmds = "\n".join(display_commands(res["commands"]))
     opts = res["options"]
@@ -1338,7 +1355,7 @@ smoke test, not figures to quote. Flame graph: `bench/profile.sh`.
 - 1-minute load average at the end of the measurements: {_load_range(res)} (2 CPUs: the
   server and the generator make 2; more means something else ran on the machine too)
 - {vers}
-- `apps.logic.burn` calibrated to {res['burn_iters']} iterations (about 1 ms on CPU 0)
+- `apps.logic.burn` calibrated to {res['burn_iters']} iterations (about 1 ms on CPU 0){burn_end}
 
 ## Method
 
@@ -1599,6 +1616,7 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
 
     burn_iters = a.burn_iters or calibrate_burn()
+    burn_ms_start = time_burn_ms(burn_iters) if a.burn_iters else 1.0
     tmp = Path(tempfile.mkdtemp(prefix="rtserve-bench-"))
     body_file = tmp / "tx.json"
     sys.path.insert(0, str(BENCH))
@@ -1618,6 +1636,7 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
         "nice": NICE,
         "machine": machine_info(),
         "burn_iters": burn_iters,
+        "burn_ms_start": round(burn_ms_start, 3),
         "idle_conns": a.idle_conns,
         "options": {"repeat": repeat, "duration": f"{a.duration or 10:g} s",
                     "warmup": f"{a.warmup if a.warmup is not None else 2:g} s",
@@ -1660,6 +1679,10 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
                     run_one(s, w, ctx, threads, f"{key} rep {rep + 1}/{reps}")
         print(render({**res, "runs": {key: res["runs"].get(key, {})}}), flush=True)
 
+    # The CPU loop re-timed: on a VM whose host shares the core, the same loop has taken
+    # 1.5x longer an hour after its calibration, which moves every server's figures.
+    res["burn_ms_end"] = round(time_burn_ms(burn_iters), 3)
+    print(f"# {_burn_end(res).lstrip('; ')}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"run-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(res, indent=1))
