@@ -4,27 +4,20 @@ registration the close alone would not remove.
 
 When its client then closes, epoll would report it readable on every turn (level-triggered,
 and nobody reads it), a busy loop for as long as the child lives, and under an fd number a
-new connection may reuse. The server runs as a subprocess (its CPU time is read from
-/proc), serving the small `app` below.
+new connection may reuse. The server runs as a subprocess (test_resource_bounds' ServerProc:
+its CPU time is read from /proc), serving the small `app` below.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from rtserve import App, Request, Response
-from tests.helpers import read_response, wait_for
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import read_response
+from tests.test_resource_bounds import server
 
 app = App()
 
@@ -47,33 +40,6 @@ def fork(request: Request) -> Response:
     return Response.text(f"{pid}\n")
 
 
-@contextmanager
-def server() -> Iterator[tuple[subprocess.Popen, tuple[str, int]]]:
-    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rtserve", "tests.test_close_after_fork:app", "--bind",
-             "127.0.0.1:0", "--threads", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            def port() -> int | None:
-                log.seek(0)
-                m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read())
-                return int(m.group(1)) if m else None
-
-            wait_for(lambda: port() or proc.poll() is not None, 30, "the server to listen")
-            p = port()
-            assert p, "the server did not start"
-            yield proc, ("127.0.0.1", p)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def get(sock: socket.socket, path: str, close: bool = False) -> tuple[int, bytes]:
     extra = "Connection: close\r\n" if close else ""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode())
@@ -85,7 +51,8 @@ def test_a_socket_a_forked_child_holds_leaves_epoll_when_closed() -> None:
     """A connection open while a handler forked is closed by the server, then by its client
     (its FIN reaches the child's copy): the server stays idle and keeps serving, on the
     same fd number too."""
-    with server() as (proc, addr):
+    with server("--threads", "2", app="tests.test_close_after_fork:app") as srv:
+        addr = srv.addr
         a = socket.create_connection(addr, timeout=10)
         status, body = get(a, "/fork?hold=6")
         assert status == 200
@@ -96,9 +63,9 @@ def test_a_socket_a_forked_child_holds_leaves_epoll_when_closed() -> None:
             # FIN goes to that copy, which epoll would report readable on every turn.
             a.close()
             os.kill(child, 0)  # still there
-            cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+            cpu0, t0 = srv.cpu_seconds(), time.monotonic()
             time.sleep(1.5)
-            share = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+            share = (srv.cpu_seconds() - cpu0) / (time.monotonic() - t0)
             assert share < 0.25, f"server CPU {share:.0%} while idle: a stale registration spins"
             for _ in range(3):  # new connections, one of them on the reused fd number
                 b = socket.create_connection(addr, timeout=10)

@@ -23,34 +23,29 @@ import os
 import select
 import socket
 import struct
-import threading
 
 from rtserve import App, Request, Response
-from tests.helpers import Client, server_thread, wait_for
+from tests.helpers import Client, Gate, server_thread, wait_for
 
 _queued = struct.Struct("24xI").unpack  # struct tcp_info: tcpi_unacked, the accept queue
 
 
 class HoldApp:
-    """/gate (inline: holds the conductor), /work (a worker route that waits to be let go)."""
+    """/gate (inline: holds the conductor), /work (holds a worker), /hello."""
 
     def __init__(self) -> None:
         self.app = App()
-        self.gate_entered = threading.Event()
-        self.gate_open = threading.Event()
-        self.work_entered = threading.Event()
-        self.work_go = threading.Event()
+        self.conductor = Gate()
+        self.worker = Gate()
 
         @self.app.get("/gate", inline=True)
         def gate(request: Request) -> Response:
-            self.gate_entered.set()
-            assert self.gate_open.wait(10)
+            self.conductor.hold("gate")
             return Response.text("gate")
 
         @self.app.get("/work")
         def work(request: Request) -> Response:
-            self.work_entered.set()
-            assert self.work_go.wait(10)
+            self.worker.hold("work")
             return Response.text("work")
 
         @self.app.get("/hello")
@@ -86,15 +81,15 @@ def test_a_connection_accepted_in_the_turn_that_closed_its_fd_number_is_served()
         assert gate.request("GET", "/hello")[2] == b"hello"
         x = Client(server.address)
         x.send("GET", "/work")
-        assert s.work_entered.wait(10)
+        s.worker.wait_entered()
         x_conn = next(c for c in server.conns.values() if c.state.name == "RUNNING")
         x_fd = x_conn.fd
         gate.send("GET", "/gate")
-        assert s.gate_entered.wait(10)  # the conductor is held from here to gate_open
+        s.conductor.wait_entered()  # the conductor is held from here to its release
         held: list[int] = []
         try:
             # (1) X's completion: the worker posts it and writes the eventfd.
-            s.work_go.set()
+            s.worker.release.set()
             wait_for(lambda: server.pool._completions.qsize() == 1, what="X's completion")
             # (2) a new client, its request in the accept queue.
             fresh = socket.create_connection(server.address, timeout=10)
@@ -110,7 +105,7 @@ def test_a_connection_accepted_in_the_turn_that_closed_its_fd_number_is_served()
             # This process is the client too: fill the holes its closes left below X's
             # number, so the accept takes X's.
             held = _fill_holes_below(x_fd)
-            s.gate_open.set()
+            s.conductor.release.set()
             assert gate.recv()[2] == b"gate"
             fresh.settimeout(10)
             data = fresh.recv(4096)
@@ -119,6 +114,8 @@ def test_a_connection_accepted_in_the_turn_that_closed_its_fd_number_is_served()
             fresh.close()
             gate.close()
         finally:
+            s.worker.release.set()
+            s.conductor.release.set()
             for n in held:
                 with contextlib.suppress(OSError):
                     os.close(n)

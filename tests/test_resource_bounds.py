@@ -81,9 +81,10 @@ def produced(request: Request) -> Response:
 
 
 class ServerProc:
-    """A `python -m rtserve` subprocess on 127.0.0.1:0; stderr goes to a file."""
+    """A `python -m rtserve` subprocess on 127.0.0.1:0 (of `app`, this module's by default);
+    stderr goes to a file."""
 
-    def __init__(self, *args: str, nofile: int | None = None) -> None:
+    def __init__(self, *args: str, nofile: int | None = None, app: str = APP) -> None:
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
             "w+", prefix="rtserve-bounds-", suffix=".log")
         limit = nofile
@@ -96,7 +97,7 @@ class ServerProc:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rtserve", APP, "--bind", "127.0.0.1:0", *args],
+            [sys.executable, "-m", "rtserve", app, "--bind", "127.0.0.1:0", *args],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.log, preexec_fn=preexec,
         )
         self.pid = self.proc.pid
@@ -174,8 +175,8 @@ class ServerProc:
 
 
 @contextlib.contextmanager
-def server(*args: str, nofile: int | None = None) -> Iterator[ServerProc]:
-    srv = ServerProc(*args, nofile=nofile)
+def server(*args: str, nofile: int | None = None, app: str = APP) -> Iterator[ServerProc]:
+    srv = ServerProc(*args, nofile=nofile, app=app)
     try:
         yield srv
     finally:
