@@ -450,9 +450,9 @@ def test_child_drains_when_its_supervisor_is_killed(supervised):
 
 def test_children_get_the_supervisors_settings_as_flags():
     """child_args round-trips every non-default setting, including lists with commas."""
+    from rtserve.child_command import child_args
     from rtserve.cli import build_parser
     from rtserve.config import Config
-    from rtserve.supervisor import child_args
 
     cfg = Config(
         _env={}, processes="4", threads=3, deadline_ms=25.5, access_log=True,

@@ -896,8 +896,8 @@ def test_supervisor_sighup_serves_new_certificates_and_finishes_old_requests(
 
 
 def test_keyfile_password_never_reaches_a_child_command_line(certs: Certs) -> None:
+    from rtserve.child_command import child_args, child_env
     from rtserve.config import Config
-    from rtserve.supervisor import child_args, child_env
 
     cfg = Config(_env={}, certfile=certs.cert, keyfile=certs.encrypted_key,
                  keyfile_password="s3cret pass")

@@ -83,7 +83,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     repeatable: bool = False  # CLI flag may be given several times (list value)
     section: str = "server"
-    secret: bool = False  # never on a command line the supervisor builds (see child_args)
+    secret: bool = False  # never on a command line the supervisor builds (child_command.py)
 
     @property
     def flag(self) -> str:

@@ -46,7 +46,6 @@ endpoints excluded) and then drains as a SIGTERM would, `--drain-seconds` includ
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import selectors
@@ -59,6 +58,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .child import BEAT_FD_ENV, CHILD_ENV, LISTEN_FD_ENV
+from .child_command import child_args, child_env
 from .config import SETTINGS, Config
 from .reload import Reload, advance_reload, start_reload
 
@@ -107,42 +107,6 @@ class Slot:
 
 def reuseport_available() -> bool:
     return hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
-
-
-def child_args(app_spec: str, cfg: Config) -> list[str]:
-    """The command line of a child: every setting that differs from its default, as a flag.
-
-    Children get RTSERVE_* settings removed from their environment and no --config, so
-    these flags are the whole configuration and a child's Config equals the supervisor's
-    (processes and config aside). A list that is not a repeatable flag goes as JSON, so
-    items with commas survive. Secret settings (the keyfile password) go by environment
-    instead (`child_env`): a command line is readable by every user of the machine.
-    """
-    args = [sys.executable, "-m", "rtserve", app_spec]
-    for s in SETTINGS:
-        if s.name in ("processes", "config") or s.secret:
-            continue
-        value = getattr(cfg, s.name)
-        if value == s.cast(s.default):
-            continue
-        if s.repeatable:
-            args.extend(f"{s.flag}={item}" for item in value)
-        elif s.type.__name__ == "_as_bool":
-            args.append(s.flag if value else "--no-" + s.flag[2:])
-        elif isinstance(value, list):
-            args.append(f"{s.flag}={json.dumps(value)}")
-        else:
-            args.append(f"{s.flag}={value}")
-    return args
-
-
-def child_env(cfg: Config) -> dict[str, str]:
-    """The secret settings that differ from their default, as RTSERVE_* variables."""
-    return {
-        s.env: str(getattr(cfg, s.name))
-        for s in SETTINGS
-        if s.secret and getattr(cfg, s.name) != s.cast(s.default)
-    }
 
 
 class Supervisor:
