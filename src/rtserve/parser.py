@@ -44,7 +44,7 @@ from rtserve.parser_rules import (
 from rtserve.request import Request
 
 # HeadCache is head_cache.py's, named here too: what a parser is given comes with it.
-__all__ = ["CLOSED_PARSER", "NEED_DATA", "HeadCache", "RequestParser"]
+__all__ = ["CLOSED_PARSER", "NEED_DATA", "UNFED_PARSER", "HeadCache", "RequestParser"]
 
 
 class _NeedData:
@@ -541,3 +541,13 @@ def _split_field(line: str) -> tuple[str, str]:
             _FIELD_CACHE.clear()
         _FIELD_CACHE[line] = field
     return field
+
+
+#: What a new Connection holds until it needs a parser of its own. A read that is one
+#: whole head seen before (the head cache's common hit, without a body) becomes its
+#: Request in the reader without a parser (reader.Reader.received), so a connection whose
+#: every read is such a head (a fresh connection's one request, a keep-alive client
+#: repeating one URL) never makes one; any other read swaps in the connection's own
+#: parser first. Shared by every such connection, so nothing may feed it: it holds no
+#: bytes, `has_partial()` is False and `next_event()` says NEED_DATA, as a new parser's do.
+UNFED_PARSER = RequestParser(head_cache=HeadCache())

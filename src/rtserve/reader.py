@@ -31,11 +31,11 @@ from .connection import (
     Connection,
 )
 from .errors import HTTPError, ParseError
-from .head_cache import HeadCache
+from .head_cache import HEAD_CACHE_BYTES, HeadCache
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .metrics import Metrics
-from .parser import NEED_DATA, RequestParser
+from .parser import NEED_DATA, UNFED_PARSER, RequestParser
 from .protocols import Dispatcher
 from .request import Request
 from .response import Response
@@ -80,16 +80,20 @@ class Reader:
         self._health = limits.health
         self._health_paths = answers.health_paths
         self._max_requests = limits.max_requests
-        # A connection's parser, its limits given by position: a partial that passes
-        # keywords costs ~1.2k instructions more per connection (RequestParser.__init__:
-        # max_request_line, max_header_block, max_header_count, max_body_size, head_cache).
+        # A connection's parser, made at its first read that is not one whole cached head
+        # (`received`; until then it holds UNFED_PARSER), its limits given by position: a
+        # partial that passes keywords costs ~1.2k instructions more per connection
+        # (RequestParser.__init__: max_request_line, max_header_block, max_header_count,
+        # max_body_size, head_cache).
+        head_cache = HeadCache()  # one for every connection: they share these limits
+        self._heads = head_cache.heads
         self._new_parser = partial(
             RequestParser,
             limits.max_request_line,
             limits.max_header_block,
             limits.max_header_count,
             limits.max_body_size,
-            HeadCache(),  # one for every connection: they share these limits
+            head_cache,
         )
         self.requests_seen = 0  # routed requests (max_requests counts these)
         self.writer: Any = None  # writer.Writer, wired by the server (the two call each other)
@@ -113,7 +117,7 @@ class Reader:
         arrival = self.arrival
         if arrival.stamps:
             arrival.enable(sock)
-        conn = Connection(sock, addr, self._new_parser())
+        conn = Connection(sock, addr, UNFED_PARSER)
         if not self.read_first:
             return self._adopt(conn, now + self._header_ns, T_HEADER)
         try:
@@ -184,6 +188,23 @@ class Reader:
         if not conn.req_start:
             conn.req_start = now  # the request clock starts at the recv of its first byte
         parser = conn.parser
+        if parser is UNFED_PARSER:
+            # No bytes held: a read that is exactly one head the parser cached (without a
+            # body) is that head's Request, as the parser's own hit makes it (parser.py,
+            # head_cache.py), with no parser made, fed or asked (~5k instructions on a new
+            # connection). Anything else goes to the connection's own parser, made now.
+            if (conn.state is READING_HEAD and n <= HEAD_CACHE_BYTES
+                    and self._rbuf[n - 1] == 10):
+                known = self._heads.get(bytes(self._rview[:n]))
+                if known is not None and not known[6]:
+                    req = Request(*known)
+                    req.raw_headers = list(known[5])
+                    req.head = known
+                    self._request(conn, req, now)
+                    if conn.state is READING_HEAD:  # answered at once: wait for the next
+                        self._await_more(conn, now)
+                    return
+            parser = conn.parser = self._new_parser()
         parser.feed(self._rview[:n])
         if conn.state <= READING_BODY:
             self.advance(conn, now)

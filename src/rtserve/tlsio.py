@@ -50,6 +50,7 @@ from .connection import (
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .metrics import Metrics
+from .parser import UNFED_PARSER
 from .protocols import Dispatcher
 from .reader import READ_MASK, Reader
 from .request import Request
@@ -112,7 +113,7 @@ class TLSReader(Reader):
             sock.close()
             self._metrics.count_tls_error("eof")
             return len(conns)
-        conn = Connection(ssock, addr, self._new_parser(), handshake=True)
+        conn = Connection(ssock, addr, UNFED_PARSER, handshake=True)
         return self._adopt(conn, now + self._handshake_ns, T_HANDSHAKE)
 
     def handshake(self, conn: Connection, now: int) -> None:
