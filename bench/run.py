@@ -528,6 +528,19 @@ def baseline_twin(server: Server, ref: str, src: Path) -> Server:
                   tls=server.tls)
 
 
+def pair_with_twins(servers: list[Server]) -> list[list[Server]]:
+    """The servers in their order, each rtserve server grouped with its baseline twin
+    (``NAME@REF``, placed right after it), which the run alternates with it point by
+    point; every other server is a group of one."""
+    groups: list[list[Server]] = []
+    for s in servers:
+        if s.kind == "baseline" and groups and s.name.startswith(groups[-1][0].name + "@"):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
 def check_baseline_import(src: Path) -> None:
     """Fail early unless the venv's Python, with the twin's PYTHONPATH, imports rtserve
     from ``src`` (and not the editable install of this tree)."""
@@ -1668,7 +1681,12 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
         w = WORKLOADS[key]
         reps = 1 if w.kind == "idle" else repeat
         for rep in range(reps):
-            for s in servers:  # interleaved: background noise spreads over all servers
+            # Interleaved: background noise spreads over all servers. A server and its
+            # baseline twin alternate at each thread count (rtserve 2, rtserve@REF 2,
+            # rtserve 4 ...), so the pair a before/after ratio compares ran seconds apart:
+            # this VM's speed has moved 1.6x between runs an hour apart.
+            for group in pair_with_twins(servers):
+                s = group[0]
                 if key not in s.workloads:
                     continue
                 # Only where the threads run the workload's code (F's per-connection memory
@@ -1676,7 +1694,8 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
                 counts = (sweep if sweep and s.threads and key in s.sweep_workloads
                           else [s.threads])
                 for threads in counts:
-                    run_one(s, w, ctx, threads, f"{key} rep {rep + 1}/{reps}")
+                    for member in group:
+                        run_one(member, w, ctx, threads, f"{key} rep {rep + 1}/{reps}")
         print(render({**res, "runs": {key: res["runs"].get(key, {})}}), flush=True)
 
     # The CPU loop re-timed: on a VM whose host shares the core, the same loop has taken
