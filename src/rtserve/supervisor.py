@@ -11,7 +11,7 @@ or multiprocessing:
 - a fresh interpreter has no threads or locks inherited from a forked parent, and SIGHUP
   (rolling restart) loads the code that is on disk now.
 
-Listeners. The supervisor binds them and children inherit them (`pass_fds`):
+Listeners. The supervisor binds them (slot_listeners.py) and children inherit them (`pass_fds`):
 
 - reuseport mode (default on Linux): one SO_REUSEPORT listener per *slot* (N slots). The
   kernel spreads new connections over the slots' accept queues by a hash, so the processes
@@ -45,7 +45,6 @@ endpoints excluded) and then drains as a SIGTERM would, `--drain-seconds` includ
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import selectors
@@ -61,6 +60,7 @@ from .child import BEAT_FD_ENV, CHILD_ENV, LISTEN_FD_ENV
 from .child_command import child_args, child_env
 from .config import SETTINGS, Config
 from .reload import Reload, advance_reload, start_reload
+from .slot_listeners import SlotListeners
 
 log = logging.getLogger("rtserve.error")
 
@@ -105,10 +105,6 @@ class Slot:
     restart_at: float = 0.0  # monotonic time of a scheduled restart (0 = none)
 
 
-def reuseport_available() -> bool:
-    return hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
-
-
 class Supervisor:
     """Starts `procs` children of `app_spec` and keeps them running until told to stop."""
 
@@ -126,9 +122,7 @@ class Supervisor:
         self.env[CHILD_ENV] = str(os.getpid())
         self.slots: list[Slot] = []
         self.children: list[Child] = []
-        self.shared: socket.socket | None = None
-        self.bind = cfg.bind  # with the real port once bound (port 0 = ephemeral)
-        self.mode = ""
+        self.listeners = SlotListeners(cfg, procs)
         self.booting = True  # until every first child has beaten once
         self.stopping = False
         self.immediate = False
@@ -142,42 +136,9 @@ class Supervisor:
     # ---- listeners ------------------------------------------------------------------
 
     def open_listeners(self) -> None:
-        from .listener import format_address, make_listener
-
-        cfg = self.cfg
-        use_reuseport = (
-            not cfg.share_listener and not cfg.bind.startswith("unix:") and reuseport_available()
-        )
-        first: socket.socket | None = None
-        if use_reuseport:
-            try:
-                first = make_listener(cfg.bind, cfg.backlog, reuse_port=True)
-            except OSError as exc:
-                if exc.errno != errno.ENOPROTOOPT:
-                    raise
-                first = None  # the kernel has no SO_REUSEPORT: share one listener
-        if first is None:
-            self.mode = "one shared listener"
-            self.shared = make_listener(cfg.bind, cfg.backlog, reuse_port=cfg.reuse_port)
-            addr = self.shared.getsockname()
-            self.slots = [Slot(i, self.shared) for i in range(self.procs)]
-        else:
-            self.mode = "an SO_REUSEPORT listener per process"
-            addr = first.getsockname()
-            host = cfg.bind.rpartition(":")[0]
-            self.bind = f"{host}:{addr[1]}"
-            self.slots = [Slot(0, first)] + [
-                Slot(i, self._new_reuseport_listener()) for i in range(1, self.procs)
-            ]
-        log.info(
-            "supervisor listening on %s (%d processes, %s, pid %d)",
-            format_address(addr), self.procs, self.mode, os.getpid(),
-        )
-
-    def _new_reuseport_listener(self) -> socket.socket:
-        from .listener import make_listener
-
-        return make_listener(self.bind, self.cfg.backlog, reuse_port=True)
+        """Bind the slots' listeners (slot_listeners.py): one slot per process."""
+        socks = self.listeners.open()
+        self.slots = [Slot(i, sock) for i, sock in enumerate(socks)]
 
     # ---- children -------------------------------------------------------------------
 
@@ -300,7 +261,7 @@ class Supervisor:
         self._respawn(slot, delay)
 
     def _respawn(self, slot: Slot, delay: float) -> None:
-        if delay > 0 and self.shared is None and slot.sock is not None:
+        if delay > 0 and self.listeners.per_slot and slot.sock is not None:
             # Nobody accepts on this slot for a while: leave the reuseport group so the
             # kernel stops queueing connections there (those queued now are reset).
             slot.sock.close()
@@ -318,10 +279,10 @@ class Supervisor:
                 continue
             if slot.sock is None:
                 try:
-                    slot.sock = self._new_reuseport_listener()
+                    slot.sock = self.listeners.rejoin(self.cfg.backlog)
                 except OSError as exc:
                     log.error("slot %d: cannot listen on %s (%s): retrying", slot.index,
-                              self.bind, exc)
+                              self.listeners.bind, exc)
                     slot.restart_at = now + 1.0
                     continue
             slot.restart_at = 0.0
@@ -372,15 +333,10 @@ class Supervisor:
                 self.kill(child, signal.SIGTERM)
             else:  # one still booting serves nothing yet (and SIGQUIT would dump core)
                 self.kill(child, signal.SIGQUIT if child.ready_at else signal.SIGKILL)
-        # Children keep their own copies: each listener closes when its last child does.
+        self.listeners.close([slot.sock for slot in self.slots])
         for slot in self.slots:
             slot.restart_at = 0.0
-            if slot.sock is not None and slot.sock is not self.shared:
-                slot.sock.close()
             slot.sock = None
-        if self.shared is not None:
-            self.shared.close()
-            self.shared = None
 
     # ---- signals and the loop ---------------------------------------------------------------
 
