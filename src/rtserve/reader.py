@@ -31,7 +31,7 @@ from .connection import (
     Connection,
 )
 from .errors import HTTPError, ParseError
-from .head_cache import HEAD_CACHE_BYTES, HeadCache
+from .head_cache import HEAD_CACHE_BYTES, HeadCache, cached_request
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .metrics import Metrics
@@ -190,18 +190,15 @@ class Reader:
         parser = conn.parser
         if parser is UNFED_PARSER:
             # No bytes held: a read that is exactly one head the parser cached (without a
-            # body) is that head's Request, as the parser's own hit makes it (parser.py,
-            # head_cache.py), with no parser made, fed or asked (B: 89.8k -> 82.3k
+            # body) is that head's Request (head_cache.cached_request, as the parser's
+            # hits make it), with no parser made, fed or asked (B: 89.8k -> 83.0k
             # instructions per connection, docs/parser.md). Anything else goes to the
             # connection's own parser, made now.
             if (conn.state is READING_HEAD and n <= HEAD_CACHE_BYTES
                     and self._rbuf[n - 1] == 10):
                 known = self._heads.get(bytes(self._rview[:n]))
                 if known is not None and not known[6]:
-                    req = Request(*known)
-                    req.raw_headers = list(known[5])
-                    req.head = known
-                    self._request(conn, req, now)
+                    self._request(conn, cached_request(known), now)
                     if conn.state is READING_HEAD:  # answered at once: wait for the next
                         self._await_more(conn, now)
                     return
