@@ -6,7 +6,8 @@ hand each ready connection to the reader or the writer, each wake-up fd to its h
 (the pool's completions eventfd, signals, the control socket), accept last (a connection
 accepted in the turn may take the fd number of one the turn closed, which must not get
 the closed one's events), then run what is due: deadlines first (a due fallback beats a
-CoDel 503), connection timers, the housekeeping tick, and CoDel expiries. An exception
+CoDel 503), connection timers, the housekeeping tick, and CoDel expiries; last, hand the
+turn's batch of cheap requests to the pool and yield the CPU to the worker it woke. An exception
 from one connection's event is that connection's fault alone (writer.fault): it is
 logged, counted and the connection closed.
 """
@@ -35,6 +36,9 @@ class EventLoop:
     def __init__(self) -> None:
         self.ep = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}  # fd -> handler(now)
+        # os.sched_yield when the turn that hands a batch to the pool gives its worker the
+        # CPU at once (--handoff-yield, the server sets it; see run); None: it does not.
+        self.yield_cpu: Callable[[], None] | None = None
 
     def watch(self, fd: int, handler: Callable[[int], None]) -> None:
         """Call `handler(now)` whenever `fd` is readable."""
@@ -67,6 +71,8 @@ class EventLoop:
         waiting = admission.waiting
         listener = server.listener
         listen_fd = listener.fd if listener is not None else -1
+        yield_cpu = self.yield_cpu
+        metrics = server.metrics
         while not life.force_exit:
             due = next_due()
             if waiting:
@@ -124,6 +130,14 @@ class EventLoop:
                 self._run_due(server, monotonic_ns())
             if admission.batch:
                 admission.flush_batch()
+                if yield_cpu is not None:
+                    # Workers run under SCHED_BATCH (pool.batch_policy): woken by the
+                    # batch, one waits for the CPU until the conductor blocks in epoll or
+                    # its time slice ends, and while events keep coming that is turns
+                    # later. The yield gives the worker the CPU now (the GIL is free during
+                    # the call); the conductor runs on when the worker blocks again.
+                    yield_cpu()
+                    metrics.handoff_yields += 1
             if life.draining and not conns:
                 return  # drained: every connection is closed
 

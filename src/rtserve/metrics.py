@@ -73,6 +73,9 @@ class Metrics:
         "handoff_batched": ("rtserve_handoff_batched_total",
                             "Requests handed to the worker pool in one batch with others of "
                             "the same loop turn (one worker woken for the batch)."),
+        "handoff_yields": ("rtserve_handoff_yields_total",
+                           "Loop turns that handed a batch to the pool and then yielded the "
+                           "CPU so that a worker ran it at once (--handoff-yield)."),
         "internal_errors": ("rtserve_internal_errors_total",
                             "Conductor bugs caught while handling one connection (that "
                             "connection was closed, the rest served on)."),
@@ -91,6 +94,7 @@ class Metrics:
         self.connections_accepted = 0
         self.accept_pauses = 0
         self.handoff_batched = 0
+        self.handoff_yields = 0
         self.handler_errors = 0
         self.internal_errors = 0
         self.tls = False  # serving TLS: the TLS series are rendered (server.py sets it)

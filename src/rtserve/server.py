@@ -203,6 +203,8 @@ class Server:
         answers.admission = admission
         if limits.ahead_ns and cfg.handoff_batch:  # the loop flushes it every turn
             admission.batch = []
+            if cfg.handoff_yield:
+                loop.yield_cpu = getattr(os, "sched_yield", None)
         reader_args = (limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics,
                        self.app, answers, admission, self.life)
         writer_args = (limits, self.conns, loop.ep, loop.set_mask, timers, self.metrics,
