@@ -1,8 +1,9 @@
-"""The yield after a batch (loop.EventLoop.run, --handoff-yield): a loop turn that hands
-cheap requests to the pool gives the woken worker the CPU at once.
+"""The yield after a batch (loop.EventLoop.run, --handoff-yield): a loop turn that accepted
+and hands cheap requests to the pool gives the woken worker the CPU at once.
 
-What a test can see is that the turns that hand a batch yield (the counter), that a
-route that is not cheap never makes a turn yield, that it can be turned off, and that
+What a test can see is that the turns that accept and hand a batch yield (the counter),
+that keep-alive turns and a route that is not cheap never make a turn yield, that it can
+be turned off, and that
 under a burst of one-request connections every client gets its own answer. How much it
 gains is a measurement (docs/architecture.md, "The hot path, measured").
 """
@@ -42,19 +43,39 @@ def _one_request_per_connection(address: tuple[str, int], tag: str) -> tuple[int
         conn.close()
 
 
-def test_a_turn_that_hands_a_batch_yields() -> None:
-    """Once the route is measured cheap, its requests go through the turn's batch, and
-    each turn that hands one over yields; the first request (not yet measured) does not."""
+def test_a_turn_that_accepts_and_hands_a_batch_yields() -> None:
+    """Once the route is measured cheap, a new connection's request (read in the turn
+    that accepted it) goes through the turn's batch, and that turn yields; the first
+    request (not yet measured) does not."""
     with server_thread(_app(), threads=4) as server:
         assert server.loop.yield_cpu is not None
-        c = Client(server.address)
-        assert c.request("GET", "/cheap?tag=first")[2] == b"first"
+        assert _one_request_per_connection(server.address, "first") == (200, b"first")
         assert server.metrics.handoff_yields == 0  # unmeasured: handed over by itself
         for i in range(5):
-            assert c.request("GET", f"/cheap?tag={i}")[2] == str(i).encode()
+            assert _one_request_per_connection(server.address, str(i)) == (200, str(i).encode())
         assert server.metrics.handoff_yields >= 1
+        c = Client(server.address)
         assert "rtserve_handoff_yields_total" in c.request("GET", "/metrics")[2].decode()
         c.close()
+
+
+def test_keep_alive_turns_batch_without_yielding() -> None:
+    """Requests on open keep-alive connections are batched but their turns accept
+    nothing, so they do not yield: those connections send nothing more until answered
+    and the conductor soon blocks anyway."""
+    with server_thread(_app(), threads=4) as server:
+        clients = [Client(server.address) for _ in range(4)]
+        for c in clients:  # each connection's first request: its turn accepted it
+            assert c.request("GET", "/cheap?tag=w")[2] == b"w"
+        # The route is measured cheap now: these go through the turn's batch (as the
+        # test above shows for new connections), in turns that accept nothing.
+        yields = server.metrics.handoff_yields
+        for i in range(10):
+            for c in clients:
+                assert c.request("GET", f"/cheap?tag={i}")[2] == str(i).encode()
+        assert server.metrics.handoff_yields == yields
+        for c in clients:
+            c.close()
 
 
 def test_a_route_that_is_not_cheap_never_yields() -> None:

@@ -176,9 +176,9 @@ SETTINGS: tuple[Setting, ...] = (
             "to one worker as a batch: one thread woken per turn, not one per request",
             section="deadlines"),
     Setting("handoff_yield", _as_bool, True,
-            "after a loop turn hands its batch to the pool, yield the CPU (sched_yield) so a "
-            "worker runs it before the conductor's next turn, not when the conductor next "
-            "blocks", section="deadlines"),
+            "after a loop turn that accepted connections hands its batch to the pool, yield "
+            "the CPU (sched_yield) so a worker runs it before the conductor's next turn, not "
+            "when the conductor next blocks", section="deadlines"),
     Setting("switch_interval_ms", float, 0.5,
             "sys.setswitchinterval in ms (GIL hand-off; see docs/deadlines.md)",
             _positive, section="deadlines"),

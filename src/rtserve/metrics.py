@@ -74,8 +74,8 @@ class Metrics:
                             "Requests handed to the worker pool in one batch with others of "
                             "the same loop turn (one worker woken for the batch)."),
         "handoff_yields": ("rtserve_handoff_yields_total",
-                           "Loop turns that handed a batch to the pool and then yielded the "
-                           "CPU so that a worker ran it at once (--handoff-yield)."),
+                           "Loop turns that accepted, handed a batch to the pool and then "
+                           "yielded the CPU so that a worker ran it at once (--handoff-yield)."),
         "internal_errors": ("rtserve_internal_errors_total",
                             "Conductor bugs caught while handling one connection (that "
                             "connection was closed, the rest served on)."),
