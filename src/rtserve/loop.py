@@ -137,7 +137,7 @@ class EventLoop:
                     # later, so a turn that accepted gives the worker the CPU now (the GIL
                     # is free during the call). A turn of keep-alive reads does not: its
                     # connections send nothing more until answered, the conductor soon
-                    # blocks, and a yield there only adds two switches (A -8%).
+                    # blocks, and a yield there only adds two switches (A -6%).
                     yield_cpu()
                     metrics.handoff_yields += 1
             if life.draining and not conns:
