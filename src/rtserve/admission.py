@@ -50,7 +50,7 @@ class Admission(Handoff):
         # target and this share of its own budget (docs/deadlines.md, "CoDel and the
         # request's own budget"): 5 ms of a 50 ms budget shed requests that had time left.
         self._budget_share = cfg.codel_budget_share
-        self._sheddable_queued = False  # set when a request with a deadline is queued
+        self._light_queued = False  # set when a light request is queued (Handoff.light)
         self.limit = ConcurrencyLimit(cfg.adaptive_limit, cfg.max_inflight, limits.threads)
         self._sampling = self.limit.mode != "off"
         self._margin_ns = limits.margin_ns
@@ -92,8 +92,14 @@ class Admission(Handoff):
         if limit.enabled and not limit.admits(self._busy + len(self.queue)):
             return self._shed_reply(req, "limit", now)
         req.t_queued = now
-        if (not self.waiting and (self._busy < self.threads or self._ahead_ok(route))
-                and self.cpu_ok()):
+        if self.waiting:
+            # Requests wait for a worker or for the CPU gate. A light one passes those
+            # that wait for the gate alone (a worker is free): see Handoff.light.
+            start = self._busy < self.threads and self.light(route)
+        else:
+            start = ((self._busy < self.threads or self._ahead_ok(route))
+                     and (self.cpu_ok() or self.light(route)))
+        if start:
             qw = self._metrics.queue_wait  # a zero wait: the first bucket, no bisect
             qw.counts[0] += 1
             qw.count += 1
@@ -103,6 +109,8 @@ class Admission(Handoff):
             self.queue.push((conn, rid, req), now)
             if req.deadline_ns and not self._sheddable_queued:
                 self._sheddable_queued = True
+            if not self._light_queued and self.light(route):
+                self._light_queued = True
         return None
 
     def _run_inline(self, conn: Connection, rid: int, req: Request, respond_by: int) -> Reply:
@@ -147,7 +155,9 @@ class Admission(Handoff):
         # charge, and its hold on the hand-ahead.
         self._busy -= 1
         if self._charges:
-            self._cpu_inflight -= self._charges.pop((conn, rid), 0)
+            charged = self._charges.pop((conn, rid), None)
+            if charged is not None:
+                self._cpu_inflight -= charged.charge
         if self._slow:
             self._slow.discard((conn, rid))
         # Admission's part: a stuck worker is free again, and what a run tells the gates.
@@ -166,7 +176,8 @@ class Admission(Handoff):
 
         LIFO serves the newest request first only when it has a deadline (requests without
         one keep their order: see the queue's `lifo_ok`), and a request starts only while
-        the CPU budget allows it.
+        the CPU budget allows it; while it does not, light requests queued behind start
+        (`_start_light`).
         """
         q = self.queue
         while q:
@@ -177,24 +188,51 @@ class Admission(Handoff):
                 continue  # answered by its deadline, or the client left
             if self._busy >= self.threads and not self._ahead_ok(req.route):
                 return  # every worker is busy: the next completion starts it
-            if not self.cpu_ok():
-                return  # the CPU budget is spent: the next completion frees some
+            if not self.cpu_ok() and not self.light(req.route):
+                # The CPU budget is spent: the next completion (or the next lapse of a
+                # charge, gate_wake_ns) frees some. A worker is free for light ones.
+                if self._light_queued:
+                    self._start_light(limit, now)
+                return
             q.pop(now)
-            waited = now - req.t_queued
-            # CoDel sheds only requests that carry a deadline: for them a long wait means a
-            # late answer anyway. Requests without one wait, bounded by --max-inflight.
-            if limit and req.deadline_ns and waited > self._wait_limit(req, limit):
-                self.answer(conn, self._shed_reply(req, "codel", now), now)
-                continue
-            if req.deadline_ns and self.respond_by(
-                req.deadline_ns, req.deadline_ns - req.start_ns
-            ) - now <= req.route.ewma_ns:
-                # Late already, or too late to finish: never run it; answer it now rather
-                # than leave it for the timer (it is out of the queue, so nothing else would).
-                self.skipped(conn, rid, now)
-                continue
-            self._metrics.queue_wait.observe(waited)
-            self._start(conn, rid, req)
+            self._start_queued(conn, rid, req, limit, now)
+
+    def _start_queued(self, conn: Connection, rid: int, req: Request, limit: int, now: int
+                      ) -> None:
+        """Start a request taken out of the queue, unless its wait or its deadline says
+        to answer it now instead (`limit`: CoDel's timeout now)."""
+        waited = now - req.t_queued
+        # CoDel sheds only requests that carry a deadline: for them a long wait means a
+        # late answer anyway. Requests without one wait, bounded by --max-inflight.
+        if limit and req.deadline_ns and waited > self._wait_limit(req, limit):
+            self.answer(conn, self._shed_reply(req, "codel", now), now)
+            return
+        route = req.route
+        assert route is not None  # admission only queues routed requests
+        if req.deadline_ns and self.respond_by(
+            req.deadline_ns, req.deadline_ns - req.start_ns
+        ) - now <= route.ewma_ns:
+            # Late already, or too late to finish: never run it; answer it now rather
+            # than leave it for the timer (it is out of the queue, so nothing else would).
+            self.skipped(conn, rid, now)
+            return
+        self._metrics.queue_wait.observe(waited)
+        self._start(conn, rid, req)
+
+    def _start_light(self, limit: int, now: int) -> None:
+        """The queue's next request waits for the CPU gate, not for a worker: start the
+        light requests queued behind it while workers are free (in arrival order; the
+        queue holds them only when every worker was busy as they came). Clears the flag
+        its push set once none is left."""
+        q = self.queue
+        for item in list(q.items):
+            if self._busy >= self.threads:
+                return  # the rest wait for a worker, flag kept
+            conn, rid, req = item
+            if self.light(req.route) and conn.awaits(rid):
+                q.discard(item, now)
+                self._start_queued(conn, rid, req, limit, now)
+        self._light_queued = False
 
     def skipped(self, conn: Connection, rid: int, now: int) -> None:
         """The deadline's answer, now, for a request that never ran: its respond-by time
@@ -228,16 +266,18 @@ class Admission(Handoff):
         0 too when no queued request has a deadline (CoDel sheds no other): a time
         already past would make the loop poll without sleeping while it waits.
         """
+        gate = self.gate_wake_ns  # a charge lapses, and the shut CPU gate may open
         if not self._sheddable_queued:
-            return 0  # the common case: nothing CoDel sheds is waiting
+            return gate  # the common case: nothing CoDel sheds is waiting
         limit = self.queue.timeout_ns(now)
         if not limit:
-            return 0
+            return gate
         item = self._first_sheddable()
         if item is None:
-            return 0
+            return gate
         req = item[2]
-        return req.t_queued + self._wait_limit(req, limit) + 1
+        codel = req.t_queued + self._wait_limit(req, limit) + 1
+        return gate if gate and gate < codel else codel
 
     def _first_sheddable(self) -> tuple[Connection, int, Request] | None:
         """The longest-waiting live request with a deadline (items are in arrival order),
@@ -258,6 +298,10 @@ class Admission(Handoff):
         Requests without a deadline (never shed by CoDel) are passed over, not waited
         behind.
         """
+        gate = self.gate_wake_ns
+        if gate and gate <= now:  # a charge lapses: what the shut gate held may start
+            self.gate_wake_ns = 0
+            self.dispatch_queued(now)
         q = self.queue
         limit = q.timeout_ns(now)
         if not limit:

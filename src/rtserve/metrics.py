@@ -76,6 +76,10 @@ class Metrics:
         "handoff_yields": ("rtserve_handoff_yields_total",
                            "Loop turns that accepted, handed a batch to the pool and then "
                            "yielded the CPU so that a worker ran it at once (--handoff-yield)."),
+        "cpu_charges_lapsed": ("rtserve_cpu_charges_lapsed_total",
+                               "CPU gate charges ended before their handler returned: it "
+                               "had spent its charge of CPU and then waited "
+                               "(--cpu-inflight-ms, no deadline at stake)."),
         "internal_errors": ("rtserve_internal_errors_total",
                             "Conductor bugs caught while handling one connection (that "
                             "connection was closed, the rest served on)."),
@@ -95,6 +99,7 @@ class Metrics:
         self.accept_pauses = 0
         self.handoff_batched = 0
         self.handoff_yields = 0
+        self.cpu_charges_lapsed = 0
         self.handler_errors = 0
         self.internal_errors = 0
         self.tls = False  # serving TLS: the TLS series are rendered (server.py sets it)

@@ -101,11 +101,21 @@ class Request:
         "tls_info",
         "head",
         "budget_header",
+        "charge",
+        "cpu_thread",
+        "cpu_t0",
+        "cpu_seen",
     )
 
     # Set by tlsio.TLSReader on requests that came over TLS and never assigned otherwise,
     # so plain HTTP pays nothing for it; read it through `tls` and `scheme`.
     tls_info: TLSInfo
+    # Set by the worker that runs a request the CPU gate charged (`charge`), before its
+    # handler starts: the thread's ident and its CPU clock then. The gate reads them to
+    # see how much of its charge the handler has used (handoff.Handoff._lapse_charges).
+    cpu_thread: int
+    cpu_t0: int
+    cpu_seen: int  # the thread's CPU clock at the gate's last look (conductor only)
 
     def __init__(
         self,
@@ -151,6 +161,7 @@ class Request:
         # The head has a client-budget field (X-Request-Deadline-Ms, grpc-timeout,
         # x-envoy-expected-rq-timeout-ms): False lets admission skip looking for one.
         self.budget_header = budget_header
+        self.charge = 0  # CPU ns the CPU gate charged while its handler runs (0: none)
 
     @property
     def headers(self) -> Headers:

@@ -9,6 +9,7 @@ channel, where the worker (never the conductor) waits at the high-water mark.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ SKIPPED = object()  # completion payload: taken after its respond-by time, never
 
 _monotonic_ns = time.monotonic_ns
 _thread_time_ns = time.thread_time_ns
+_get_ident = threading.get_ident
 CPU_SAMPLE_EVERY = 8  # a power of two: one request in 8 has its CPU time measured
 
 INTERNAL_ERROR = Response(b"Internal Server Error\n", 500, None, "text/plain; charset=utf-8")
@@ -76,8 +78,11 @@ class Worker:
         # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
         # time-slicing the GIL (see handoff.Handoff._cpu_gate).
         sample = tick <= 8 or not tick & (CPU_SAMPLE_EVERY - 1)
-        if sample:
+        if sample or request.charge:
             c0 = _thread_time_ns()
+            if request.charge:  # the conductor's CPU gate may ask how much it has used
+                request.cpu_thread = _get_ident()
+                request.cpu_t0 = c0
         try:
             response = route.handler(request)
             if response.__class__ is not Response:
