@@ -161,6 +161,31 @@ def _standing_queue_with_a_budget(server, gate: Gate) -> tuple[Client, Client, C
     return a, filler, budgeted
 
 
+def test_a_request_without_a_deadline_is_not_passed_over_forever(gate: Gate) -> None:
+    """Under a standing queue requests with a deadline go newest first, but one without
+    a deadline, passed over for ten intervals, is served next (it used to wait until the
+    queue emptied)."""
+    order: list[str] = []
+    with server_thread(_queue_app(gate, order, threading.Lock()), threads=1,
+                       codel_interval_ms=20, codel_target_ms=1) as server:
+        a = _block_one(server, gate)
+        (plain,) = _enqueue(server, ["P"])
+        budget = {"X-Request-Deadline-Ms": "10000"}  # may wait 5 s: never shed here
+        first = _enqueue(server, ["D1"], already=1, headers=budget)
+        passed_over = server.admission.queue.items[0][2].t_queued
+        wait_for(lambda: time.monotonic_ns() - passed_over > 250 * MS,
+                 what="the plain request passed over for more than ten intervals")
+        last = _enqueue(server, ["D2"], already=2, headers=budget)
+        assert server.admission.queue.standing(time.monotonic_ns())
+        gate.release.set()
+        assert a.recv()[0] == 200
+        for c in (plain, *first, *last):
+            assert c.recv()[2] == b"ran\n"
+        assert order == ["P", "D2", "D1"]  # its turn first, then LIFO again
+        for c in (a, plain, *first, *last):
+            c.close()
+
+
 def test_under_a_standing_queue_a_request_may_wait_its_budget_share(gate: Gate) -> None:
     """--codel-budget-share 0.5 (the default): a request with a 400 ms budget may wait
     200 ms though CoDel's target is 1 ms; served when the worker frees within that."""
@@ -377,6 +402,25 @@ def test_codel_queue_lifo_only_for_items_lifo_ok_accepts() -> None:
     assert q.peek(later) == "dl-2" and q.pop(later) == "dl-2"  # newest has a deadline: LIFO
     assert q.peek(later) == "dl-1" and q.pop(later) == "dl-1"  # newest has none: FIFO
     assert q.pop(later) == "plain"
+
+
+def test_codel_queue_serves_an_item_that_may_not_jump_once_passed_over_long() -> None:
+    """Under LIFO the newest with a deadline goes first, but not forever: the oldest
+    without one gets its turn once it has waited ten intervals."""
+    pushed: dict[str, int] = {}
+    q = CoDelQueue(target_ms=5, interval_ms=100, lifo_ok=lambda item: item.startswith("dl"),
+                   queued_at=pushed.__getitem__)
+    t0 = 1_000 * MS
+    for tag, at_ms in (("dl-0", 0), ("plain", 60), ("dl-1", 900), ("dl-2", 1000)):
+        pushed[tag] = t0 + at_ms * MS
+        q.push(tag, pushed[tag])
+    at = t0 + 1050 * MS  # standing; "plain" has waited 990 ms, but "dl-0" is the oldest
+    assert q.peek(at) == "dl-2" and q.pop(at) == "dl-2"  # LIFO
+    q.discard("dl-0", at)  # say its deadline answered it
+    assert q.peek(at) == "dl-1"  # "plain", the oldest now, was passed over 990 ms
+    later = t0 + 1070 * MS  # 1010 ms: its turn
+    assert q.peek(later) == "plain" and q.pop(later) == "plain"
+    assert q.pop(later) == "dl-1"
 
 
 def test_codel_off_is_fifo_and_unbounded() -> None:

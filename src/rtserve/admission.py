@@ -41,9 +41,12 @@ class Admission(Handoff):
     def __init__(self, limits: Limits, cfg: Config, metrics: Metrics, timers: Timers,
                  answers: Answers, submit: Callable[[Any], None], worker: Any) -> None:
         super().__init__(limits, metrics, submit, worker)
-        # Items are (conn, req_id, request); only requests with a deadline jump the line.
+        # Items are (conn, req_id, request). Only requests with a deadline jump the line
+        # under LIFO; one without is passed over for at most ten intervals
+        # (deadlines.PASSED_OVER_INTERVALS).
         self.queue = CoDelQueue(
-            cfg.codel_target_ms, cfg.codel_interval_ms, lambda item: item[2].deadline_ns
+            cfg.codel_target_ms, cfg.codel_interval_ms, lambda item: item[2].deadline_ns,
+            lambda item: item[2].t_queued,
         )
         self.waiting = self.queue.items  # truthy while requests wait (a C-level test)
         # Under a standing queue a request with a deadline may wait the larger of CoDel's
