@@ -110,9 +110,10 @@ class Request:
     # Set by tlsio.TLSReader on requests that came over TLS and never assigned otherwise,
     # so plain HTTP pays nothing for it; read it through `tls` and `scheme`.
     tls_info: TLSInfo
-    # Set by the worker that runs a request the CPU gate charged (`charge`), before its
-    # handler starts: the thread's ident and its CPU clock then. The gate reads them to
-    # see how much of its charge the handler has used (handoff.Handoff._lapse_charges).
+    # Set by the worker that runs a request the CPU gate charged (`charge`) and that has
+    # no deadline, before its handler starts: the thread's ident and its CPU clock then.
+    # The gate reads them to see how much of its charge the handler has used
+    # (handoff.Handoff._lapse_charges).
     cpu_thread: int
     cpu_t0: int
     cpu_seen: int  # the thread's CPU clock at the gate's last look (conductor only)

@@ -78,9 +78,12 @@ class Worker:
         # system call, ~1.3 us): admission uses it to keep CPU-bound handlers from
         # time-slicing the GIL (see handoff.Handoff._cpu_gate).
         sample = tick <= 8 or not tick & (CPU_SAMPLE_EVERY - 1)
-        if sample or request.charge:
+        # A charged request without a deadline: the conductor's CPU gate may ask how much
+        # of its charge it has used (with a deadline at stake no charge lapses).
+        record = request.charge and not request.deadline_ns
+        if sample or record:
             c0 = _thread_time_ns()
-            if request.charge:  # the conductor's CPU gate may ask how much it has used
+            if record:
                 request.cpu_thread = _get_ident()
                 request.cpu_t0 = c0
         try:
