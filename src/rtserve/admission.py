@@ -264,10 +264,12 @@ class Admission(Handoff):
         return own if own > limit else limit
 
     def next_expiry(self, now: int) -> int:
-        """When the oldest queued request with a deadline may wait no longer (0: none).
+        """When the loop must next run `on_queue_due` (0: not for the queue): the oldest
+        queued request with a deadline may wait no longer, or the shut CPU gate looks at
+        its charges again (`gate_wake_ns`), whichever is first.
 
-        0 too when no queued request has a deadline (CoDel sheds no other): a time
-        already past would make the loop poll without sleeping while it waits.
+        CoDel's part is 0 when no queued request has a deadline (CoDel sheds no other): a
+        time already past would make the loop poll without sleeping while it waits.
         """
         gate = self.gate_wake_ns  # a charge lapses, and the shut CPU gate may open
         if not self._sheddable_queued:
@@ -292,6 +294,16 @@ class Admission(Handoff):
         self._sheddable_queued = False
         return None
 
+    def on_queue_due(self, now: int) -> None:
+        """What the queue waits for came (`next_expiry`): the shut CPU gate's next look
+        at its charges (what it held may start), then CoDel's timeouts."""
+        gate = self.gate_wake_ns
+        if gate and gate <= now:
+            self.gate_wake_ns = 0
+            self.dispatch_queued(now)
+        if self.waiting:
+            self.expire_queued(now)
+
     def expire_queued(self, now: int) -> None:
         """Shed queued requests whose CoDel timeout ran out, when it runs out.
 
@@ -301,10 +313,6 @@ class Admission(Handoff):
         Requests without a deadline (never shed by CoDel) are passed over, not waited
         behind.
         """
-        gate = self.gate_wake_ns
-        if gate and gate <= now:  # a charge lapses: what the shut gate held may start
-            self.gate_wake_ns = 0
-            self.dispatch_queued(now)
         q = self.queue
         limit = q.timeout_ns(now)
         if not limit:

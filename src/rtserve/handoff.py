@@ -70,8 +70,8 @@ class Handoff:
         self._cpu_inflight = 0  # sampled CPU ns of the handlers running now (see _cpu_gate)
         self._charges: dict[tuple, Request] = {}  # (conn, req_id) -> the charged request
         # While the gate is shut with requests waiting: when it looks again at what the
-        # charged handlers used, so the loop wakes then (Admission.next_expiry) even if no
-        # handler ends; and never sooner (the look is a system call per handler).
+        # charged handlers used, so the loop wakes then (Admission.next_expiry and
+        # on_queue_due) even if no handler ends; never sooner (a system call per handler).
         self.gate_wake_ns = 0
         self._next_look_ns = 0
         # Set by Admission when a request with a deadline is queued (cleared lazily).

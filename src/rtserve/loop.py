@@ -6,10 +6,11 @@ hand each ready connection to the reader or the writer, each wake-up fd to its h
 (the pool's completions eventfd, signals, the control socket), accept last (a connection
 accepted in the turn may take the fd number of one the turn closed, which must not get
 the closed one's events), then run what is due: deadlines first (a due fallback beats a
-CoDel 503), connection timers, the housekeeping tick, and CoDel expiries; last, hand the
-turn's batch of cheap requests to the pool and, in a turn that accepted, yield the CPU to
-the worker it woke. An exception from one connection's event is that connection's fault
-alone (writer.fault): it is logged, counted and the connection closed.
+CoDel 503), connection timers, the housekeeping tick, and the queue's (the CPU gate's next
+look, CoDel expiries); last, hand the turn's batch of cheap requests to the pool and, in
+a turn that accepted, yield the CPU to the worker it woke. An exception from one
+connection's event is that connection's fault alone (writer.fault): it is logged, counted
+and the connection closed.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class EventLoop:
 
     @staticmethod
     def _run_due(server: Any, now: int) -> None:
-        """Deadlines, then connection timers, the tick, and CoDel expiries."""
+        """Deadlines, then connection timers, the tick, and the queue's due work."""
         timers = server.timers
         admission = server.admission
         fault = server.writer.fault
@@ -174,6 +175,6 @@ class EventLoop:
                 fault(None, "in housekeeping")
         if admission.waiting:
             try:
-                admission.expire_queued(now)
+                admission.on_queue_due(now)
             except Exception:
-                fault(None, "expiring the queue")
+                fault(None, "on the queue's due work")
