@@ -64,6 +64,7 @@ def test_a_client_that_disconnects_cancels_its_task():
 
 def test_a_reading_app_hears_http_disconnect_before_it_is_cancelled():
     heard: list[str] = []
+    reading = threading.Event()
     finished = threading.Event()
 
     async def app(scope: dict, receive: Any, send: Any) -> None:
@@ -71,6 +72,7 @@ def test_a_reading_app_hears_http_disconnect_before_it_is_cancelled():
             return
         try:
             await receive()  # the (empty) body
+            reading.set()
             heard.append((await receive())["type"])  # waits: the response is not complete
             await asyncio.sleep(30)  # cancelled here
             heard.append("not cancelled")
@@ -80,7 +82,9 @@ def test_a_reading_app_hears_http_disconnect_before_it_is_cancelled():
     with server_thread(app) as srv:
         s = connect(srv.address)
         s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        wait_for(lambda: srv.admission.busy == 1, what="the request to run")
+        # The app itself must be reading: a client gone before the task's first step
+        # cancels it before it begins (its finally never runs; see the test above).
+        assert reading.wait(10)
         s.close()
         assert finished.wait(10)
         assert heard == ["http.disconnect"]
