@@ -184,7 +184,7 @@ def test_route_prefix_matches_the_path_decoded_once():
     decoded = Request("GET", "/caf%C3%A9/x", "/caf\u00e9/x", "", "HTTP/1.1", [("host", "h")],
                       raw_path="/caf%C3%A9/x")
     assert w.resolve(decoded).name == "wsgi:/caf%C3%A9"
-    assert w.resolve(_request("GET", "/caf%25C3%25A9/x")) is w.default_route  # %25: data
+    assert w.resolve(_request("GET", "/caf%25C3%25A9/x")).name == "wsgi"  # %25: data
 
 
 def test_higher_minor_version_is_served_as_http_1_1():
@@ -823,7 +823,7 @@ def test_resolve_longest_prefix_segment_wise():
     assert route("/score").name == "wsgi:/score"
     assert route("/score/x").deadline_ns == 20_000_000
     assert route("/score/batch/1").deadline_ns == 500_000_000
-    assert route("/scoreboard") is w.default_route  # not a path segment
+    assert route("/scoreboard").name == "wsgi"  # not a path segment
     assert w.default_route.deadline_ns == 1_000_000_000
     assert route("/sc%6Fre").name == "wsgi:/score"  # matched on the decoded path
     api = route("/api/v1")

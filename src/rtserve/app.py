@@ -65,6 +65,13 @@ class Route:
         # for the hand-ahead or a batch (handoff.py).
         self.streams = False
 
+    def for_path(self) -> Route:
+        """A Route that answers as this one (name, handler, deadline, fallback) with
+        estimates of its own: one path of an app that routes itself (path_routes.py)."""
+        route = Route(self.name, self.handler, None, self.fallback, self.inline)
+        route.deadline_ns = self.deadline_ns
+        return route
+
     def observe_cpu(self, cpu_ns: int) -> None:
         """Fold one sampled handler CPU time into its EWMA (alpha 0.25)."""
         c = self.cpu_ns

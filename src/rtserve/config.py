@@ -179,6 +179,11 @@ SETTINGS: tuple[Setting, ...] = (
             "after a loop turn that accepted connections hands its batch to the pool, yield "
             "the CPU (sched_yield) so a worker runs it before the conductor's next turn, not "
             "when the conductor next blocks", section="deadlines"),
+    Setting("path_estimates", int, 256,
+            "distinct method and path pairs of a WSGI or ASGI app that get handler-time and "
+            "CPU estimates of their own (CPU gate, hand-ahead, dead on arrival); a full "
+            "table starts over; 0 = one estimate per route prefix", _non_negative,
+            section="deadlines"),
     Setting("switch_interval_ms", float, 0.5,
             "sys.setswitchinterval in ms (GIL hand-off; see docs/deadlines.md)",
             _positive, section="deadlines"),

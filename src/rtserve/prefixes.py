@@ -1,9 +1,10 @@
 """Routes by path prefix for apps that route themselves (ASGI): deadline and fallback per prefix.
 
 Built on the main thread from `--route-deadline` and `--fallback`; `resolve` runs on the
-conductor for every request: with no prefix configured it is one attribute read, else a
-few `startswith` checks, longest prefix first. The handler of every Route is the same
-(the adapter's), so the Route only carries what the conductor enforces.
+conductor for every request: a path seen before is one dict get (its own Route, for its
+estimates: path_routes.py), else the longest configured prefix by `startswith` checks.
+The handler of every Route is the same (the adapter's), so the Route only carries what
+the conductor enforces.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from urllib.parse import unquote
 
 from .app import Route
 from .config import Config
+from .path_routes import PathRoutes
 from .request import Request
 from .wsgi import parse_fallbacks, parse_route_deadlines
 
@@ -22,7 +24,7 @@ class PrefixRoutes:
     """`resolve(request) -> Route`: the longest configured prefix, segment-wise, or the
     default route (the server's `--deadline-ms` applies to it)."""
 
-    __slots__ = ("default", "_prefixes")
+    __slots__ = ("default", "_prefixes", "paths", "_by_path")
 
     def __init__(self, cfg: Config, name: str, handler: Callable[..., Any]) -> None:
         deadlines = parse_route_deadlines(cfg.route_deadline)
@@ -36,12 +38,30 @@ class PrefixRoutes:
             routes.append((match.rstrip("/") if match != "/" else match, route))
         routes.sort(key=lambda pr: len(pr[0]), reverse=True)  # longest prefix wins
         self._prefixes: tuple[tuple[str, Route], ...] = tuple(routes)
+        # Each path's own estimates (path_routes.py); None: one per prefix.
+        self.paths = PathRoutes(cfg.path_estimates) if cfg.path_estimates else None
+        self._by_path = self.paths.table if self.paths is not None else None
 
     def all(self) -> list[Route]:
         """The default route and every prefix route."""
         return [self.default] + [r for _, r in self._prefixes]
 
     def resolve(self, request: Request) -> Route:
+        """The Route that carries this path's estimates, under its prefix's Route."""
+        by_method = self._by_path
+        if by_method is None:
+            return self._prefix_route(request)
+        routes = by_method.get(request.method)
+        if routes is not None:
+            route = routes.get(request.raw_path)
+            if route is not None:
+                return route
+        assert self.paths is not None
+        return self.paths.remember(request.method, request.raw_path,
+                                   self._prefix_route(request))
+
+    def _prefix_route(self, request: Request) -> Route:
+        """The Route of the longest configured prefix of the path, else the default."""
         prefixes = self._prefixes
         if not prefixes:
             return self.default

@@ -2,7 +2,8 @@
 
 `WSGIApp(app, cfg)` is what the conductor routes with: `resolve(request)` picks a Route by
 the longest configured path prefix (`route_deadline`, `fallback`), so a WSGI app gets the
-same deadline, fallback and admission enforcement as native routes (conductor thread). The
+same deadline, fallback and admission enforcement as native routes (conductor thread),
+with estimates per method and path (path_routes.py). The
 Route's handler runs on a worker: it takes the environ from wsgi_environ.py, calls the app
 and turns what it returned into an rtserve Response:
 
@@ -23,6 +24,7 @@ from typing import Any
 
 from .app import Route
 from .config import Config, ConfigError
+from .path_routes import PathRoutes
 from .proxy import ForwardedPolicy
 from .request import Request
 from .response import Response
@@ -254,12 +256,30 @@ class WSGIApp:
             routes.append((match.rstrip("/") if match != "/" else match, route))
         routes.sort(key=lambda pr: len(pr[0]), reverse=True)  # longest prefix wins
         self._prefixes: tuple[tuple[str, Route], ...] = tuple(routes)
+        # Each path's own estimates (path_routes.py); None: one per prefix.
+        self.paths = PathRoutes(cfg.path_estimates) if cfg.path_estimates else None
+        self._by_path = self.paths.table if self.paths is not None else None
 
     # ---- conductor side -------------------------------------------------------------
 
     def resolve(self, request: Request) -> Route:
-        """The Route of the longest configured prefix of the path (segment-wise), else the
-        default route (the server's deadline_ms applies to it)."""
+        """The Route that carries this path's estimates, under the longest configured
+        prefix of the path (segment-wise) or the default route (the server's
+        deadline_ms applies to it)."""
+        by_method = self._by_path
+        if by_method is None:
+            return self._prefix_route(request)
+        routes = by_method.get(request.method)
+        if routes is not None:
+            route = routes.get(request.raw_path)
+            if route is not None:
+                return route
+        assert self.paths is not None
+        return self.paths.remember(request.method, request.raw_path,
+                                   self._prefix_route(request))
+
+    def _prefix_route(self, request: Request) -> Route:
+        """The Route of the longest configured prefix of the path, else the default."""
         prefixes = self._prefixes
         if not prefixes:
             return self.default_route
