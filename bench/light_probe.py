@@ -5,7 +5,7 @@ check or a `/hello` beside them waits. Here workload C (wrk -t1 -c50, POST /scor
 CPU, a 200 ms stall on 1 request in 100) runs against one server from bench/run.py's table,
 and a keep-alive client in this process sends `GET /hello` every 10 ms for the whole load,
 timing each answer. Printed: the probes' p50, p90, p99 and max, how many were answered,
-and the C throughput beside them.
+and the C throughput beside them (with its real answers: not fallbacks, not sheds).
 
 Usage:
   bench/light_probe.py                                  rtserve-wsgi-nodl, 2 rounds of 10 s
@@ -112,6 +112,7 @@ def one_round(server: run.Server, ctx: run.Ctx, duration: float, every_ms: float
             if every_ms:
                 t.join(10)
     out: dict[str, Any] = {"server": server.name, "every_ms": every_ms, "c_rps": round(r["rps"]),
+                           "c_real_rps": round(r["real_rps"]),
                            "answered": len(latencies), "failed": len(failures)}
     if len(latencies) >= 2:
         q = statistics.quantiles(latencies, n=100, method="inclusive")
@@ -123,10 +124,16 @@ def one_round(server: run.Server, ctx: run.Ctx, duration: float, every_ms: float
 def _line(r: dict[str, Any]) -> str:
     """One round as a line: the probes' percentiles, then C's throughput."""
     if not r["every_ms"]:
-        return f"{r['server']}, no probe: C {r['c_rps']} rps"
+        return f"{r['server']}, no probe: C {_c(r)}"
     return (f"{r['server']}, probe every {r['every_ms']:g} ms: /hello p50 {r.get('p50')} "
             f"p90 {r.get('p90')} p99 {r.get('p99')} max {r.get('max')} ms, "
-            f"{r['answered']} answered, {r['failed']} failed; C {r['c_rps']} rps")
+            f"{r['answered']} answered, {r['failed']} failed; C {_c(r)}")
+
+
+def _c(r: dict[str, Any]) -> str:
+    """C's throughput, and its real answers (2xx, not a fallback) when they differ."""
+    real = r["c_real_rps"]
+    return f"{r['c_rps']} rps" + (f" ({real} real answers/s)" if real != r["c_rps"] else "")
 
 
 def main(argv: list[str] | None = None) -> int:
