@@ -109,10 +109,13 @@ def _readable(c: Client) -> bool:
     return bool(select.select([c.sock], [], [], 0)[0])
 
 
-def _gate_scene(path_estimates: int) -> tuple[bool, int]:
+def _gate_scene(path_estimates: int, fast: str = "measured") -> tuple[bool, int]:
     """One CPU-bound WSGI request holds the gate shut with a second queued behind it; then
     a GET /fast comes while a worker is free. Returns whether it was answered while the
-    second heavy request still waited, and the queue depth as /fast was sent or answered."""
+    second heavy request still waited, and the queue depth as /fast was sent or answered.
+
+    `fast`: "measured" (its route ran and is light), "new" (its route exists, nothing of
+    it ran yet), "tried" (a request of it started, no figure came back)."""
     go = threading.Event()
     entered = threading.Semaphore(0)
     primed = threading.Event()
@@ -131,12 +134,19 @@ def _gate_scene(path_estimates: int) -> tuple[bool, int]:
         with server_thread(w, threads=3, cpu_inflight_ms=3000,
                            path_estimates=path_estimates) as server:
             c = Client(server.address)
-            for path in ("/heavy", "/fast") * 2:  # each path's own route, measured once
+            warm = ("/heavy", "/fast") if fast == "measured" else ("/heavy",)
+            for path in warm * 2:  # each path's own route, measured once
                 assert c.request("GET", path)[0] == 200
             for path, cpu in (("/heavy", 4_000_000_000), ("/fast", 10_000)):
                 route = w.resolve(_request("GET", path))
                 if path == "/fast" and route is w.resolve(_request("GET", "/heavy")):
                     continue  # one Route for both (path_estimates=0): /heavy's figure
+                if path == "/fast" and fast != "measured":
+                    route = w.resolve(_request("GET", path))  # its own, from the 2nd sight
+                    assert route.cpu_ns == 0 and not route.tried
+                    route.tried = fast == "tried"
+                    fast_route = route
+                    continue
                 route.cpu_ns = cpu  # as if sampled
                 route.cpu_tick = 1000
             primed.set()
@@ -152,6 +162,8 @@ def _gate_scene(path_estimates: int) -> tuple[bool, int]:
             if passed:
                 assert c.recv()[2] == b"/fast"
                 assert adm.queue_depth == 1  # the heavy one still waits for the gate
+                if fast == "new":
+                    assert fast_route.tried  # its next request is judged by its figure
             depth = adm.queue_depth
             go.set()
             for h in heavies:
@@ -169,6 +181,13 @@ def test_a_cheap_path_of_a_wsgi_app_passes_the_cpu_gate() -> None:
     """The point of per-path estimates: /fast is light on its own figure, so it starts on
     the free worker while the gate holds the CPU-bound /heavy back."""
     assert _gate_scene(path_estimates=256) == (True, 1)
+
+
+def test_a_path_nothing_of_which_ran_passes_once_to_be_measured() -> None:
+    """An unmeasured path has no figure to be judged light by: its first request passes
+    the shut gate (and is measured); once one started, unmeasured means wait."""
+    assert _gate_scene(path_estimates=256, fast="new") == (True, 1)
+    assert _gate_scene(path_estimates=256, fast="tried") == (False, 2)
 
 
 def test_with_one_estimate_per_prefix_the_cheap_path_waits_behind() -> None:

@@ -33,7 +33,7 @@ class Route:
     """
 
     __slots__ = ("name", "handler", "deadline_ns", "fallback", "ewma_ns", "doa_scale", "cpu_ns",
-                 "cpu_tick", "inline", "streams")
+                 "cpu_tick", "inline", "streams", "tried")
 
     def __init__(
         self,
@@ -64,6 +64,10 @@ class Route:
         # estimate covers the handler's return, not the stream, so it is never "cheap"
         # for the hand-ahead or a batch (handoff.py).
         self.streams = False
+        # Set by the conductor when a request of the route first starts: until then an
+        # unmeasured route counts as light, so one request passes a shut CPU gate and is
+        # measured (handoff.py, Handoff.light); after it, unmeasured means not light.
+        self.tried = False
 
     def for_path(self) -> Route:
         """A Route that answers as this one (name, handler, deadline, fallback) with

@@ -187,13 +187,21 @@ class Handoff:
         Yes when its sampled CPU is at most 1/`LIGHT_SHARE` of the cap (0.19 ms at the
         default 3 ms): it ends before it could time-slice anyone, and a fast route must not
         wait behind CPU-bound ones (a `/hello` queued behind 1 ms handlers under a
-        standing queue waited 4.5 s: LIFO served those with a deadline first). Unmeasured
-        routes are not light.
+        standing queue waited 4.5 s: LIFO served those with a deadline first). An
+        unmeasured route is light until one of its requests has started (`Route.tried`,
+        set by `_start`): that one passes, to be measured, and the rest wait for its
+        figure. Else a path of a WSGI app first seen under load waited for the gate with
+        nothing to measure it by (a `/hello` probe: 1.0 s, passed over under LIFO).
         """
         if self._light_time_ns:
-            return 0 < route.ewma_ns <= self._light_time_ns
-        c = route.cpu_ns
-        return 0 < c <= self._light_ns
+            e = route.ewma_ns
+            if e:
+                return e <= self._light_time_ns
+        else:
+            c = route.cpu_ns
+            if c:
+                return c <= self._light_ns
+        return not route.tried
 
     def light_by_time(self) -> None:
         """Judge light routes by their measured time to the answer, for an interface whose
@@ -221,6 +229,8 @@ class Handoff:
         conn.run()
         route = req.route
         assert route is not None  # admission only sees routed requests
+        if not route.tried:
+            route.tried = True  # unmeasured routes are light no more (see light)
         cheap = 0 < route.ewma_ns <= self._ahead_ns and not route.streams
         if self._ahead_ns and not cheap:
             self._slow.add((conn, rid))  # keeps the hand-ahead shut while it runs

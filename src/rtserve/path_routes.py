@@ -10,8 +10,9 @@ their labels), handler, deadline and fallback, with its own estimates.
 A path gets its Route the second time it is seen; the first time it is served by the
 prefix's Route, whose estimates then stand for the paths not (yet) tracked one by one. So
 an app whose paths carry ids (`/items/8812`) costs a set insert per request and keeps one
-measured estimate, not a new unmeasured Route per request (unmeasured: not light, not
-cheap, and CPU-sampled on every one of its first eight requests).
+measured estimate, not a new unmeasured Route per request (unmeasured: its first
+request passes a shut CPU gate to be measured, none is cheap for the hand-ahead, and
+each of its first eight requests is CPU-sampled).
 
 Both sets are bounded (`path_estimates` entries each): a full one starts over, so endless
 distinct paths cost a fixed amount of memory, and the paths in use are measured again
