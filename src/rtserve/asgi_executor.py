@@ -52,7 +52,7 @@ from .framing import serialize
 from .pool import WorkerPool, batch_policy
 from .request import Request
 from .response import Response
-from .worker import INTERNAL_ERROR, STREAM_WAKE
+from .worker import INTERNAL_ERROR
 
 log = logging.getLogger("rtserve.error")
 
@@ -77,17 +77,6 @@ def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
             new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
             return new_loop
     return asyncio.new_event_loop
-
-
-class _Nudge:
-    """The connection token of an empty completion: matches no request (req_id -1), so the
-    writer drops it and then dispatches from its queue, as after any completion."""
-
-    __slots__ = ()
-    req_id = -1
-
-
-NUDGE = _Nudge()
 
 
 class Runner:
@@ -231,7 +220,9 @@ class LoopThread:
             self._cpu_mark = cpu
         if self.nudge and (self.submitted - begun) * self.task_cpu_ns < self.cap_ns:
             self.nudge = False
-            self.post(NUDGE, 0, STREAM_WAKE, False)
+            # An empty completion (no connection): the conductor then dispatches from its
+            # queue, as after any completion (completions.py).
+            self.post(None, 0, None, False)
 
     def _start(self, conn: Any, rid: int, req: Request) -> None:
         """A request from admission: build its scope and start its task."""

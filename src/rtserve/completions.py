@@ -57,6 +57,8 @@ class Completions:
                         metrics.handler_errors += 1
                     if respond(conn, result, now) and conn.state is READING_HEAD:
                         self.reader.resume(conn, now)
+                elif conn is None:
+                    continue  # an ASGI loop's nudge: it has room; the dispatch below uses it
                 else:
                     if final:
                         final = False
