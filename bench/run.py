@@ -498,6 +498,17 @@ SERVERS: list[Server] = [
     Server("rtserve-fastapi", "rtserve", ["{bin}/rtserve", "apps.fastapi_app:app", "--bind",
            "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE], workloads="ACDE", default=False,
            note="FastAPI on 1 event loop, /score deadline 50 ms + fallback, late tasks cancelled"),
+    # /score as a sync def (anyio's threads: the CPU gate does not see it), at the default
+    # --asgi-concurrency and with it bounded (docs/asgi.md, "CPU-aware dispatch").
+    Server("rtserve-fastapi-sync", "rtserve", ["{bin}/rtserve", "apps.fastapi_app:app",
+           "--bind", "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE], workloads="C",
+           default=False, env={"BENCH_FASTAPI_SYNC": "1"},
+           note="FastAPI, /score a sync def in anyio's threads, deadline 50 ms + fallback"),
+    Server("rtserve-fastapi-sync-c4", "rtserve", ["{bin}/rtserve", "apps.fastapi_app:app",
+           "--bind", "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE,
+           "--asgi-concurrency", "4"], workloads="C", default=False,
+           env={"BENCH_FASTAPI_SYNC": "1"},
+           note="as rtserve-fastapi-sync, --asgi-concurrency 4"),
     Server("uvicorn-fastapi", "peer", ["{bin}/uvicorn", "apps.fastapi_app:app", "--host",
            "127.0.0.1", "--port", "{port}", "--loop", "uvloop", "--http", "httptools",
            "--workers", "1", "--no-access-log", "--log-level", "warning",
