@@ -23,7 +23,7 @@ from setuptools import setup
 COMPILED = [
     "parser", "head_cache", "body", "arrival", "parser_rules", "framing", "connection",
     "timers", "loop", "reader", "writer", "completions", "admission", "handoff", "request",
-    "response", "worker", "pool", "metrics", "wsgi", "wsgi_environ", "tlsio",
+    "response", "worker", "pool", "metrics", "wsgi", "wsgi_environ", "prefixes", "tlsio",
 ]
 
 #: What the compiled build needs besides setuptools (mypyc ships inside mypy).

@@ -26,10 +26,11 @@ Handler = Callable[[Request], Any]
 class Route:
     """One routed endpoint: handler, deadline and fallback, and its measured service time.
 
-    Thread ownership: `ewma_ns`, `cpu_ns` and `cpu_tick` are written by workers only (a
-    lost `cpu_tick` increment only shifts which request is sampled); `doa_scale` by the
-    conductor only. Each side reads the other's without a lock (a float or int read is
-    atomic under the GIL).
+    Thread ownership: `ewma_ns`, `cpu_ns` and `cpu_tick` are written by the threads that
+    run handlers only (workers; for ASGI, `ewma_ns` by the loop threads), and a lost
+    `cpu_tick` increment only shifts which request is sampled; `doa_scale` and `tried` by
+    the conductor only. Each side reads the other's without a lock (a float or int read
+    is atomic under the GIL).
     """
 
     __slots__ = ("name", "handler", "deadline_ns", "fallback", "ewma_ns", "doa_scale", "cpu_ns",

@@ -1,9 +1,9 @@
 """The WSGI (PEP 3333) adapter: any WSGI callable served with rtserve's deadlines.
 
-`WSGIApp(app, cfg)` is what the conductor routes with: `resolve(request)` picks a Route by
-the longest configured path prefix (`route_deadline`, `fallback`), so a WSGI app gets the
-same deadline, fallback and admission enforcement as native routes (conductor thread),
-with estimates per method and path (path_routes.py). The
+`WSGIApp(app, cfg)` is what the conductor routes with: `resolve(request)` (its
+PrefixRoutes', prefixes.py) picks a Route by the longest configured path prefix
+(`route_deadline`, `fallback`), with estimates per method and path, so a WSGI app gets the
+same deadline, fallback and admission enforcement as native routes (conductor thread). The
 Route's handler runs on a worker: it takes the environ from wsgi_environ.py, calls the app
 and turns what it returned into an rtserve Response:
 
@@ -17,14 +17,13 @@ and turns what it returned into an rtserve Response:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .app import Route
 from .config import Config, ConfigError
-from .path_routes import PathRoutes
+from .prefixes import PrefixRoutes, parse_fallbacks, parse_route_deadlines
 from .proxy import ForwardedPolicy
 from .request import Request
 from .response import Response
@@ -170,58 +169,6 @@ def _content_length(headers: list[tuple[str, str]]) -> int | None:
 # ---- the adapter ----------------------------------------------------------------------
 
 
-def parse_route_deadlines(entries: Iterable[str]) -> dict[str, float]:
-    """`["/score=20", ...]` -> {"/score": 20.0}; ConfigError names the bad entry."""
-    out: dict[str, float] = {}
-    for entry in entries:
-        prefix, sep, ms = entry.partition("=")
-        prefix = prefix.strip()
-        try:
-            value = float(ms)
-        except ValueError:
-            value = -1.0
-        if not sep or not prefix.startswith("/") or not value > 0:
-            raise ConfigError(f"invalid value for route_deadline: {entry!r} (want /PREFIX=MS)")
-        out[prefix] = value
-    return out
-
-
-def parse_fallbacks(entries: Iterable[str]) -> dict[str, Response]:
-    """`['/score=200:{"decision":"review"}']` -> {"/score": Response}. A body that parses
-    as JSON is sent as application/json, anything else as text/plain."""
-    # An env var value that is not a JSON list is split on commas; a prefix always starts
-    # with '/', so a piece that does not is the rest of the previous entry's body.
-    joined: list[str] = []
-    for entry in entries:
-        if joined and not entry.lstrip().startswith("/"):
-            joined[-1] += "," + entry
-        else:
-            joined.append(entry)
-    out: dict[str, Response] = {}
-    for entry in joined:
-        prefix, sep, rest = entry.partition("=")
-        prefix = prefix.strip()
-        status_s, sep2, body = rest.partition(":")
-        status_s = status_s.strip()
-        if (
-            not sep
-            or not sep2
-            or not prefix.startswith("/")
-            or not (status_s.isdigit() and status_s.isascii() and 100 <= int(status_s) <= 599)
-        ):
-            raise ConfigError(
-                f"invalid value for fallback: {entry!r} (want /PREFIX=STATUS:BODY)"
-            )
-        try:
-            json.loads(body)
-        except ValueError:
-            ctype = "text/plain; charset=utf-8"
-        else:
-            ctype = "application/json"
-        out[prefix] = Response(body.encode("utf-8"), int(status_s), None, ctype)
-    return out
-
-
 class WSGIApp:
     """Serve a WSGI callable: routing by path prefix on the conductor, the app on workers."""
 
@@ -242,60 +189,16 @@ class WSGIApp:
         self._environs = EnvironBuilder(cfg, self.root_path, self.proxies)
         # The environ of a request (worker threads): the builder's, chosen once for TLS.
         self.environ: Callable[..., dict[str, Any]] = self._environs.environ
-        deadlines = parse_route_deadlines(cfg.route_deadline)
-        fallbacks = parse_fallbacks(cfg.fallback)
-        handler = self.handle
-        self.default_route = Route("wsgi", handler, deadlines.get("/"), fallbacks.get("/"))
-        prefixes = (set(deadlines) | set(fallbacks)) - {"/"}
-        routes = []
-        for prefix in prefixes:
-            match = as_path_info(prefix.encode("utf-8").decode("latin-1"))
-            route = Route(
-                "wsgi:" + prefix, handler, deadlines.get(prefix), fallbacks.get(prefix)
-            )
-            routes.append((match.rstrip("/") if match != "/" else match, route))
-        routes.sort(key=lambda pr: len(pr[0]), reverse=True)  # longest prefix wins
-        self._prefixes: tuple[tuple[str, Route], ...] = tuple(routes)
-        # Each path's own estimates (path_routes.py); None: one per prefix.
-        self.paths = PathRoutes(cfg.path_estimates) if cfg.path_estimates else None
-        self._by_path = self.paths.table if self.paths is not None else None
-
-    # ---- conductor side -------------------------------------------------------------
-
-    def resolve(self, request: Request) -> Route:
-        """The Route that carries this path's estimates, under the longest configured
-        prefix of the path (segment-wise) or the default route (the server's
-        deadline_ms applies to it)."""
-        by_method = self._by_path
-        if by_method is None:
-            return self._prefix_route(request)
-        routes = by_method.get(request.method)
-        if routes is not None:
-            route = routes.get(request.raw_path)
-            if route is not None:
-                return route
-        assert self.paths is not None
-        return self.paths.remember(request.method, request.raw_path,
-                                   self._prefix_route(request))
-
-    def _prefix_route(self, request: Request) -> Route:
-        """The Route of the longest configured prefix of the path, else the default."""
-        prefixes = self._prefixes
-        if not prefixes:
-            return self.default_route
-        path = request.raw_path  # request.path is decoded as UTF-8 text; PEP 3333 wants bytes
-        if "%" in path:
-            path = as_path_info(path)
-        for prefix, route in prefixes:
-            if path.startswith(prefix):
-                n = len(prefix)
-                if len(path) == n or path[n] == "/":
-                    return route
-        return self.default_route
+        # Routing (conductor): by prefix, with each path's own estimates (prefixes.py);
+        # `resolve` is the router's own method, no wrapper call per request.
+        self.prefix_routes = PrefixRoutes(cfg, "wsgi", self.handle, wsgi=True)
+        self.resolve: Callable[[Request], Route] = self.prefix_routes.resolve
+        self.default_route = self.prefix_routes.default
+        self.paths = self.prefix_routes.paths
 
     def routes(self) -> list[Route]:
         """The default route and every prefix route (for the route-deadline metrics)."""
-        return [self.default_route] + [r for _, r in self._prefixes]
+        return self.prefix_routes.all()
 
     # ---- worker side ----------------------------------------------------------------
 
