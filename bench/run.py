@@ -498,8 +498,9 @@ SERVERS: list[Server] = [
     Server("rtserve-fastapi", "rtserve", ["{bin}/rtserve", "apps.fastapi_app:app", "--bind",
            "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE], workloads="ACDE", default=False,
            note="FastAPI on 1 event loop, /score deadline 50 ms + fallback, late tasks cancelled"),
-    # /score as a sync def (anyio's threads: the CPU gate does not see it), at the default
-    # --asgi-concurrency and with it bounded (docs/asgi.md, "CPU-aware dispatch").
+    # /score as a sync def (anyio's threads, bounded to --asgi-threads), at the defaults,
+    # with --asgi-concurrency bounded, and --asgi-threads 40 and 4 (docs/asgi.md, "Sync
+    # endpoints").
     Server("rtserve-fastapi-sync", "rtserve", ["{bin}/rtserve", "apps.fastapi_app:app",
            "--bind", "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE], workloads="C",
            default=False, env={"BENCH_FASTAPI_SYNC": "1"},
@@ -509,6 +510,16 @@ SERVERS: list[Server] = [
            "--asgi-concurrency", "4"], workloads="C", default=False,
            env={"BENCH_FASTAPI_SYNC": "1"},
            note="as rtserve-fastapi-sync, --asgi-concurrency 4"),
+    Server("rtserve-fastapi-sync-t40", "rtserve", ["{bin}/rtserve", "apps.fastapi_app:app",
+           "--bind", "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE,
+           "--asgi-threads", "40"], workloads="C", default=False,
+           env={"BENCH_FASTAPI_SYNC": "1"},
+           note="as rtserve-fastapi-sync, --asgi-threads 40 (anyio's own default)"),
+    Server("rtserve-fastapi-sync-t4", "rtserve", ["{bin}/rtserve", "apps.fastapi_app:app",
+           "--bind", "127.0.0.1:{port}", *RT_COMMON, *RT_WSGI_DEADLINE,
+           "--asgi-threads", "4"], workloads="C", default=False,
+           env={"BENCH_FASTAPI_SYNC": "1"},
+           note="as rtserve-fastapi-sync, --asgi-threads 4"),
     Server("uvicorn-fastapi", "peer", ["{bin}/uvicorn", "apps.fastapi_app:app", "--host",
            "127.0.0.1", "--port", "{port}", "--loop", "uvloop", "--http", "httptools",
            "--workers", "1", "--no-access-log", "--log-level", "warning",
@@ -518,6 +529,19 @@ SERVERS: list[Server] = [
            "127.0.0.1", "--port", "{port}", "--workers", "1", "--runtime-threads", "1",
            "--backlog", "4096", "--no-access-log", "--log-level", "warning",
            "apps.fastapi_app:app"], workloads="ACDE", default=False, note="FastAPI, ASGI"),
+    # The peers with /score as a sync def, beside rtserve-fastapi-sync.
+    Server("uvicorn-fastapi-sync", "peer", ["{bin}/uvicorn", "apps.fastapi_app:app",
+           "--host", "127.0.0.1", "--port", "{port}", "--loop", "uvloop", "--http",
+           "httptools", "--workers", "1", "--no-access-log", "--log-level", "warning",
+           "--timeout-keep-alive", "30", "--backlog", "4096"], workloads="C", default=False,
+           env={"BENCH_FASTAPI_SYNC": "1"},
+           note="FastAPI, /score a sync def in anyio's threads, uvloop + httptools"),
+    Server("granian-fastapi-sync", "peer", ["{bin}/granian", "--interface", "asgi", "--host",
+           "127.0.0.1", "--port", "{port}", "--workers", "1", "--runtime-threads", "1",
+           "--backlog", "4096", "--no-access-log", "--log-level", "warning",
+           "apps.fastapi_app:app"], workloads="C", default=False,
+           env={"BENCH_FASTAPI_SYNC": "1"},
+           note="FastAPI, /score a sync def in anyio's threads, ASGI"),
     Server("nginx", "ceiling", ["{nginx}", "-c", "{tmp}/nginx.conf"], workloads="ABDF",
            prepare=nginx_conf, note="static answers, 1 worker: the ceiling"),
 ]

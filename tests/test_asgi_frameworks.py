@@ -148,6 +148,16 @@ def test_fastapi_sync_endpoints_run_in_its_thread_pool(fastapi_server):
     assert sync_thread != loop_thread and sync_thread != "rtserve-conductor"
 
 
+def test_fastapi_sync_calls_reuse_the_thread_pools_threads(fastapi_server):
+    """anyio keeps a worker thread while the root task it found lives: the loop's root
+    task (asgi_executor.LoopThread._root), not each request's task, so one after another
+    the sync calls of a keep-alive client run on one thread, not on a new one each."""
+    addr, _, _ = fastapi_server
+    with requests.Session() as s:
+        tids = {s.get(url(addr, "/sync")).json()["tid"] for _ in range(30)}
+    assert len(tids) <= 2, f"{len(tids)} threads for 30 sequential sync calls"
+
+
 def test_fastapi_sees_its_deadline(fastapi_server):
     addr, _, _ = fastapi_server
     r = requests.get(url(addr, "/budget"), headers={"X-Request-Deadline-Ms": "5000"})

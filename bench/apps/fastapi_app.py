@@ -7,8 +7,8 @@ cancel. Under rtserve, ``--route-deadline /score=50`` answers it with the fallba
 50 ms and cancels the task; uvicorn and granian answer it when the stall ends.
 
 With ``BENCH_FASTAPI_SYNC=1`` ``/score`` is a plain ``def`` instead (FastAPI runs it in
-anyio's thread pool; its stall a ``time.sleep``): the CPU-bound sync endpoint that
-rtserve's CPU gate does not see (docs/asgi.md, "CPU-aware dispatch").
+anyio's thread pool; its stall a ``time.sleep``): the CPU-bound sync endpoint whose CPU
+is not the loop's (docs/asgi.md, "Sync endpoints").
 """
 
 from __future__ import annotations

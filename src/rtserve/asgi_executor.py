@@ -24,6 +24,12 @@ it would run late and be wasted. Tasks that await (I/O) have begun, so they neve
 the gate; an empty backlog always opens it. Two single-writer counters (`submitted`:
 conductor, `begun`: loop) give the backlog without a lock; when the gate closed with
 requests queued, the loop nudges the conductor (an empty completion) once it has room.
+The gate also stays shut while anyio's threads on the loop (sync `def` endpoints and
+dependencies, bounded to `--asgi-threads`) are all taken, or would be if each task not yet
+begun took one (see `bound_sync_threads`).
+
+Each loop runs under a root task alive as long as the loop (`_root`): anyio keeps its
+worker threads only while the root task it finds lives.
 
 Each loop thread (uvloop when installed, else asyncio; `--asgi-loops` of them, requests
 spread round-robin) runs its own lifespan, so loop-bound objects the app makes at startup
@@ -38,6 +44,7 @@ import importlib
 import itertools
 import logging
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -58,7 +65,11 @@ log = logging.getLogger("rtserve.error")
 
 REASONS = ("deadline", "disconnect")
 CPU_SAMPLE_EVERY = 64  # a power of two: the loop's CPU clock is read once per 64 requests
+#: While the gate is shut because every sync thread is taken, how soon the conductor asks
+#: again if no request ends first (a sync dependency frees its thread mid-request).
+TOKEN_LOOK_NS = 5_000_000
 _thread_time_ns = time.thread_time_ns
+_monotonic_ns = time.monotonic_ns
 
 # A WebSocket handshake is refused with 501: rtserve does not implement the protocol (see
 # docs/asgi.md for why not 400 or 426). The app never sees a websocket scope.
@@ -77,6 +88,31 @@ def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
             new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
             return new_loop
     return asyncio.new_event_loop
+
+
+def bound_sync_threads(threads: int) -> Any:
+    """Set anyio's default thread limiter on the running loop to `threads` and return it,
+    or None when the app has not imported anyio (then it has no sync code to run).
+
+    FastAPI and Starlette run sync `def` endpoints and dependencies in anyio's threads,
+    40 by default. Forty CPU-bound handlers time-slice the GIL with the conductor: each
+    takes 40 times its CPU in wall time, and fallbacks go out late (measured: 93% within
+    a 50 ms deadline on workload C). Bounded to the worker count, and with the gate shut
+    while every thread is taken (`LoopThread.ready`), the rest wait in the CoDel queue.
+    An app that sets the limiter itself (in its lifespan, as FastAPI's docs show) keeps
+    its own figure: the gate reads the limiter's tokens live.
+    """
+    if "anyio" not in sys.modules:
+        return None
+    try:
+        to_thread = importlib.import_module("anyio.to_thread")
+        limiter = to_thread.current_default_thread_limiter()
+        limiter.total_tokens = threads
+    except Exception:  # noqa: BLE001 - an anyio we do not know: leave its pool alone
+        log.warning("could not bound anyio's thread pool; sync endpoints use its default",
+                    exc_info=True)
+        return None
+    return limiter
 
 
 class Runner:
@@ -112,7 +148,13 @@ class LoopThread:
         self.task_cpu_ns = 0  # the loop thread's CPU per request, sampled (loop writes)
         self._cpu_mark = 0  # the loop thread's CPU clock at the last sample (loop)
         self.nudge = False  # the gate closed with requests queued (conductor sets it)
+        # anyio's thread limiter on this loop (FastAPI's sync code runs under it), bounded
+        # to `sync_threads` by _root; None when the app does not use anyio.
+        self.sync_threads = cfg.asgi_threads or cfg.threads
+        self.sync_limiter: Any = None
+        self.gate: Any = None  # admission (its gate_wake_ns), set by ASGIExecutor.wire
         self._running = threading.Event()
+        self._root_done: asyncio.Future[None]  # made on the loop thread (_main)
         self.thread = threading.Thread(target=self._main, name=f"rtserve-asgi-{index}",
                                        daemon=True)
 
@@ -126,7 +168,7 @@ class LoopThread:
         """Stop the loop (remaining tasks are cancelled on its thread) and join it."""
         if not self.thread.is_alive():
             return
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.loop.call_soon_threadsafe(self._end_root)
         self.thread.join(timeout + 2.0)
 
     # ---- conductor side ---------------------------------------------------------------
@@ -148,8 +190,21 @@ class LoopThread:
 
     def ready(self) -> bool:
         """May another request be handed over now? (the gate, see the module docstring)"""
-        if (self.submitted - self.begun) * self.task_cpu_ns < self.cap_ns or not self.cap_ns:
-            return True  # (an empty backlog gives 0 < cap)
+        backlog = self.submitted - self.begun
+        if backlog * self.task_cpu_ns < self.cap_ns or not self.cap_ns:
+            limiter = self.sync_limiter  # (an empty backlog gives 0 < cap)
+            if limiter is None or limiter.borrowed_tokens + backlog < limiter.total_tokens:
+                return True
+            # Every sync thread is taken, or would be if the tasks not yet begun each
+            # took one: more would wait in anyio's queue, in arrival order and out of
+            # CoDel's reach. A request that ends asks again, and so does a look in
+            # TOKEN_LOOK_NS (a thread freed while its request goes on). Not a task that
+            # begins (no nudge): it has yet to take its thread, and a nudge then would
+            # hand over one more for each.
+            gate = self.gate
+            if gate is not None and not gate.gate_wake_ns:
+                gate.gate_wake_ns = _monotonic_ns() + TOKEN_LOOK_NS
+            return False
         self.nudge = True
         return False
 
@@ -170,12 +225,32 @@ class LoopThread:
         batch_policy()
         loop = self.loop
         asyncio.set_event_loop(loop)
+        self._root_done = loop.create_future()
         loop.call_soon(self._running.set)
         try:
-            loop.run_forever()
+            loop.run_until_complete(self._root())
             self._finish_tasks(loop)
         finally:
             loop.close()
+
+    async def _root(self) -> None:
+        """The loop's root task, alive until `stop`: run by `run_until_complete`, as
+        `asyncio.run` runs uvicorn's, so anyio finds it as the root of every request task.
+
+        anyio's thread pool (FastAPI's sync `def` endpoints and dependencies) stops a
+        worker thread when the root task it found ends. Under `run_forever` there was
+        none, so each request's own task was taken for the root: every sync call started
+        a new OS thread, and thread-local state (a model session, a DB connection) was
+        made again per request (measured: 200 sequential calls, 200 thread ids; now 1).
+        It also bounds anyio's threads on this loop to `sync_threads` (anyio's own
+        default is 40): see `bound_sync_threads`.
+        """
+        self.sync_limiter = bound_sync_threads(self.sync_threads)
+        await self._root_done
+
+    def _end_root(self) -> None:
+        if not self._root_done.done():
+            self._root_done.set_result(None)
 
     @staticmethod
     def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
@@ -286,6 +361,11 @@ class ASGIExecutor:
             lt.start()
         for lt in self.loops:
             lt.lifespan.startup()
+
+    def wire(self, gate: Any) -> None:
+        """The conductor's admission, whose `gate_wake_ns` a loop's shut gate sets."""
+        for lt in self.loops:
+            lt.gate = gate
 
     def set_server_address(self, address: Any) -> None:
         """`scope["server"]`: (host, port), or (path, None) for a unix socket."""

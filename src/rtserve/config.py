@@ -205,6 +205,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("asgi_concurrency", int, 100,
             "ASGI requests running at once before more wait in the queue", _positive,
             section="interface"),
+    Setting("asgi_threads", int, 0,
+            "threads for an ASGI app's sync code (anyio's: FastAPI's def endpoints), "
+            "per loop; 0 = --threads", _non_negative, section="interface"),
     # -- processes
     Setting("processes", str, "1", "worker processes (a number or 'auto')",
             lambda v: v == "auto" or (v.isdigit() and int(v) >= 1), section="processes"),

@@ -230,6 +230,7 @@ class Server:
             admission.cancel = asgi.cancel  # at respond-by: cancel the task
             # The loops' backlog gate replaces the CPU gate (nothing samples a task's CPU).
             admission.cpu_ok = asgi.ready
+            asgi.wire(admission)  # a gate shut on sync threads looks again (gate_wake_ns)
             admission.light_by_time()  # a loop's tasks are not CPU-sampled one by one
             writer.on_gone = asgi.gone  # closed while running: http.disconnect, cancel
             reader.abort_on_eof = True  # a client that leaves cancels its request

@@ -137,8 +137,8 @@ def make_fastapi(probe: Probe | None = None) -> FastAPI:
         return {"model": request.state.model}
 
     @app.get("/sync")
-    def sync_endpoint() -> dict[str, str]:
-        return {"thread": threading.current_thread().name}
+    def sync_endpoint() -> dict[str, Any]:
+        return {"thread": threading.current_thread().name, "tid": threading.get_native_id()}
 
     @app.get("/async-thread")
     async def async_thread() -> dict[str, str]:
