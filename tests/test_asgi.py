@@ -132,6 +132,36 @@ def test_streamed_response_is_chunked_and_a_length_is_honoured():
         assert status == 200 and body == b"abcdef"
 
 
+def test_streamed_body_off_its_content_length_raises_in_the_app_and_closes():
+    """Longer: the piece that passes the length is not sent, the app's `send` raises (as on
+    uvicorn) and the connection closes. Shorter: what came is sent, then the close."""
+    raised: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"6")]})
+        await send({"type": "http.response.body", "body": b"abcd", "more_body": True})
+        await asyncio.sleep(0)
+        tail = b"efgh" if scope["path"] == "/long" else b"e"
+        try:
+            await send({"type": "http.response.body", "body": tail})
+        except RuntimeError as exc:
+            raised.append(str(exc))
+            raise
+
+    with serve(app) as srv:
+        for path in ("/long", "/short"):
+            s = connect(srv.address)
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+            data = recv_until_closed(s)  # the close: the client sees a short body
+            s.close()
+            assert data.startswith(b"HTTP/1.1 200") and b"content-length: 6" in data.lower()
+            body = data.split(b"\r\n\r\n", 1)[1]
+            assert body == (b"abcd" if path == "/long" else b"abcde")
+    assert raised == ["ASGI response body longer than its Content-Length",
+                      "ASGI response body shorter than its Content-Length"]
+
+
 @pytest.mark.parametrize("case", ["body-first", "start-twice", "no-response", "raise",
                                   "bad-header", "str-body", "returns-value", "trailers"])
 def test_out_of_order_messages_before_the_head_are_a_500(case):

@@ -25,6 +25,7 @@ from rtserve.framing import (
     JOIN_MAX,
     KEEP_ALIVE,
     FileReply,
+    StreamFraming,
     StreamPlan,
     connection,
     prebuilt,
@@ -523,3 +524,44 @@ def test_the_date_line_follows_the_clock_second_by_second_and_back(monkeypatch) 
         clock[0] = t
         assert date_sent() == formatdate(int(t), usegmt=True), t
         assert response.date_header() == f"Date: {formatdate(int(t), usegmt=True)}\r\n".encode()
+
+
+# ---- StreamFraming: one streamed body's wire form, for workers and ASGI apps ------------
+
+
+def _framing(chunked: bool, length: int | None) -> StreamFraming:
+    return StreamFraming(StreamPlan(b"", iter(()), chunked, length))
+
+
+def test_stream_framing_chunks_each_piece_and_ends_with_the_last_chunk():
+    f = _framing(True, None)
+    assert f.frame(b"hello") == b"5\r\nhello\r\n"
+    assert f.frame(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
+    assert f.end() == b"0\r\n\r\n"
+
+
+def test_stream_framing_counts_against_content_length():
+    f = _framing(False, 8)
+    assert f.frame(b"abc") == b"abc"
+    assert f.frame(b"defgh") == b"defgh"
+    assert f.end() == b""  # exactly its length: nothing more on the wire
+
+
+def test_stream_framing_refuses_a_piece_past_content_length_and_fits_what_it_can():
+    f = _framing(False, 5)
+    assert f.frame(b"abc") == b"abc"
+    assert f.frame(b"defg") is None  # refused, nothing counted
+    assert f.sent == 3
+    assert f.fit(b"defg") == b"de"  # the worker sends this much, then closes
+    assert f.end() == b""
+
+
+def test_stream_framing_short_of_content_length_ends_with_none():
+    f = _framing(False, 10)
+    assert f.frame(b"abc") == b"abc"
+    assert f.end() is None  # only a close can tell the client
+
+
+def test_stream_framing_without_length_or_chunks_is_close_delimited():
+    f = _framing(False, None)
+    assert f.frame(b"abc") == b"abc" and f.end() == b""

@@ -127,6 +127,21 @@ def test_stream_shorter_than_content_length_closes():
         s.close()
 
 
+def test_stream_longer_than_content_length_is_cut_there_and_closes():
+    app = App()
+
+    @app.get("/long")
+    def long(request: Request) -> Response:
+        return Response(iter([b"abc", b"defgh", b"never"]), 200, [("Content-Length", "5")])
+
+    with server_thread(app) as srv:
+        s = connect(srv.address)
+        s.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = recv_until_closed(s)
+        assert data.endswith(b"\r\n\r\nabcde")  # what fits its length, then the close
+        s.close()
+
+
 def test_file_body_sent_with_sendfile(tmp_path):
     from rtserve import FileBody
 

@@ -28,7 +28,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .framing import Reply, StreamPlan, StreamReply, serialize
+from .framing import Reply, StreamFraming, StreamPlan, StreamReply, serialize
 from .response import FileBody, InvalidResponse, Response
 from .stream import OFFER_ABORTED, OFFER_OK, StreamChannel
 from .worker import INTERNAL_ERROR, STREAM_DONE, STREAM_WAKE
@@ -63,7 +63,7 @@ class HTTPCall:
 
     __slots__ = (
         "lt", "conn", "rid", "req", "task", "body", "pos", "state", "status", "headers",
-        "channel", "chunked", "length", "sent", "reply", "recv_waiter", "send_waiter",
+        "channel", "framing", "reply", "recv_waiter", "send_waiter",
         "disconnected", "cancelled", "failed", "began",
     )
 
@@ -79,9 +79,7 @@ class HTTPCall:
         self.status = 0
         self.headers: list[tuple[str, str]] = []
         self.channel: StreamChannel | None = None
-        self.chunked = False
-        self.length: int | None = None
-        self.sent = 0
+        self.framing: StreamFraming | None = None  # the streamed body's, once it opens
         self.reply: Reply | None = None  # a complete answer not posted yet
         self.recv_waiter: asyncio.Future | None = None
         self.send_waiter: asyncio.Future | None = None
@@ -268,34 +266,32 @@ class HTTPCall:
         channel = self.channel = StreamChannel(
             self.lt.high_water, self._stream_wake, self._producer_wake
         )
-        self.chunked = data.chunked
-        self.length = data.length
+        self.framing = StreamFraming(data)
         self.state = STREAMING
         self.lt.post(self.conn, self.rid, (status, keep_alive, StreamReply(data.head, channel)),
                      False)
 
     async def _stream(self, body: bytes, more: bool) -> None:
         channel = self.channel
-        assert channel is not None
-        n = len(body)
+        framing = self.framing
+        assert channel is not None and framing is not None
         data = body
-        if n:
-            if self.chunked:
-                data = b"%x\r\n%b\r\n" % (n, body)
-            elif self.length is not None and self.sent + n > self.length:
+        if body:
+            framed = framing.frame(body)
+            if framed is None:
                 channel.finish(False)
                 self.state = DONE
                 raise RuntimeError("ASGI response body longer than its Content-Length")
-            self.sent += n
+            data = framed
         if not more:
-            if self.length is not None and self.sent < self.length:
+            tail = framing.end()
+            if tail is None:
                 if data:
                     channel.offer(data)
                 channel.finish(False)
                 self.state = DONE
                 raise RuntimeError("ASGI response body shorter than its Content-Length")
-            if self.chunked:
-                data += b"0\r\n\r\n"
+            data += tail
         if data:
             await self._put(channel, data)
         if not more:

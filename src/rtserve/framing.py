@@ -80,6 +80,50 @@ class StreamPlan:
         self.length = length
 
 
+class StreamFraming:
+    """One streamed body on the wire, for both of its producers: a worker running a
+    handler's iterable (worker.py) and an ASGI app's body messages (asgi_call.py). Each
+    piece becomes a chunk, or is counted against the Content-Length the app set.
+
+    What an overflow means is the producer's to say: a worker sends what fits and closes
+    (the handler is done with), an ASGI app gets an error from its `send`, as on uvicorn.
+    """
+
+    __slots__ = ("chunked", "length", "sent")
+
+    def __init__(self, plan: StreamPlan) -> None:
+        self.chunked = plan.chunked
+        self.length = plan.length
+        self.sent = 0
+
+    def frame(self, data: bytes) -> bytes | None:
+        """`data` (not empty) as it goes on the wire, or None when it would pass the
+        Content-Length (nothing counted: see `fit`)."""
+        n = len(data)
+        if self.chunked:
+            self.sent += n
+            return b"%x\r\n%b\r\n" % (n, data)
+        length = self.length
+        if length is not None and self.sent + n > length:
+            return None
+        self.sent += n
+        return data
+
+    def fit(self, data: bytes) -> bytes:
+        """The part of `data` that `frame` refused which still fits the Content-Length."""
+        assert self.length is not None
+        room = self.length - self.sent
+        self.sent = self.length
+        return data[:room]
+
+    def end(self) -> bytes | None:
+        """What ends the body on the wire (the last chunk, or nothing), or None when it
+        fell short of its Content-Length: then only a close can tell the client."""
+        if self.length is not None and self.sent < self.length:
+            return None
+        return b"0\r\n\r\n" if self.chunked else b""
+
+
 # What the conductor sends (see the module docstring); StreamPlan never leaves a worker.
 ReplyData = bytes | tuple[bytes, bytes] | FileReply | StreamReply | StreamPlan
 Reply = tuple[int, bool, ReplyData]

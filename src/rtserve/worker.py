@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from .framing import Reply, StreamPlan, StreamReply, close_body, serialize
+from .framing import Reply, StreamFraming, StreamPlan, StreamReply, close_body, serialize
 from .pool import WorkerPool
 from .request import Request
 from .response import InvalidResponse, Response
@@ -128,10 +128,9 @@ class Worker:
             self.stream_high_water, lambda: pool.post(conn, req_id, STREAM_WAKE, False)
         )
         pool.post(conn, req_id, (status, keep_alive, StreamReply(plan.head, channel)), False)
-        chunked, length = plan.chunked, plan.length
+        framing = StreamFraming(plan)
         body = plan.iterable
         ok = True
-        sent = 0
         try:
             for chunk in body:
                 if not chunk:
@@ -140,26 +139,21 @@ class Worker:
                     if isinstance(chunk, str):
                         raise InvalidResponse("a streamed body must yield bytes, not str")
                     chunk = bytes(chunk)
-                if chunked:
-                    data = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-                elif length is not None:
-                    room = length - sent
-                    if len(chunk) > room:
-                        chunk = chunk[:room]
-                        ok = False  # more than its Content-Length: truncate and close
-                    data = chunk
-                else:
-                    data = chunk
-                sent += len(chunk)
+                data = framing.frame(chunk)
+                if data is None:  # more than its Content-Length: what fits, then close
+                    ok = False
+                    rest = framing.fit(chunk)
+                    if rest:
+                        channel.put(rest)
+                    break
                 if not channel.put(data):
                     break
-                if not ok:
-                    break
             else:
-                if length is not None and sent < length:
+                tail = framing.end()
+                if tail is None:
                     ok = False  # shorter than its Content-Length: the close tells the client
-                elif chunked:
-                    channel.put(b"0\r\n\r\n")
+                elif tail:
+                    channel.put(tail)
         except Exception:
             log.exception("streamed body of %s %s raised", request.method, request.path)
             ok = False
