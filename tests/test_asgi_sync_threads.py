@@ -125,6 +125,30 @@ def test_asgi_threads_defaults_to_the_worker_count_and_a_limit_set_by_the_app_ho
         assert held.most == 1
 
 
+def test_an_async_burst_is_not_held_back_by_the_sync_bound(scene):
+    """No sync thread taken: a burst of awaiting `async def` requests all begin at once,
+    however small `--asgi-threads` is (the bound is for sync code only)."""
+    held = scene[0]
+    app = FastAPI()
+
+    @app.get("/await")
+    async def wait_async() -> dict[str, bool]:
+        while not held.go.is_set():
+            await asyncio.sleep(0.005)
+        return {"ok": True}
+
+    with server_thread(app, asgi_threads=1) as srv:
+        qw = srv.metrics.queue_wait
+        queued_before = qw.count - qw.counts[0]  # starts that waited in the queue
+        clients = [Client(srv.address) for _ in range(12)]
+        for c in clients:
+            c.send("GET", "/await")
+        wait_for(lambda: srv.asgi.loops[0].running() == 12, what="all twelve running")
+        assert qw.count - qw.counts[0] == queued_before  # each began without waiting
+        held.go.set()
+        assert [c.recv()[0] for c in clients] == [200] * 12
+
+
 def test_a_thread_freed_mid_request_lets_the_queued_request_start(scene):
     """A sync dependency gives its thread back while its request goes on: no request ends
     to ask the gate again, so its own look (TOKEN_LOOK_NS) starts the queued one."""

@@ -193,14 +193,18 @@ class LoopThread:
         backlog = self.submitted - self.begun
         if backlog * self.task_cpu_ns < self.cap_ns or not self.cap_ns:
             limiter = self.sync_limiter  # (an empty backlog gives 0 < cap)
-            if limiter is None or limiter.borrowed_tokens + backlog < limiter.total_tokens:
+            if limiter is None:
+                return True
+            taken = limiter.borrowed_tokens
+            if not taken or taken + backlog < limiter.total_tokens:
                 return True
             # Every sync thread is taken, or would be if the tasks not yet begun each
             # took one: more would wait in anyio's queue, in arrival order and out of
-            # CoDel's reach. A request that ends asks again, and so does a look in
-            # TOKEN_LOOK_NS (a thread freed while its request goes on). Not a task that
-            # begins (no nudge): it has yet to take its thread, and a nudge then would
-            # hand over one more for each.
+            # CoDel's reach. (With none taken the app's tasks are not waiting on threads:
+            # an async app's burst is never held back here.) A request that ends asks
+            # again, and so does a look in TOKEN_LOOK_NS (a thread freed while its
+            # request goes on). Not a task that begins (no nudge): it has yet to take
+            # its thread, and a nudge then would hand over one more for each.
             gate = self.gate
             if gate is not None and not gate.gate_wake_ns:
                 gate.gate_wake_ns = _monotonic_ns() + TOKEN_LOOK_NS
