@@ -87,6 +87,21 @@ def test_the_factory_reads_the_redis_url() -> None:
         store_from_env({"FRAUD_REDIS_URL": "http://example.invalid/"})
 
 
+def _model_decision(http: Http, card_id: str, timestamp: float) -> None:
+    """A decision by the model, Redis answering: under a loaded machine (make test runs
+    two builds) one request's features can miss the 20 ms budget, and the rules decide
+    it (which is the service keeping its deadline), so a few tries are allowed."""
+    paths = []
+    for i in range(5):
+        status, _, body, _ = http.call("POST", "/authorize",
+                                       tx_body(card_id=card_id, timestamp=timestamp + i))
+        assert status == 200
+        paths.append(body["path"])
+        if body["path"] == "model":
+            return
+    raise AssertionError(f"no model decision in 5 tries with Redis up: {paths}")
+
+
 def test_client_pause_still_gets_a_decision_within_the_deadline(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
@@ -95,8 +110,7 @@ def test_client_pause_still_gets_a_decision_within_the_deadline(
     with server_thread(app, threads=4) as srv:
         http = Http(srv.address)
         try:
-            status, _, body, _ = http.call("POST", "/authorize", tx_body(card_id="c-h"))
-            assert status == 200 and body["path"] == "model"
+            _model_decision(http, "c-h", BASE_TS)
             redis_server.cli("CLIENT", "PAUSE", PAUSE_MS, "ALL")
             status, headers, body, elapsed = http.call(
                 "POST", "/authorize", tx_body(card_id="c-h", timestamp=BASE_TS + 30))
@@ -105,9 +119,7 @@ def test_client_pause_still_gets_a_decision_within_the_deadline(
                 assert body["path"] == "rules"
                 assert body["reasons"][0] in ("feature_timeout", "no_time_for_features")
             redis_server.cli("CLIENT", "UNPAUSE")
-            status, _, body, _ = http.call("POST", "/authorize",
-                                           tx_body(card_id="c-h", timestamp=BASE_TS + 60))
-            assert status == 200 and body["path"] == "model"
+            _model_decision(http, "c-h", BASE_TS + 60)
         finally:
             redis_server.cli("CLIENT", "UNPAUSE")
             http.close()
