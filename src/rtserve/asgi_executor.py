@@ -407,6 +407,16 @@ class ASGIExecutor:
         for lt in self.loops:
             lt.gone(conn, rid)
 
+    def sync_threads_busy(self) -> int:
+        """anyio's threads running sync code now, summed over the loops (/metrics)."""
+        return sum(lt.sync_limiter.borrowed_tokens for lt in self.loops
+                   if lt.sync_limiter is not None)
+
+    def sync_threads(self) -> int:
+        """The bound on those threads, summed over the loops (0: the app has no anyio)."""
+        return sum(int(lt.sync_limiter.total_tokens) for lt in self.loops
+                   if lt.sync_limiter is not None)
+
     def cancelled(self) -> dict[str, int]:
         """Tasks cancelled, by reason (summed over the loops; read by /metrics)."""
         return {r: sum(lt.cancelled[r] for lt in self.loops) for r in REASONS}

@@ -237,6 +237,12 @@ class Server:
             self.metrics.labelled_counter(
                 "rtserve_cancelled_total", "ASGI tasks cancelled (deadline: the fallback "
                 "went out; disconnect: the client left).", "reason", asgi.cancelled)
+            self.metrics.gauge(
+                "rtserve_asgi_sync_threads_busy", "anyio threads running an ASGI app's "
+                "sync code (FastAPI def endpoints); at the bound, requests queue.",
+                asgi.sync_threads_busy)
+            self.metrics.gauge("rtserve_asgi_sync_threads", "The bound on those threads "
+                               "(--asgi-threads, per loop, summed).", asgi.sync_threads)
         lst = self._sock if self._sock is not None else make_listener(
             cfg.bind, cfg.backlog, cfg.reuse_port
         )
