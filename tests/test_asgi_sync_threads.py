@@ -10,6 +10,7 @@ real sockets.
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 import threading
@@ -128,6 +129,10 @@ def test_asgi_threads_defaults_to_the_worker_count_and_a_limit_set_by_the_app_ho
         held.go.set()
         assert [c.recv()[0] for c in clients] == [200] * 3
         assert held.most == 1
+        limiter.total_tokens = math.inf  # anyio allows lifting the bound altogether
+        body = clients[0].request("GET", "/metrics")[2]
+        assert b"\nrtserve_asgi_sync_threads +Inf\n" in body
+        assert clients[0].request("GET", "/block")[0] == 200  # the gate stays open
 
 
 def test_an_async_burst_is_not_held_back_by_the_sync_bound(scene):

@@ -412,9 +412,10 @@ class ASGIExecutor:
         return sum(lt.sync_limiter.borrowed_tokens for lt in self.loops
                    if lt.sync_limiter is not None)
 
-    def sync_threads(self) -> int:
-        """The bound on those threads, summed over the loops (0: the app has no anyio)."""
-        return sum(int(lt.sync_limiter.total_tokens) for lt in self.loops
+    def sync_threads(self) -> float:
+        """The bound on those threads, summed over the loops (0: the app has no anyio;
+        inf: an app that lifted anyio's bound, which anyio allows)."""
+        return sum(float(lt.sync_limiter.total_tokens) for lt in self.loops
                    if lt.sync_limiter is not None)
 
     def cancelled(self) -> dict[str, int]:

@@ -11,6 +11,8 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import ClassVar
 
+_INF = float("inf")  # a gauge at infinity renders as +Inf (Prometheus text format)
+
 # Seconds. Sub-millisecond resolution where real-time budgets live, and a bound at each
 # common deadline between 10 and 50 ms (15, 20, 30, 40), so "answered within the deadline"
 # is an exact bucket count, not an interpolation, for those routes (see slo.py).
@@ -217,7 +219,8 @@ class Metrics:
         for gname, help, read in self.gauges:
             out.append(f"# HELP {gname} {help}")
             out.append(f"# TYPE {gname} gauge")
-            out.append(f"{gname} {read()}")
+            value = read()
+            out.append(f"{gname} {'+Inf' if value == _INF else value}")  # the format's name
         out.append("")
         return "\n".join(out).encode("utf-8")
 
