@@ -152,9 +152,10 @@ def _on_signal(signum: int, frame: Any) -> None:
 #: Debian package of each system tool the driver runs. ``nginx`` (not ``nginx-light``, gone
 #: from Debian after bookworm) ships /usr/sbin/nginx itself on bookworm and later.
 APT_TOOLS = {"wrk": "wrk", "nginx": "nginx", "taskset": "util-linux", "nice": "coreutils",
-             "openssl": "openssl"}
-#: Tools of APT_TOOLS needed only by some servers (nginx; openssl for the TLS rows' cert).
-OPTIONAL_TOOLS = {"nginx", "openssl"}
+             "openssl": "openssl", "strace": "strace"}
+#: Tools of APT_TOOLS needed only by some servers (nginx; openssl for the TLS rows' cert)
+#: or runs (strace: bench/thread_costs.py --syscalls).
+OPTIONAL_TOOLS = {"nginx", "openssl", "strace"}
 #: The executable each Python server needs in the venv, from ``pip install -e '.[bench]'``.
 VENV_TOOLS = {"rtserve": "rtserve", "waitress": "waitress-serve", "gunicorn": "gunicorn",
               "uvicorn": "uvicorn", "granian": "granian", "py-spy": "py-spy"}
@@ -169,8 +170,8 @@ def which(tool: str) -> str | None:
 def ensure_tools(need_tools: Collection[str] = (), need_python: Collection[str] = ()) -> None:
     """Install what the selected servers and generators need and is missing.
 
-    System tools (wrk always; nginx and openssl only when named in ``need_tools``: the
-    nginx server, the TLS rows' certificate) come from
+    System tools (wrk always; nginx, openssl and strace only when named in ``need_tools``:
+    the nginx server, the TLS rows' certificate, bench/thread_costs.py) come from
     Debian with ``apt-get`` (one ``apt-get update`` first: a fresh machine may have no
     package lists); the Python servers in ``need_python`` (names of VENV_TOOLS) come from
     the project's ``bench`` extra with pip, into this venv. ``make bench`` installs the
