@@ -34,10 +34,12 @@ import contextlib
 import json
 import os
 import re
+import select
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,6 +125,18 @@ def _strace() -> str:
     return tool
 
 
+def _wait_attached(trace: subprocess.Popen) -> None:
+    """Block until strace says it is attached ("Process N attached" on its stderr), so
+    the load it counts starts after it; then let its stderr drain in the background."""
+    assert trace.stderr is not None
+    ready, _, _ = select.select([trace.stderr], [], [], 30)
+    line = trace.stderr.readline() if ready else ""
+    if "attached" not in line:
+        trace.kill()
+        sys.exit(f"strace did not attach: {line.strip() or 'no word in 30 s'}")
+    threading.Thread(target=trace.stderr.read, daemon=True).start()
+
+
 def one_round(server: run.Server, workload: run.Workload, ctx: run.Ctx, duration: float,
               syscalls: bool) -> dict[str, Any]:
     """Start `server`, warm it up, run the workload once and return its costs."""
@@ -133,8 +147,9 @@ def one_round(server: run.Server, workload: run.Workload, ctx: run.Ctx, duration
         if syscalls:
             out = ctx.tmp / f"strace-{time.monotonic_ns()}.txt"
             trace = subprocess.Popen([_strace(), "-c", "-p", str(pid), "-o", str(out)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.5)  # attached before the load starts
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+            _wait_attached(trace)
         before = snapshot(pid)
         r = run.run_wrk(workload, port, duration, ctx, record=False)
         after = snapshot(pid)
