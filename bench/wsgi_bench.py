@@ -144,10 +144,14 @@ def runner(app: Any, raw: bytes, expect: bytes) -> Callable[[], object]:
     """One `Worker.__call__` per call (the request object is reused: the worker only
     stamps times, status and keep-alive on it, the same values every time)."""
     pool = WorkerPool(1)  # never started: a bytes reply needs no thread or completion
-    worker = Worker(pool, 1 << 16, lambda: False)
+    worker = Worker(pool, 1 << 16)
     req = make_request(raw, app)
     out = worker(None, 1, req)
-    assert isinstance(out, bytes) and out.startswith(b"HTTP/1.1 200 ") and out.endswith(expect), out
+    # A reply is (status, keep-alive, bytes): the writer's input (worker.py).
+    assert isinstance(out, tuple) and out[0] == 200, out
+    data = out[2]
+    assert isinstance(data, bytes), out
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(expect), out
     call = worker.__call__
 
     def run() -> object:
