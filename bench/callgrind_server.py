@@ -156,8 +156,9 @@ def drive_keepalive(port: int, n: int, conns: int, path: str, timeout: float) ->
             if time.monotonic() > t_end:
                 raise TimeoutError(f"{done} of {n} responses after {timeout:.0f} s")
             for key, _ in sel.select(1.0):
-                s = key.fileobj
-                assert isinstance(s, socket.socket)
+                obj = key.fileobj
+                assert isinstance(obj, socket.socket)
+                s = obj
                 data = s.recv(65536)
                 if not data:
                     raise RuntimeError(f"server closed a keep-alive connection after {done}")

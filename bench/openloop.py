@@ -235,9 +235,10 @@ def run(host: str, port: int, rate: float, duration: float, warmup: float, path:
             wake = min(wake, next_report)
         timeout = max(0.0, (wake - time.monotonic_ns()) / _NS)
         for fd, ev in ep.poll(timeout):
-            c = conns.get(fd)
-            if c is None:
+            got = conns.get(fd)
+            if got is None:
                 continue
+            c = got
             if not c.connected:
                 connecting -= 1
                 err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

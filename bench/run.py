@@ -689,7 +689,7 @@ def _hello(port: int, tls: ssl.SSLContext | None = None,
         answered = t.recv(64).startswith(b"HTTP/1.")  # TLS 1.3 tickets are read on the way
         cipher = t.cipher()
         return Hello(answered, f"{t.version()} {cipher[0] if cipher else '?'}", t.session,
-                     t.session_reused)
+                     bool(t.session_reused))
 
 
 def wait_ready(p: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30.0,
@@ -1073,7 +1073,8 @@ def wrk_table(key: str, res: dict[str, Any]) -> list[str]:
             rows.append(f"| {name} | failed | | | | | | | | | | | |" + (" | |" if rss else ""))
             continue
         rps = [r["rps"] for r in runs]
-        lat = {p: _med(runs, lambda r, p=p: r["latency_us"][p]) for p in ("p50", "p99", "p999")}
+        lat = {p: statistics.median(r["latency_us"][p] for r in runs)
+               for p in ("p50", "p99", "p999")}
         errs = sum(r["errors"]["connect"] + r["errors"]["read"] + r["errors"]["write"]
                    + r["errors"]["timeout"] for r in runs)
         non2xx = sum(r["errors"]["status"] for r in runs)
@@ -1673,7 +1674,7 @@ def _main(argv: list[str] | None, stack: contextlib.ExitStack) -> int:
     if a.quick or (a.duration and a.duration < 10) or repeat < 3:
         short = (f"{repeat} repeat(s), {a.duration or 'default'} s measured, "
                  f"{a.warmup if a.warmup is not None else 'default'} s warm-up")
-    res: dict[str, Any] = {
+    res = {
         "nice": NICE,
         "machine": machine_info(),
         "burn_iters": burn_iters,

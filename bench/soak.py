@@ -62,7 +62,7 @@ app = App()
 
 
 def _rid(request: Request) -> str:
-    rid = request.headers.get("x-request-id") or request.query_param("id", "")
+    rid: str = request.headers.get("x-request-id") or request.query_param("id", "")
     return rid[:64]
 
 
@@ -109,7 +109,8 @@ def heap(request: Request) -> Response:
     import gc
 
     gc.collect()
-    out = {"py_blocks": sys.getallocatedblocks(), "gc_objects": len(gc.get_objects()),
+    out: dict[str, float] = {"py_blocks": sys.getallocatedblocks(),
+                             "gc_objects": len(gc.get_objects()),
            "rss_kib": _self_rss_kib()}
     try:
         t0 = time.perf_counter()
@@ -154,7 +155,8 @@ def _glibc_figures() -> dict[str, Any]:
         return {}
     mallinfo2.restype = _Mallinfo2
     mi = mallinfo2()
-    out: dict[str, Any] = {f"mi_{name}": getattr(mi, name) for name, _ in _Mallinfo2._fields_}
+    out: dict[str, Any] = {f"mi_{field[0]}": getattr(mi, field[0])
+                           for field in _Mallinfo2._fields_}
     # malloc_info(0, fp) writes XML; an open_memstream FILE* collects it in memory.
     buf = ctypes.c_char_p()
     size = ctypes.c_size_t()
@@ -525,7 +527,7 @@ def smaps_breakdown(pid: int) -> dict[str, int]:
             elif head[0] == "Rss:":
                 maps.append((start, end, name, int(head[1])))
     out = {"heap": 0, "thread_arenas": 0, "stacks": 0, "file": 0, "anon_other": 0}
-    for lo, hi, nm, rss in maps:
+    for m_lo, m_hi, nm, rss in maps:
         if nm == "[heap]":
             kind = "heap"
         elif nm == "[stack]":
@@ -534,9 +536,9 @@ def smaps_breakdown(pid: int) -> dict[str, int]:
             kind = "file"
         elif nm:
             kind = "anon_other"  # [vdso], [vvar] ...
-        elif lo % _HEAP_MAX == 0:  # a heap's used part; the rest of its 64 MiB is ---p
+        elif m_lo % _HEAP_MAX == 0:  # a heap's used part; the rest of its 64 MiB is ---p
             kind = "thread_arenas"
-        elif hi - lo == _STACK:
+        elif m_hi - m_lo == _STACK:
             kind = "stacks"
         else:
             kind = "anon_other"
@@ -741,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None:
                 print("server exited with", proc.returncode, file=sys.stderr)
                 break
-            fig = proc_figures(proc.pid)
+            fig: dict[str, Any] = proc_figures(proc.pid)
             fig["smaps"] = smaps_breakdown(proc.pid)
             done = sum(v for c in clients for k, v in c.done.items() if k != "pipelined_each")
             errs = sum(sum(c.errors.values()) for c in clients)
@@ -792,10 +794,10 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-    done: Counter = Counter()
+    done_by_kind: Counter = Counter()
     errors: Counter = Counter()
     for c in clients:
-        done.update(c.done)
+        done_by_kind.update(c.done)
         errors.update(c.errors)
     wrong = sum(c.wrong_client for c in clients)
     details: dict[str, list[str]] = {}
@@ -806,8 +808,8 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": round(elapsed / 60, 2),
         "clients": args.clients,
         "server_threads": args.threads,
-        "completed": sum(v for k, v in done.items() if k != "pipelined_each"),
-        "completed_by_kind": dict(sorted(done.items())),
+        "completed": sum(v for k, v in done_by_kind.items() if k != "pipelined_each"),
+        "completed_by_kind": dict(sorted(done_by_kind.items())),
         "errors_by_kind": dict(sorted(errors.items())),
         "wrong_client": wrong,
         "error_details": details,

@@ -132,6 +132,7 @@ def measure(interval_ms: float, samples: int, burners: int) -> dict:
          "--burners", str(burners)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
+    assert proc.stdout is not None and proc.stdin is not None
     try:
         port = int(proc.stdout.readline())
         results: list[bytes] = []

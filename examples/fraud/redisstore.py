@@ -60,20 +60,20 @@ class RedisStore:
         ts = tx.timestamp
         member = (f"{ts!r}|{tx.amount!r}|{tx.merchant_id}|{tx.country}|"
                   f"{int(tx.channel != 'online')}|{self._nonce % next(self._seq)}")
-        pending = []
+        pending: list[list] = []
         while self._pending and len(pending) < 256:
             try:
                 pending.append(self._pending.popleft())
             except IndexError:  # another thread took the last one
                 break
-        card = [  # the first reply is the history: (ts - 24 h, ts]
+        card: list[list] = [  # the first reply is the history: (ts - 24 h, ts]
             ["ZRANGEBYSCORE", key, f"({ts - HISTORY_S!r}", repr(ts)],
             ["ZADD", key, repr(ts), member],
             ["ZREMRANGEBYSCORE", key, "-inf", repr(ts - HISTORY_S)],
             ["ZREMRANGEBYRANK", key, 0, -(MAX_EVENTS_PER_CARD + 1)],
             ["EXPIRE", key, CARD_TTL_S],
         ]
-        merchant = [["HMGET", self._mkey(tx.merchant_id, b), "n", "d"]
+        merchant: list[list] = [["HMGET", self._mkey(tx.merchant_id, b), "n", "d"]
                     for b in merchant_buckets(ts)]
         try:
             replies = self.client.execute([*pending, *card, *merchant], timeout)
@@ -85,9 +85,14 @@ class RedisStore:
         for r in replies:
             if isinstance(r, RedisReplyError):
                 raise StoreError(f"redis refused a command: {r}")
-        history = [_event(m) for m in replies[0]]
+        events = replies[0]
+        if not isinstance(events, list):
+            raise StoreError(f"redis answered ZRANGEBYSCORE with {events!r}")
+        history = [_event(m) for m in events]
         n = d = 0
         for counts in replies[len(card):]:
+            if not isinstance(counts, list):
+                raise StoreError(f"redis answered HMGET with {counts!r}")
             n += int(counts[0] or 0)
             d += int(counts[1] or 0)
         return compute(tx, history, MerchantStats(n, d))

@@ -191,7 +191,7 @@ class Client:
         except OSError as exc:
             raise RedisError(f"cannot connect to {self.url}: {exc}") from None
         conn = Connection(sock)
-        setup = []
+        setup: list[list[object]] = []
         if self.password:
             setup.append(["AUTH", self.password])
         if self.db:

@@ -24,8 +24,9 @@ import json
 import math
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .transaction import Transaction
 
@@ -75,7 +76,11 @@ class Simulated:
     pattern: str  # "legit" or the fraud pattern
 
 
-def _pick(rng: random.Random, weights: dict) -> object:
+_K = TypeVar("_K")
+
+
+def _pick(rng: random.Random, weights: Mapping[_K, float]) -> _K:
+    """One key of `weights`, drawn with the weights as its odds."""
     return rng.choices(list(weights), list(weights.values()))[0]
 
 

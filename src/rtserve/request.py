@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 from urllib.parse import parse_qs
 
 if TYPE_CHECKING:
@@ -199,8 +199,16 @@ class Request:
             q = self._query = parse_qs(self.query_string, keep_blank_values=True)
         return q
 
+    @overload
+    def query_param(self, name: str) -> str | None: ...
+    @overload
+    def query_param(self, name: str, default: str) -> str: ...
+    @overload
+    def query_param(self, name: str, default: str | None) -> str | None: ...
+
     def query_param(self, name: str, default: str | None = None) -> str | None:
-        """The first value of a query parameter, or `default`."""
+        """The first value of a query parameter, or `default` (a str default gives a
+        str, for the type checker too)."""
         values = self.query.get(name)
         return values[0] if values else default
 
