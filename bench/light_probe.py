@@ -26,17 +26,13 @@ import argparse
 import atexit
 import contextlib
 import json
-import os
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-import gitref
 import run
 
 PROBE = b"GET /hello HTTP/1.1\r\nHost: probe\r\n\r\n"
@@ -162,24 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     run.ensure_tools((), {n for s in chosen for n in s.needs})
     atexit.register(run.stop_all)  # no server outlives the run
     with contextlib.ExitStack() as stack:
-        servers = list(chosen)
-        if a.ref:
-            tree, _sha = stack.enter_context(gitref.worktree(a.ref))
-            src = gitref.src_dir(tree)
-            run.check_baseline_import(src)
-            servers = [x for s in chosen for x in (
-                [s, run.baseline_twin(s, a.ref, src)] if s.kind == "rtserve" else [s])]
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rtserve-probe-")))
-        sys.path.insert(0, str(run.BENCH))
-        from apps import logic  # noqa: PLC0415
-
-        body = tmp / "tx.json"
-        body.write_bytes(logic.sample_transaction())
-        iters = run.calibrate_burn()
-        print(f"# C's /score burns {iters} iterations (about 1 ms on this CPU now)", flush=True)
-        env = dict(os.environ, PYTHONPATH=f"{run.ROOT / 'src'}{os.pathsep}{run.BENCH}",
-                   BENCH_BURN_ITERS=str(iters), PYTHONDONTWRITEBYTECODE="1")
-        ctx = run.Ctx(tmp, env, body, 1, a.duration, 2.0, 0, {})
+        servers = run.with_baselines(stack, chosen, a.ref)
+        ctx, iters = run.tool_ctx(stack, "rtserve-probe-", a.duration, 2.0)
         results = []
         intervals = [float(x) for x in a.every_ms.split(",")]
         for i in range(a.rounds):

@@ -580,6 +580,40 @@ def check_baseline_import(src: Path) -> None:
         sys.exit(f"baseline: rtserve imports from {got or out.stderr.strip()!r}, not {src}")
 
 
+def with_baselines(stack: contextlib.ExitStack, servers: list[Server], ref: str | None
+                   ) -> list[Server]:
+    """`servers`, each rtserve one followed by its twin from git `ref` (a worktree that
+    `stack` removes at its exit), for the tools that alternate the two; as they are
+    without a ref."""
+    if not ref:
+        return list(servers)
+    tree, _sha = stack.enter_context(gitref.worktree(ref))
+    src = gitref.src_dir(tree)
+    check_baseline_import(src)
+    return [x for s in servers
+            for x in ([s, baseline_twin(s, ref, src)] if s.kind == "rtserve" else [s])]
+
+
+def tool_ctx(stack: contextlib.ExitStack, prefix: str, duration: float, warmup: float,
+             calibrate: bool = True) -> tuple[Ctx, int]:
+    """The Ctx of a tool that runs this table's servers one round at a time
+    (bench/light_probe.py, bench/thread_costs.py): a temporary directory `stack` removes,
+    C's request body in it, and the servers' environment with the burn calibrated now
+    (printed; with `calibrate` False, logic's default and 0 returned)."""
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    from apps import logic  # noqa: PLC0415 - bench/apps, on sys.path above
+
+    body = tmp / "tx.json"
+    body.write_bytes(logic.sample_transaction())
+    iters = calibrate_burn() if calibrate else 0
+    if iters:
+        print(f"# C's /score burns {iters} iterations (about 1 ms on this CPU now)", flush=True)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{BENCH}",
+               BENCH_BURN_ITERS=str(iters or logic.DEFAULT_BURN_ITERS),
+               PYTHONDONTWRITEBYTECODE="1")
+    return Ctx(tmp, env, body, 1, duration, warmup, 0, {}), iters
+
+
 # --------------------------------------------------------------------------------------
 # Workloads
 # --------------------------------------------------------------------------------------

@@ -38,14 +38,12 @@ import select
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import gitref
 import run
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -223,25 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         servers = [base if not v else replace(base, name=f"{base.name} [{v}]",
                                               cmd=[*base.cmd, *v.split()])
                    for v in (a.variant or [""])]
-        if a.ref:
-            tree, _sha = stack.enter_context(gitref.worktree(a.ref))
-            src = gitref.src_dir(tree)
-            run.check_baseline_import(src)
-            servers = [x for s in servers for x in (s, run.baseline_twin(s, a.ref, src))]
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rtserve-costs-")))
-        sys.path.insert(0, str(run.BENCH))
-        from apps import logic  # noqa: PLC0415
-
-        body = tmp / "tx.json"
-        body.write_bytes(logic.sample_transaction())
-        iters = run.calibrate_burn() if a.workload == "C" else 0
-        if iters:
-            print(f"# C's /score burns {iters} iterations (about 1 ms on this CPU now)",
-                  flush=True)
-        env = dict(os.environ, PYTHONPATH=f"{run.ROOT / 'src'}{os.pathsep}{run.BENCH}",
-                   BENCH_BURN_ITERS=str(iters or logic.DEFAULT_BURN_ITERS),
-                   PYTHONDONTWRITEBYTECODE="1")
-        ctx = run.Ctx(tmp, env, body, 1, a.duration, 1.0, 0, {})
+        servers = run.with_baselines(stack, servers, a.ref)
+        ctx, iters = run.tool_ctx(stack, "rtserve-costs-", a.duration, 1.0,
+                                  calibrate=a.workload == "C")
         results = []
         for i in range(a.rounds):
             for s in servers:
