@@ -80,6 +80,9 @@ class Admission(Handoff):
         if cb is not None and (not budget or cb < budget):
             budget = cb
         if budget:
+            self.staked = True  # a deadline is at stake (Handoff.relax_tick)
+            if self.relaxed:
+                self.tense()
             req.deadline_ns = start + budget
             respond_by = req.respond_by_ns = self.respond_by(req.deadline_ns, budget)
             if respond_by - now <= route.ewma_ns * route.doa_scale:
@@ -114,6 +117,9 @@ class Admission(Handoff):
                 self._sheddable_queued = True
             if not self._light_queued and self.light(route):
                 self._light_queued = True
+                self.staked = True  # a light request waits behind others (relax_tick)
+                if self.relaxed:
+                    self.tense()
         return None
 
     def _run_inline(self, conn: Connection, rid: int, req: Request, respond_by: int) -> Reply:
@@ -352,14 +358,17 @@ class Admission(Handoff):
         if self.cancel is not None:
             self.cancel(conn, rid, "deadline")  # the answer is out: now stop the work
 
-    def on_tick(self) -> None:
+    def on_tick(self, now: int) -> None:
         """The housekeeping tick: a second in which no deadline timer fired halves the
-        extra margin. Without it a burst of lateness would keep every later request's
-        respond-by early (more fallbacks than needed) until some timer fired again."""
+        extra margin (without it a burst of lateness would keep every later request's
+        respond-by early, more fallbacks than needed, until some timer fired again); and
+        the relaxed state's clock (Handoff.relax_tick), which may open the gate."""
         if self._timer_fired:
             self._timer_fired = False
         elif self.lag_ns:
             self.lag_ns >>= 1
+        if self.relax_tick(now) and self.waiting:
+            self.dispatch_queued(now)
 
     def forget(self, conn: Connection, now: int) -> None:
         """The connection is closing: take its queued request out of the queue."""

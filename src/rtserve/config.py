@@ -187,6 +187,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("switch_interval_ms", float, 0.5,
             "sys.setswitchinterval in ms (GIL hand-off; see docs/deadlines.md)",
             _positive, section="deadlines"),
+    Setting("relax_after_s", float, 1.0,
+            "seconds with nothing at stake (no deadline configured, no request with a client "
+            "budget, no light request beside CPU-bound handlers) before the CPU gate opens "
+            "and the switch interval becomes --relaxed-switch-interval-ms, for throughput; "
+            "the next stake undoes it at once (0 = never relax)", _non_negative,
+            section="deadlines"),
+    Setting("relaxed_switch_interval_ms", float, 5.0,
+            "sys.setswitchinterval in ms while relaxed (--relax-after-s; 5 = CPython's "
+            "default)", _positive, section="deadlines"),
     # -- WSGI and proxies
     Setting("root_path", str, "", "SCRIPT_NAME for WSGI apps mounted below /", section="wsgi"),
     Setting("forwarded_allow_ips", _as_list, ["127.0.0.1"],

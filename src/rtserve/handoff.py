@@ -6,7 +6,8 @@ test (may a cheap request wait in the pool's own queue while every worker is bus
 batch of a loop turn's cheap tasks (one pool item, one worker wake-up, per turn), and the
 CPU gate with the charges of the handlers running now (which lapse, while no deadline is
 at stake, once a handler has spent its charge and waits) and the light routes it lets
-through.
+through, and the relaxed state: with nothing at stake for a while, the gate stands open and
+the GIL's switch interval is the throughput one (see relax).
 
 `Admission` is a `Handoff` (a subclass), not a holder of one: the decisions read the busy
 count and the gates on every request, and the loop reads `batch` every turn, as attributes
@@ -19,6 +20,7 @@ admission's.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +41,9 @@ LIGHT_SHARE_BY_TIME = 4
 LAPSE_CHECK_NS = 5_000_000
 #: The share of its charge a handler must have spent before its charge may lapse.
 LAPSE_USED = 0.75
+#: The servers of this process that are not relaxed (Handoff.hold_prompt): the switch
+#: interval is process-wide, so it is the relaxed one only while no server needs it short.
+_PROMPT: set[int] = set()
 _NEVER = 1 << 62  # a CPU estimate no route reaches: the threshold with the gate off
 _thread_clock_ns = time.clock_gettime_ns
 _thread_clock = time.pthread_getcpuclockid
@@ -85,6 +90,15 @@ class Handoff:
         # backlog). An attribute, not a method to patch: the compiled build's classes
         # cannot have their methods replaced (docs/compiled.md).
         self.cpu_ok: Callable[[], bool] = self._cpu_gate
+        # Relaxed (see relax): the gate open (cap 0) and the switch interval long, while
+        # nothing is at stake. `staked` is set by every stake (a request with a deadline,
+        # a light request beside charged handlers) and cleared by the tick (relax_tick).
+        self.relaxed = False
+        self.staked = False
+        self._relax_after_ns = 0  # 0: never relax (enable_relax sets it)
+        self._calm_since_ns = 0
+        self._prompt_cap = cap
+        self._prompt_switch = self._relaxed_switch = 0.0
 
     # ---- the gates a start asks -----------------------------------------------------------
 
@@ -220,6 +234,63 @@ class Handoff:
         cap = self._cpu_cap
         self._light_time_ns = cap // LIGHT_SHARE_BY_TIME if cap else _NEVER
 
+    # ---- relaxed: nothing at stake --------------------------------------------------------
+
+    def enable_relax(self, after_s: float, prompt_switch_s: float, relaxed_switch_s: float,
+                     now: int) -> None:
+        """Let the server relax after `after_s` seconds with nothing at stake (the server
+        calls this only when no deadline is configured and the gate is the CPU gate)."""
+        self._relax_after_ns = int(after_s * 1e9)
+        self._calm_since_ns = now
+        self._prompt_switch = prompt_switch_s
+        self._relaxed_switch = relaxed_switch_s
+
+    def relax_tick(self, now: int) -> bool:
+        """The housekeeping tick: relax once nothing was at stake for `relax_after_s`.
+        True when it relaxed now (the gate opened: queued requests may start).
+
+        The gate and the short switch interval keep two things: deadlines (timers that
+        fire on time, handlers that finish before their fallback) and fast routes beside
+        CPU-bound ones (a `/hello` that need not wait for a worker or the GIL behind them).
+        With neither, they only cost throughput: on workload C without a deadline, the
+        conductor's CPU per request fell from 73.6 to 41.1 us with both set for throughput
+        (docs/deadlines.md). A stake is seen on the conductor, where the request arrives,
+        and undoes it at once (tense).
+        """
+        if not self._relax_after_ns:
+            return False
+        if self.staked:
+            self.staked = False
+            self._calm_since_ns = now
+            return False
+        if self.relaxed or now - self._calm_since_ns < self._relax_after_ns:
+            return False
+        self.relaxed = True
+        self._cpu_cap = 0  # _cpu_gate: open; charges are still kept, for tense
+        self.gate_wake_ns = 0
+        _PROMPT.discard(id(self))
+        if not _PROMPT:
+            sys.setswitchinterval(self._relaxed_switch)
+        self._metrics.relaxations += 1
+        return True
+
+    def tense(self) -> None:
+        """A stake while relaxed: the gate and the prompt switch interval again, now,
+        before the request that brought the stake is started or queued. The charges of the
+        handlers already running were kept, so the gate shuts until they are under it."""
+        self.relaxed = False
+        self._cpu_cap = self._prompt_cap
+        _PROMPT.add(id(self))
+        sys.setswitchinterval(self._prompt_switch)
+
+    def hold_prompt(self, held: bool) -> None:
+        """This server runs (True: it needs the prompt switch interval until it relaxes)
+        or has stopped (False): another server of the process may relax it then."""
+        if held:
+            _PROMPT.add(id(self))
+        else:
+            _PROMPT.discard(id(self))
+
     # ---- the hand-over ------------------------------------------------------------------
 
     def _start(self, conn: Connection, rid: int, req: Request) -> None:
@@ -239,6 +310,10 @@ class Handoff:
             self._cpu_inflight += charge
             req.charge = charge
             self._charges[(conn, rid)] = req
+        elif self._charges:  # a light request beside CPU-bound ones: a stake (relax_tick)
+            self.staked = True
+            if self.relaxed:
+                self.tense()
         batch = self.batch
         if batch is not None and cheap:
             batch.append((self._worker, conn, rid, req))

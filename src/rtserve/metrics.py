@@ -82,6 +82,10 @@ class Metrics:
                                "CPU gate charges ended before their handler returned: it "
                                "had spent its charge of CPU and then waited "
                                "(--cpu-inflight-ms, no deadline at stake)."),
+        "relaxations": ("rtserve_relaxations_total",
+                        "Times the server relaxed: nothing at stake for --relax-after-s, "
+                        "so the CPU gate opened and the GIL switch interval became "
+                        "--relaxed-switch-interval-ms until the next stake."),
         "internal_errors": ("rtserve_internal_errors_total",
                             "Conductor bugs caught while handling one connection (that "
                             "connection was closed, the rest served on)."),
@@ -102,6 +106,7 @@ class Metrics:
         self.handoff_batched = 0
         self.handoff_yields = 0
         self.cpu_charges_lapsed = 0
+        self.relaxations = 0
         self.handler_errors = 0
         self.internal_errors = 0
         self.tls = False  # serving TLS: the TLS series are rendered (server.py sets it)

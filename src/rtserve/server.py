@@ -265,6 +265,13 @@ class Server:
         self._register_gauges()
         # Route deadlines in /metrics; with --dashboard, the sampler the tick feeds.
         deadlines = slo.export(self.metrics, self.app, cfg.deadline_ms)
+        admission.hold_prompt(True)  # the switch interval is process-wide (handoff.py)
+        if (cfg.relax_after_s and asgi is None and not cfg.deadline_ms
+                and not any(d is not None for d in deadlines.values())):
+            # No deadline configured: relax while no client sends one and no light request
+            # runs beside CPU-bound ones (Handoff.relax_tick). ASGI's gate is the loops'.
+            admission.enable_relax(cfg.relax_after_s, cfg.switch_interval_ms / 1000.0,
+                                   cfg.relaxed_switch_interval_ms / 1000.0, now)
         if cfg.dashboard:
             self.livestats = answers.livestats = LiveStats(
                 self.metrics, deadlines, now, cfg.cpu_inflight_ms
@@ -286,6 +293,9 @@ class Server:
         m.gauge("rtserve_deadline_extra_margin_seconds",
                 "Recent deadline-timer lateness, sent earlier as extra margin.",
                 lambda: adm.lag_ns / 1e9)
+        m.gauge("rtserve_relaxed", "1 while relaxed: nothing at stake for --relax-after-s, "
+                "the CPU gate open and the switch interval --relaxed-switch-interval-ms.",
+                lambda: 1 if adm.relaxed else 0)
         m.gauge("rtserve_cpu_inflight_seconds",
                 "Sampled CPU time of the handlers running now (dispatch waits above the cap).",
                 lambda: adm.cpu_inflight_ns / 1e9)
@@ -304,7 +314,7 @@ class Server:
         self.listener.on_tick(now)
         self.life.on_tick(now)
         adm = self.admission
-        adm.on_tick()
+        adm.on_tick(now)
         self.idle_trim.on_tick(now, adm.busy + adm.queue_depth, self.reader.requests_seen)
         stats = self.livestats
         if stats is not None and now >= stats.due:
@@ -328,6 +338,8 @@ class Server:
             self.loop.ep.close()
         self.pool.close()
         self.life.close()
+        if self.admission is not None:
+            self.admission.hold_prompt(False)
 
 
 def freeze_startup_objects() -> None:
