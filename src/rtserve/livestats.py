@@ -51,6 +51,7 @@ GAUGES = {
     "open_connections": ("rtserve_open_connections", 1.0),
     "cpu_inflight_us": ("rtserve_cpu_inflight_seconds", 1e6),
     "concurrency_limit": ("rtserve_concurrency_limit", 1.0),
+    "relaxed": ("rtserve_relaxed", 1.0),  # 1: the CPU gate open, nothing at stake
 }
 # Paths the conductor answers itself, and the label of unrouted requests: listed after
 # the app's routes and only while they have traffic.

@@ -324,7 +324,8 @@
     setTile(server.busy, busy, fmtInt(busy), "of " + fmtInt(workers) + (stuck ? " · " + fmtInt(stuck) + " stuck" : ""), stuck ? "bad" : null);
     const cpuMs = toMs(sv.cpu_inflight_us);
     const cpu = lastOf(cpuMs);
-    setTile(server.cpu, cpu, fmtNum(cpu), d.cpu_cap_ms ? "cap " + fmtNum(d.cpu_cap_ms) + " ms" : "no cap");
+    const relaxed = sv.relaxed && lastOf(sv.relaxed);  // nothing at stake: the gate stands open
+    setTile(server.cpu, cpu, fmtNum(cpu), !d.cpu_cap_ms ? "no cap" : relaxed ? "relaxed: gate open" : "cap " + fmtNum(d.cpu_cap_ms) + " ms");
     setTile(server.conns, lastOf(sv.open_connections), fmtInt(lastOf(sv.open_connections)), "open now");
     const missT = sv.deadline_misses_total;
     setTile(server.miss, rate(missT), fmtNum(rate(missT)), missT + " in window", missT ? "warn" : "ok");
